@@ -1,0 +1,85 @@
+"""Compression of keys/values into one token per (overlapping) block: the NSA "cmp" input.
+
+Block ``i`` of a sequence covers key positions ``[i*d, i*d + l)``; it is *complete* (and so exists)
+once position ``i*d + l - 1`` is reached. Packed sequences are compressed one document at a time, so
+no block ever spans two documents.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .params import num_cmp_blocks
+
+
+def gather_cmp_blocks(x: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
+    """Complete blocks of one sequence: ``x`` ``(T, H, D)`` -> ``(N_cmp, H, cmp_block, D)`` (a view)."""
+    n = num_cmp_blocks(x.shape[0], cmp_block, cmp_stride)
+    if n == 0:
+        return x.new_empty(0, x.shape[1], cmp_block, x.shape[2])
+    # unfold over the token axis gives (N, H, D, l); move l before D.
+    return x[: (n - 1) * cmp_stride + cmp_block].unfold(0, cmp_block, cmp_stride).transpose(-1, -2)
+
+
+def cmp_cu_seqlens(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
+    """Offsets of each sequence's compressed tokens, given the offsets ``cu_seqlens`` of its keys."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    counts = [num_cmp_blocks(n, cmp_block, cmp_stride) for n in lens]
+    out = torch.zeros(len(counts) + 1, dtype=torch.int32, device=cu_seqlens.device)
+    out[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
+    return out
+
+
+class MeanPoolCompressor(nn.Module):
+    """Parameter-free compression: the mean of each block's tokens."""
+
+    def __init__(self, cmp_block: int):
+        super().__init__()
+        self.cmp_block = cmp_block
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:  # (..., l, D) -> (..., D)
+        return blocks.mean(dim=-2)
+
+
+class MLPCompressor(nn.Module):
+    """The learnable compressor phi of the paper: an MLP over the flattened block, with a learnable
+    intra-block position encoding added to each token first.
+
+    ``phi(block) = mean(block) + W2 act(W1 flatten(block + pos))``. The mean-pool residual plus a
+    zero-initialised ``W2`` make a freshly initialised compressor exactly mean pooling, a sensible
+    starting point for converting a dense checkpoint; training moves it away from there.
+    """
+
+    def __init__(self, head_dim: int, cmp_block: int, hidden_size: int | None = None):
+        super().__init__()
+        self.cmp_block = cmp_block
+        self.head_dim = head_dim
+        hidden_size = hidden_size or head_dim
+        self.pos_embed = nn.Parameter(torch.zeros(cmp_block, head_dim))
+        self.up = nn.Linear(cmp_block * head_dim, hidden_size)
+        self.act = nn.SiLU()
+        self.down = nn.Linear(hidden_size, head_dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.pos_embed)
+        nn.init.normal_(self.up.weight, std=(self.cmp_block * self.head_dim) ** -0.5)
+        nn.init.zeros_(self.up.bias)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:  # (..., l, D) -> (..., D)
+        mlp_in = (blocks + self.pos_embed.to(blocks.dtype)).flatten(-2)
+        return blocks.mean(dim=-2) + self.down(self.act(self.up(mlp_in)))
+
+
+def compress_varlen(
+    x: torch.Tensor, cu_seqlens: torch.Tensor, compressor: nn.Module, cmp_block: int, cmp_stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress packed sequences ``x`` ``(N, H, D)`` -> ``(N_cmp, H, D')`` and their offsets."""
+    bounds = cu_seqlens.tolist()
+    blocks = [gather_cmp_blocks(x[s:e], cmp_block, cmp_stride) for s, e in zip(bounds[:-1], bounds[1:])]
+    cu_cmp = cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
+    all_blocks = torch.cat(blocks, dim=0)
+    return compressor(all_blocks), cu_cmp

@@ -1,0 +1,227 @@
+"""Pure-PyTorch reference of Native Sparse Attention, written to be read as the specification.
+
+Layout: packed ("varlen") tensors, tokens first. Sequence ``b`` owns keys
+``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` and queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``; its ``Tq``
+queries are the *last* ``Tq`` of its ``Tk`` key positions (``Tq == Tk`` in training, ``Tq < Tk`` when
+decoding from a cache). Query head ``h`` reads KV head ``h // G`` with ``G = Hq // Hkv`` (GQA).
+
+For a query at position ``t`` (0-based inside its sequence) and query head ``h``:
+
+* **cmp** attends to every complete compression block ``i`` (``i*d + l - 1 <= t``) through the
+  compressed keys/values; ``p_cmp[h, t, i]`` are its softmax probabilities.
+* **slc** scores selection block ``j`` (key positions ``[j*l', (j+1)*l')``) by spreading each
+  compression block's probability over the selection blocks its ``l/d`` stride-chunks fall in:
+  ``score[j] = sum_i p_cmp[i] * #{chunks of block i inside block j}`` (the paper's Eq. 9), summed over
+  the ``G`` query heads sharing the KV head. Blocks ``j <= t // l'`` are eligible; the first
+  ``init_blocks`` and the ``local_blocks`` most recent ones are always taken; the rest of the
+  ``slc_count`` come by score, ties to the lower block index. The query attends at full resolution
+  to the keys ``<= t`` of the chosen blocks.
+* **win** attends to the keys ``t - w < s <= t``.
+* output ``= g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` with per-head gates in ``[0, 1]``.
+
+Everything is differentiable except the choice of blocks (an index set), as in the paper.
+"""
+from __future__ import annotations
+
+import torch
+
+from .params import NSAParams
+
+_QUERY_CHUNK = 256  # queries processed at once: bounds the (Hq, chunk, Tk) masks in memory
+
+
+def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis restricted to ``allowed``; rows with nothing allowed give zeros
+    (and zero gradients, never NaN)."""
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) * allowed
+
+
+def chunk_overlap_matrix(n_cmp: int, n_slc: int, params: NSAParams, device=None) -> torch.Tensor:
+    """``M[i, j]`` = how many of compression block ``i``'s ``l/d`` stride-chunks lie in selection
+    block ``j``. Selection scores are ``p_cmp @ M``."""
+    chunks = params.cmp_block // params.cmp_stride
+    chunk_start = (
+        torch.arange(n_cmp, device=device)[:, None] * params.cmp_stride
+        + torch.arange(chunks, device=device)[None, :] * params.cmp_stride
+    )  # (n_cmp, chunks): first key position of every chunk
+    slc_of_chunk = chunk_start // params.slc_block
+    m = torch.zeros(n_cmp, n_slc + chunks, device=device)  # room for chunks past the last block
+    m.scatter_add_(1, slc_of_chunk, torch.ones_like(slc_of_chunk, dtype=m.dtype))
+    return m[:, :n_slc]
+
+
+def select_blocks(
+    block_scores: torch.Tensor, q_pos: torch.Tensor, params: NSAParams
+) -> torch.Tensor:
+    """Choose the selection blocks of each query.
+
+    Args:
+        block_scores: ``(Hkv, Tq, n_slc)`` importance of each selection block (already summed over
+            the query heads of each GQA group).
+        q_pos: ``(Tq,)`` position of each query in its sequence.
+
+    Returns:
+        ``(Tq, Hkv, slc_count)`` int32 block indices, ascending, ``-1`` padding where fewer than
+        ``slc_count`` blocks are eligible.
+    """
+    n_slc = block_scores.shape[-1]
+    j = torch.arange(n_slc, device=q_pos.device)
+    own = (q_pos // params.slc_block)[:, None]  # (Tq, 1) the query's own block
+    eligible = j[None, :] <= own
+    forced = eligible & ((j[None, :] < params.init_blocks) | (j[None, :] > own - params.local_blocks))
+    scores = block_scores.float().masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
+    # Stable sort: among equal scores the lower block index comes first (deterministic ties).
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : params.slc_count]
+    taken = torch.gather(eligible.expand_as(scores), -1, order)
+    idx = torch.where(taken, order, n_slc)  # not eligible -> sorts last, becomes -1
+    idx = torch.sort(idx, dim=-1).values
+    idx = torch.where(idx == n_slc, -1, idx)
+    if idx.shape[-1] < params.slc_count:
+        idx = torch.nn.functional.pad(idx, (0, params.slc_count - idx.shape[-1]), value=-1)
+    return idx.permute(1, 0, 2).to(torch.int32).contiguous()
+
+
+def _attend(q, k, v, allowed, scale):
+    """Dense attention of ``q`` ``(H, Tq, D)`` over ``k, v`` ``(H, Tk, D)`` where ``allowed``."""
+    scores = torch.einsum("hqd,hkd->hqk", q.float(), k.float()) * scale
+    return torch.einsum("hqk,hkd->hqd", _masked_softmax(scores, allowed), v.float())
+
+
+def nsa_sequence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cmp_k: torch.Tensor,
+    cmp_v: torch.Tensor,
+    gates: torch.Tensor,
+    params: NSAParams,
+    scale: float,
+    return_block_indices: bool = False,
+):
+    """NSA for one sequence. ``q (Tq, Hq, D)``, ``k (Tk, Hkv, D)``, ``v (Tk, Hkv, Dv)``,
+    ``cmp_k (N_cmp, Hkv, D)``, ``cmp_v (N_cmp, Hkv, Dv)``, ``gates (Tq, Hq, 3)`` ordered
+    (cmp, slc, win). Returns ``o (Tq, Hq, Dv)`` in float32 (and the chosen blocks if asked)."""
+    tq, hq, _ = q.shape
+    tk, hkv, _ = k.shape
+    group = hq // hkv
+    n_cmp = cmp_k.shape[0]
+    n_slc = -(-tk // params.slc_block)
+    device = q.device
+
+    # Heads first; KV heads repeated so that query head h reads KV head h // group.
+    qh = q.transpose(0, 1)
+    kh, vh = (x.transpose(0, 1).repeat_interleave(group, dim=0) for x in (k, v))
+    ckh, cvh = (x.transpose(0, 1).repeat_interleave(group, dim=0) for x in (cmp_k, cmp_v))
+    overlap = chunk_overlap_matrix(n_cmp, n_slc, params, device)
+    key_pos = torch.arange(tk, device=device)
+    cmp_end = torch.arange(n_cmp, device=device) * params.cmp_stride + params.cmp_block - 1
+
+    outs, chosen = [], []
+    for start in range(0, tq, _QUERY_CHUNK):
+        q_pos = torch.arange(start, min(start + _QUERY_CHUNK, tq), device=device) + (tk - tq)
+        qc = qh[:, start : start + q_pos.shape[0]]
+
+        # cmp: attention over the complete compression blocks.
+        cmp_allowed = cmp_end[None, :] <= q_pos[:, None]
+        cmp_scores = torch.einsum("hqd,hcd->hqc", qc.float(), ckh.float()) * scale
+        p_cmp = _masked_softmax(cmp_scores, cmp_allowed)
+        o_cmp = torch.einsum("hqc,hcd->hqd", p_cmp, cvh.float())
+
+        # slc: block importance from p_cmp, shared by the query heads of a GQA group.
+        with torch.no_grad():
+            block_scores = (p_cmp @ overlap).unflatten(0, (hkv, group)).sum(dim=1)
+            blocks = select_blocks(block_scores, q_pos, params)  # (tq_chunk, Hkv, n)
+        in_chosen = torch.zeros(q_pos.shape[0], hkv, n_slc + 1, dtype=torch.bool, device=device)
+        in_chosen.scatter_(-1, torch.where(blocks < 0, n_slc, blocks).long(), True)
+        key_chosen = in_chosen[..., :n_slc].repeat_interleave(params.slc_block, dim=-1)[..., :tk]
+        causal = key_pos[None, :] <= q_pos[:, None]
+        slc_allowed = key_chosen.permute(1, 0, 2).repeat_interleave(group, dim=0) & causal
+        o_slc = _attend(qc, kh, vh, slc_allowed, scale)
+
+        # win: the last w keys.
+        win_allowed = causal & (key_pos[None, :] > q_pos[:, None] - params.window)
+        o_win = _attend(qc, kh, vh, win_allowed, scale)
+
+        g = gates[start : start + q_pos.shape[0]].transpose(0, 1).float()  # (Hq, tq_chunk, 3)
+        o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
+        outs.append(o.transpose(0, 1))
+        chosen.append(blocks)
+    out = torch.cat(outs, dim=0)
+    if return_block_indices:
+        return out, torch.cat(chosen, dim=0)
+    return out
+
+
+def nsa_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cmp_k: torch.Tensor,
+    cmp_v: torch.Tensor,
+    gates: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    cu_seqlens_cmp: torch.Tensor,
+    params: NSAParams,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """NSA over packed sequences (see the module docstring). Returns ``(Nq, Hq, Dv)`` in ``q.dtype``.
+
+    Args:
+        q: ``(Nq, Hq, D)``; k: ``(Nk, Hkv, D)``; v: ``(Nk, Hkv, Dv)``.
+        cmp_k, cmp_v: ``(N_cmp, Hkv, D)`` / ``(N_cmp, Hkv, Dv)`` compressed keys/values, every
+            complete block of each sequence in order (see :mod:`compression`).
+        gates: ``(Nq, Hq, 3)`` gate values in [0, 1], ordered (cmp, slc, win).
+        cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp: ``(B + 1,)`` offsets of each sequence.
+        scale: softmax scale, ``D ** -0.5`` by default.
+    """
+    check_nsa_inputs(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    bq, bk, bc = (c.tolist() for c in (cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp))
+    for b in range(len(bq) - 1):
+        if bq[b + 1] == bq[b]:
+            continue
+        out[bq[b] : bq[b + 1]] = nsa_sequence(
+            q[bq[b] : bq[b + 1]],
+            k[bk[b] : bk[b + 1]],
+            v[bk[b] : bk[b + 1]],
+            cmp_k[bc[b] : bc[b + 1]],
+            cmp_v[bc[b] : bc[b + 1]],
+            gates[bq[b] : bq[b + 1]],
+            params,
+            scale,
+        ).to(q.dtype)
+    return out
+
+
+def check_nsa_inputs(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params):
+    """Validate shapes of the varlen NSA inputs; raise ``ValueError`` naming the bad value."""
+    from .params import num_cmp_blocks
+
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"q, k, v must be (tokens, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+    if k.shape[:2] != v.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} / q {tuple(q.shape)} shapes disagree")
+    if gates.shape != (q.shape[0], hq, 3):
+        raise ValueError(f"gates must be (tokens, Hq, 3) = {(q.shape[0], hq, 3)}; got {tuple(gates.shape)}")
+    lq = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    lk = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    if bool((lq > lk).any()):
+        raise ValueError(
+            f"every sequence needs at least as many keys as queries (queries are the last Tq of Tk); "
+            f"got query lengths {lq.tolist()} and key lengths {lk.tolist()}"
+        )
+    expect = [num_cmp_blocks(n, params.cmp_block, params.cmp_stride) for n in lk.tolist()]
+    got = (cu_seqlens_cmp[1:] - cu_seqlens_cmp[:-1]).tolist()
+    if got != expect:
+        raise ValueError(
+            f"cu_seqlens_cmp gives {got} compressed tokens per sequence; the key lengths "
+            f"{lk.tolist()} have {expect} complete blocks (l={params.cmp_block}, d={params.cmp_stride})"
+        )
