@@ -1,6 +1,7 @@
 """Test set-up: Triton kernels run in the interpreter when no GPU is present (CI), so CPU runs test
 the same kernel code on tiny shapes; tests marked ``gpu`` are skipped there."""
 import os
+import zlib
 
 import torch
 
@@ -21,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """A different but reproducible seed per test: fresh random inputs, replayable on failure."""
-    seed = abs(hash(request.node.nodeid)) % (2**31)
+    """A different seed per test (vary all of them with NSA_TEST_SEED): fresh random inputs, replayable."""
+    seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("NSA_TEST_SEED", "0"))
     torch.manual_seed(seed)
     yield
