@@ -70,7 +70,7 @@ def select_blocks(
     own = (q_pos // params.slc_block)[:, None]  # (Tq, 1) the query's own block
     eligible = j[None, :] <= own
     forced = eligible & ((j[None, :] < params.init_blocks) | (j[None, :] > own - params.local_blocks))
-    scores = block_scores.float().masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
+    scores = _acc(block_scores).masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
     # Stable sort: among equal scores the lower block index comes first (deterministic ties).
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : params.slc_count]
     taken = torch.gather(eligible.expand_as(scores), -1, order)
@@ -82,10 +82,15 @@ def select_blocks(
     return idx.permute(1, 0, 2).to(torch.int32).contiguous()
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation precision: float64 stays float64 (oracle checks), anything else becomes float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _attend(q, k, v, allowed, scale):
     """Dense attention of ``q`` ``(H, Tq, D)`` over ``k, v`` ``(H, Tk, D)`` where ``allowed``."""
-    scores = torch.einsum("hqd,hkd->hqk", q.float(), k.float()) * scale
-    return torch.einsum("hqk,hkd->hqd", _masked_softmax(scores, allowed), v.float())
+    scores = torch.einsum("hqd,hkd->hqk", _acc(q), _acc(k)) * scale
+    return torch.einsum("hqk,hkd->hqd", _masked_softmax(scores, allowed), _acc(v))
 
 
 def nsa_sequence(
@@ -101,7 +106,7 @@ def nsa_sequence(
 ):
     """NSA for one sequence. ``q (Tq, Hq, D)``, ``k (Tk, Hkv, D)``, ``v (Tk, Hkv, Dv)``,
     ``cmp_k (N_cmp, Hkv, D)``, ``cmp_v (N_cmp, Hkv, Dv)``, ``gates (Tq, Hq, 3)`` ordered
-    (cmp, slc, win). Returns ``o (Tq, Hq, Dv)`` in float32 (and the chosen blocks if asked)."""
+    (cmp, slc, win). Returns ``o (Tq, Hq, Dv)`` in float32 (float64 for float64 inputs) (and the chosen blocks if asked)."""
     tq, hq, _ = q.shape
     tk, hkv, _ = k.shape
     group = hq // hkv
@@ -124,13 +129,13 @@ def nsa_sequence(
 
         # cmp: attention over the complete compression blocks.
         cmp_allowed = cmp_end[None, :] <= q_pos[:, None]
-        cmp_scores = torch.einsum("hqd,hcd->hqc", qc.float(), ckh.float()) * scale
+        cmp_scores = torch.einsum("hqd,hcd->hqc", _acc(qc), _acc(ckh)) * scale
         p_cmp = _masked_softmax(cmp_scores, cmp_allowed)
-        o_cmp = torch.einsum("hqc,hcd->hqd", p_cmp, cvh.float())
+        o_cmp = torch.einsum("hqc,hcd->hqd", p_cmp, _acc(cvh))
 
         # slc: block importance from p_cmp, shared by the query heads of a GQA group.
         with torch.no_grad():
-            block_scores = (p_cmp @ overlap).unflatten(0, (hkv, group)).sum(dim=1)
+            block_scores = (p_cmp @ overlap.to(p_cmp.dtype)).unflatten(0, (hkv, group)).sum(dim=1)
             blocks = select_blocks(block_scores, q_pos, params)  # (tq_chunk, Hkv, n)
         in_chosen = torch.zeros(q_pos.shape[0], hkv, n_slc + 1, dtype=torch.bool, device=device)
         in_chosen.scatter_(-1, torch.where(blocks < 0, n_slc, blocks).long(), True)
@@ -143,7 +148,7 @@ def nsa_sequence(
         win_allowed = causal & (key_pos[None, :] > q_pos[:, None] - params.window)
         o_win = _attend(qc, kh, vh, win_allowed, scale)
 
-        g = gates[start : start + q_pos.shape[0]].transpose(0, 1).float()  # (Hq, tq_chunk, 3)
+        g = _acc(gates[start : start + q_pos.shape[0]].transpose(0, 1))  # (Hq, tq_chunk, 3)
         o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
         outs.append(o.transpose(0, 1))
         chosen.append(blocks)
