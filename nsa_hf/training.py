@@ -1,0 +1,98 @@
+"""Helpers for continued training of NSA models with `transformers.Trainer`: datasets from local
+files, document chunking for packed batches, staged trainability, and a throughput log."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+from transformers import TrainerCallback
+
+NSA_MODULE_NAMES = ("nsa_cmp_k", "nsa_cmp_v", "nsa_gate")
+"""Names of the modules NSA adds to each attention layer (new weights after conversion)."""
+
+_BUILDERS = {".txt": "text", ".text": "text", ".py": "text", ".md": "text", ".json": "json",
+             ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def is_nsa_parameter(name: str) -> bool:
+    return any(f".{m}." in f".{name}" for m in NSA_MODULE_NAMES)
+
+
+def set_trainable(model, which: str) -> int:
+    """Make only the NSA modules (``which="nsa"``) or every parameter (``"all"``) trainable.
+    Returns the number of trainable parameters."""
+    if which not in ("nsa", "all"):
+        raise ValueError(f"which={which!r}: expected 'nsa' (only the new NSA modules) or 'all'")
+    count = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(which == "all" or is_nsa_parameter(name))
+        count += param.numel() if param.requires_grad else 0
+    if count == 0:
+        raise ValueError("no trainable parameters: the model has no NSA modules (convert it with `nsa-hf convert`)")
+    return count
+
+
+def load_text_dataset(data: Sequence[str], split: str = "train"):
+    """A `datasets.Dataset` from local files (.txt/.py/.md one document per file, .json/.jsonl/.parquet/.csv
+    rows) or, when ``data`` is a single name that is not a local path, a dataset from the Hub."""
+    import datasets
+
+    paths = [os.fspath(p) for p in data]
+    if len(paths) == 1 and not os.path.exists(paths[0]):
+        return datasets.load_dataset(paths[0], split=split)
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"data files not found: {missing}")
+    kinds = {os.path.splitext(p)[1].lower() for p in paths}
+    unknown = kinds - set(_BUILDERS)
+    if unknown or len({_BUILDERS[k] for k in kinds}) != 1:
+        raise ValueError(f"data files must share one supported type ({sorted(_BUILDERS)}); got {sorted(kinds)}")
+    builder = _BUILDERS[kinds.pop()]
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=paths, split="train", **kwargs)
+
+
+def chunk_documents(dataset, tokenizer, seq_len: int, text_column: str = "text", num_proc: int | None = None):
+    """Tokenise each document (EOS appended) and cut it into pieces of at most ``seq_len`` tokens.
+
+    Every piece belongs to one document, so `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`
+    can pack a batch into one row whose `cu_seq_lens` keep NSA from attending across documents."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len}: must be >= 2")
+    if text_column not in dataset.column_names:
+        raise ValueError(f"text_column={text_column!r} not in the dataset's columns {dataset.column_names}")
+    eos = tokenizer.eos_token_id
+
+    def split(batch):
+        pieces = []
+        for text in batch[text_column]:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            pieces += [ids[i : i + seq_len] for i in range(0, len(ids), seq_len) if len(ids[i : i + seq_len]) > 1]
+        return {"input_ids": pieces}
+
+    return dataset.map(split, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
+                       desc=f"tokenising into pieces of <= {seq_len} tokens")
+
+
+class ThroughputCallback(TrainerCallback):
+    """Records ``tokens_per_second`` (input tokens since the previous log over the wall time) in the
+    log history and prints one line per log with the loss. Needs
+    ``TrainingArguments(include_num_input_tokens_seen=True)``."""
+
+    def __init__(self):
+        self._last = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        if logs is None or "loss" not in logs or self._last is None or now <= self._last[0]:
+            return
+        rate = round((seen - self._last[1]) / (now - self._last[0]), 1)
+        self._last = (now, seen)
+        if state.log_history:
+            state.log_history[-1]["tokens_per_second"] = rate
+        if state.is_world_process_zero:
+            print(f"[train] step {state.global_step}: loss {logs['loss']:.4f}, {rate:,.0f} tokens/s", flush=True)
