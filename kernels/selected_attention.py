@@ -1,0 +1,551 @@
+"""Triton kernels for NSA's selected-block attention ("slc" branch), forward and backward.
+
+Layout and semantics are those of :mod:`reference` (packed varlen tensors, tokens first, GQA): query
+``i`` at position ``t`` of its sequence, query head ``h``, attends to the keys ``s <= t`` of the
+selection blocks listed in ``block_indices[i, h // G]`` (block ``j`` = key positions
+``[j*slc_block, (j+1)*slc_block)``, ``-1`` = unused slot).
+
+Design (NSA paper, Section 3.3, plus sharing between neighbouring tokens):
+
+* **forward / dq** are query-centric and group-centric: one program owns ``TOK`` consecutive query
+  tokens and one KV head, i.e. ``TOK * G`` query rows (the M side of every dot, padded to a power of
+  two >= 16). It walks the *union* of the blocks selected by its tokens (built with a torch sort),
+  loading each block's keys/values once for all its rows; rows whose token did not select the block
+  are masked. ``TOK = 1`` is the paper's kernel; ``TOK > 1`` fills the tile when ``G`` is small.
+* **dk / dv** are KV-block-centric: an inverted index (torch sort of the selections by block) lists
+  the query tokens that chose each block; one program owns one key tile of one block and a chunk of
+  those tokens, accumulates dk/dv in registers and adds them (fp32 atomics) to the output once.
+* ``delta = rowsum(o * do)`` is computed inside the dq kernel (it loads ``do`` anyway), which runs
+  before the dk/dv kernel.
+
+Every kernel works in global ("packed") key coordinates: a selected block is represented by the
+packed index of its first key, so tiles may mix tokens of different sequences.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_BIG = 2**31 - 1  # sorts after every real key position
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _slc_fwd_kernel(
+    Q, K, V, O, LSE,
+    QKPOS,  # (Nq,) packed key index of each query's own position
+    SEL,  # (Nq, HKV, NSEL) packed start of each selected block, -1 = none (only read when TOK > 1)
+    UNI, UCNT,  # (n_tiles, HKV, USZ) sorted union of a tile's blocks, (n_tiles, HKV) its length
+    Nq, Nk, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    SLC_BLOCK: tl.constexpr, NSEL: tl.constexpr, USZ: tl.constexpr, TOK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NSUB: tl.constexpr, BLOCK_SEL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    tok = (tile * TOK + rows // G).to(tl.int64)
+    head = h * G + rows % G
+    row_ok = (rows < TOK * G) & (tok < Nq)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    q_kpos = tl.load(QKPOS + tok, mask=row_ok, other=-1)
+    if TOK > 1:
+        offs_sel = tl.arange(0, BLOCK_SEL)
+        sel = tl.load(
+            SEL + (tok[:, None] * HKV + h) * NSEL + offs_sel[None, :],
+            mask=row_ok[:, None] & (offs_sel[None, :] < NSEL), other=-2,
+        )
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_K)
+    ubase = (tile * HKV + h).to(tl.int64)
+    count = tl.load(UCNT + ubase)
+    for it in range(count * NSUB):
+        slot = it // NSUB
+        sub = it % NSUB
+        start = tl.load(UNI + ubase * USZ + slot)
+        in_blk = sub * BLOCK_K + cols
+        kpos = start + in_blk
+        col_ok = (in_blk < SLC_BLOCK) & (kpos < Nk)
+        k = tl.load(
+            K + kpos[:, None].to(tl.int64) * stride_kt + h * stride_kh + offs_d[None, :],
+            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        )
+        v = tl.load(
+            V + kpos[:, None].to(tl.int64) * stride_vt + h * stride_vh + offs_dv[None, :],
+            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        allowed = row_ok[:, None] & col_ok[None, :] & (kpos[None, :] <= q_kpos[:, None])
+        if TOK > 1:
+            member = tl.sum((sel == start).to(tl.int32), axis=1) > 0
+            allowed = allowed & member[:, None]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    tl.store(
+        O + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
+        out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+    )
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(LSE + tok * (HKV * G) + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _slc_bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ,
+    QKPOS, SEL, UNI, UCNT,
+    Nq, Nk, scale, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    SLC_BLOCK: tl.constexpr, NSEL: tl.constexpr, USZ: tl.constexpr, TOK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NSUB: tl.constexpr, BLOCK_SEL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dq for the rows of one (token tile, KV head); also writes ``delta = rowsum(o * do)``."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    tok = (tile * TOK + rows // G).to(tl.int64)
+    head = h * G + rows % G
+    row_ok = (rows < TOK * G) & (tok < Nq)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dmask = row_ok[:, None] & (offs_d[None, :] < D)
+    dvmask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=dmask, other=0.0)
+    do = tl.load(DO + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :], mask=dvmask, other=0.0)
+    o = tl.load(O + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :], mask=dvmask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + tok * (HKV * G) + head, delta, mask=row_ok)
+    lse2 = tl.load(LSE + tok * (HKV * G) + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    q_kpos = tl.load(QKPOS + tok, mask=row_ok, other=-1)
+    if TOK > 1:
+        offs_sel = tl.arange(0, BLOCK_SEL)
+        sel = tl.load(
+            SEL + (tok[:, None] * HKV + h) * NSEL + offs_sel[None, :],
+            mask=row_ok[:, None] & (offs_sel[None, :] < NSEL), other=-2,
+        )
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_K)
+    ubase = (tile * HKV + h).to(tl.int64)
+    count = tl.load(UCNT + ubase)
+    for it in range(count * NSUB):
+        slot = it // NSUB
+        sub = it % NSUB
+        start = tl.load(UNI + ubase * USZ + slot)
+        in_blk = sub * BLOCK_K + cols
+        kpos = start + in_blk
+        col_ok = (in_blk < SLC_BLOCK) & (kpos < Nk)
+        k = tl.load(
+            K + kpos[:, None].to(tl.int64) * stride_kt + h * stride_kh + offs_d[None, :],
+            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        )
+        v = tl.load(
+            V + kpos[:, None].to(tl.int64) * stride_vt + h * stride_vh + offs_dv[None, :],
+            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        allowed = row_ok[:, None] & col_ok[None, :] & (kpos[None, :] <= q_kpos[:, None])
+        if TOK > 1:
+            member = tl.sum((sel == start).to(tl.int32), axis=1) > 0
+            allowed = allowed & member[:, None]
+        p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    tl.store(
+        DQ + tok[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty), mask=dmask,
+    )
+
+
+@triton.jit
+def _slc_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DVAL,  # DK, DVAL: fp32 (Nk, HKV, D/DV), zero-initialised
+    QKPOS,
+    TOKS,  # (n_entries,) query tokens sorted by (kv head, block): the inverted index
+    WORK_KEY, WORK_START, WORK_END,  # per program: block key (h * NB + block) and its token range
+    BLK_START, BLK_LEN,  # (NB,) packed first key and length of every block
+    NB, scale, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    TQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dk/dv of one key tile of one selection block from one chunk of the tokens that chose it."""
+    pid = tl.program_id(0)
+    sub = tl.program_id(1)
+    key = tl.load(WORK_KEY + pid)
+    if key >= 0:
+        h = key // NB
+        blk = key % NB
+        bstart = tl.load(BLK_START + blk)
+        blen = tl.load(BLK_LEN + blk)
+        w0 = tl.load(WORK_START + pid)
+        w1 = tl.load(WORK_END + pid)
+        cols = sub * BLOCK_K + tl.arange(0, BLOCK_K)
+        col_ok = cols < blen
+        kpos = bstart + cols
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        kmask = col_ok[:, None] & (offs_d[None, :] < D)
+        vmask = col_ok[:, None] & (offs_dv[None, :] < DV)
+        k = tl.load(K + kpos[:, None].to(tl.int64) * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + kpos[:, None].to(tl.int64) * stride_vt + h * stride_vh + offs_dv[None, :], mask=vmask, other=0.0)
+        dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
+        rows = tl.arange(0, BLOCK_M)
+        for i in range(w0, w1, TQ):
+            ent = i + rows // G
+            row_ok = (rows < TQ * G) & (ent < w1)
+            tok = tl.load(TOKS + ent, mask=row_ok, other=0).to(tl.int64)
+            head = h * G + rows % G
+            q = tl.load(
+                Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+            )
+            do = tl.load(
+                DO + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
+                mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+            )
+            lse2 = tl.load(LSE + tok * (HKV * G) + head, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + tok * (HKV * G) + head, mask=row_ok, other=0.0)
+            q_kpos = tl.load(QKPOS + tok, mask=row_ok, other=-1)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # (BLOCK_K, BLOCK_M)
+            allowed = col_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= q_kpos[None, :])
+            p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        tl.atomic_add(
+            DK + kpos[:, None].to(tl.int64) * (HKV * D) + h * D + offs_d[None, :], dk * scale, mask=kmask, sem="relaxed"
+        )
+        tl.atomic_add(
+            DVAL + kpos[:, None].to(tl.int64) * (HKV * DV) + h * DV + offs_dv[None, :], dv, mask=vmask, sem="relaxed"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Index preparation (torch, no host synchronisation)
+# ------------------------------------------------------------------------------------------------
+
+
+def _query_key_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, nq: int):
+    """Per query token: its sequence, the packed index of its own key position, and the packed
+    index of its sequence's first key (queries are the last Tq of the sequence's Tk positions)."""
+    tokens = torch.arange(nq, device=cu_seqlens_q.device, dtype=torch.int32)
+    seq = torch.searchsorted(cu_seqlens_q[1:].to(torch.int32), tokens, right=True)
+    q_kpos = cu_seqlens_k[seq + 1] - cu_seqlens_q[seq + 1] + tokens
+    return seq, q_kpos.to(torch.int32), cu_seqlens_k[seq].to(torch.int32)
+
+
+def _packed_selection(block_indices, q_kpos, k_start, slc_block):
+    """``(Nq, Hkv, n)`` packed first key of every usable selected block, ``-1`` elsewhere. A block is
+    usable when its index is >= 0 and it starts at or before the query (later blocks are all masked)."""
+    start = k_start[:, None, None] + block_indices * slc_block
+    usable = (block_indices >= 0) & (start <= q_kpos[:, None, None])
+    return torch.where(usable, start, -1).to(torch.int32).contiguous()
+
+
+def _tile_unions(sel: torch.Tensor, tok: int):
+    """Sorted, de-duplicated union of the blocks of each tile of ``tok`` consecutive tokens:
+    ``(n_tiles, Hkv, tok * n)`` (padding ``_BIG``) and ``(n_tiles, Hkv)`` counts."""
+    nq, hkv, nsel = sel.shape
+    n_tiles = -(-nq // tok)
+    pad = n_tiles * tok - nq
+    if pad:
+        sel = torch.cat([sel, sel.new_full((pad, hkv, nsel), -1)])
+    u = sel.view(n_tiles, tok, hkv, nsel).permute(0, 2, 1, 3).reshape(n_tiles, hkv, tok * nsel)
+    u = torch.where(u < 0, _BIG, u)
+    u = torch.sort(u, dim=-1).values
+    if tok > 1:
+        dup = torch.zeros_like(u, dtype=torch.bool)
+        dup[..., 1:] = u[..., 1:] == u[..., :-1]
+        u = torch.sort(torch.where(dup, _BIG, u), dim=-1).values
+    count = (u != _BIG).sum(-1).to(torch.int32)
+    return u.contiguous(), count.contiguous()
+
+
+def _build_inverted_index(sel, cu_seqlens_k, nk, slc_block, chunk):
+    """Which query tokens chose each (kv head, block), cut into work items of <= ``chunk`` tokens.
+
+    ``nk`` is the packed key count (a Python int). Blocks are numbered over the packed sequences.
+    Returns ``(toks, work_key, work_start, work_end, blk_start, blk_len, nb)``: ``toks`` lists the
+    query tokens sorted by key ``h * nb + block``; program ``p`` handles
+    ``toks[work_start[p]:work_end[p]]`` for key ``work_key[p]`` (-1 = idle program). ``nb`` is an
+    upper bound of the block count, so nothing here waits for the GPU."""
+    device = sel.device
+    nq, hkv, nsel = sel.shape
+    bsz = cu_seqlens_k.numel() - 1
+    lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    nblk = (lens_k + slc_block - 1) // slc_block  # blocks of each sequence
+    blk_off = torch.zeros(bsz + 1, dtype=torch.long, device=device)
+    blk_off[1:] = torch.cumsum(nblk, 0)
+    nb = nk // slc_block + bsz  # upper bound on the total number of blocks (no host sync)
+    blk_ids = torch.arange(nb, device=device)
+    blk_seq = torch.searchsorted(blk_off[1:], blk_ids, right=True).clamp_max(bsz - 1)
+    local = blk_ids - blk_off[blk_seq]
+    blk_start = cu_seqlens_k[blk_seq].long() + local * slc_block
+    seq_end = cu_seqlens_k[blk_seq + 1].long()
+    blk_len = (seq_end - blk_start).clamp(min=0, max=slc_block)
+    blk_len = torch.where(blk_ids < blk_off[-1], blk_len, 0)
+    # Map each packed block start back to its block id: start = cu_k[seq] + j * l'.
+    flat = sel.reshape(-1).long()
+    valid = flat >= 0
+    tok_of = torch.arange(flat.numel(), device=device) // (hkv * nsel)
+    h_of = (torch.arange(flat.numel(), device=device) // nsel) % hkv
+    seq_q = torch.searchsorted(cu_seqlens_k[1:].long(), flat.clamp(min=0), right=True).clamp_max(bsz - 1)
+    blk = blk_off[seq_q] + (flat.clamp(min=0) - cu_seqlens_k[seq_q].long()) // slc_block
+    nkeys = hkv * nb
+    key = torch.where(valid, h_of * nb + blk, nkeys)
+    order = torch.sort(key, stable=True).indices
+    toks = tok_of[order].to(torch.int32).contiguous()
+    counts = torch.bincount(key, minlength=nkeys + 1)[:nkeys]
+    offs = torch.cumsum(counts, 0) - counts
+    chunks = (counts + chunk - 1) // chunk
+    cum = torch.cumsum(chunks, 0)
+    n_prog = flat.numel() // chunk + nkeys  # upper bound of sum(chunks)
+    pids = torch.arange(n_prog, device=device)
+    wkey = torch.searchsorted(cum, pids, right=True)
+    live = wkey < nkeys
+    wkey_c = wkey.clamp_max(nkeys - 1)
+    c = pids - (cum[wkey_c] - chunks[wkey_c])
+    wstart = offs[wkey_c] + c * chunk
+    wend = torch.minimum(wstart + chunk, offs[wkey_c] + counts[wkey_c])
+    return (
+        toks,
+        torch.where(live, wkey_c, -1).to(torch.int32).contiguous(),
+        wstart.to(torch.int32).contiguous(),
+        wend.to(torch.int32).contiguous(),
+        blk_start.to(torch.int32).contiguous(),
+        blk_len.to(torch.int32).contiguous(),
+        nb,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers (no global state: safe to wrap as torch.library ops)
+# ------------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots (tests, reference work); bf16/fp16 use the tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def default_tokens_per_program(group: int) -> int:
+    """Query tokens sharing one program: enough to give the dots >= 16 real rows."""
+    return max(1, 16 // group)
+
+
+def _key_tile(slc_block: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(slc_block)))
+
+
+def _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, scale: float,
+         tokens_per_program: int | None = None, num_warps: int = 4, num_stages: int = 2):
+    """Forward launcher: returns ``(o, lse)`` with ``o (Nq, Hq, Dv)`` in q's dtype and the natural-log
+    ``lse (Nq, Hq)`` in fp32 (``-inf`` for a query that attends to nothing)."""
+    nq, hq, d = q.shape
+    nk, hkv, dv = v.shape
+    group = hq // hkv
+    nsel = block_indices.shape[-1]
+    tok = tokens_per_program or default_tokens_per_program(group)
+    _, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
+    sel = _packed_selection(block_indices, q_kpos, k_start, slc_block)
+    uni, ucnt = _tile_unions(sel, tok)
+    o = torch.empty(nq, hq, dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
+    block_k = _key_tile(slc_block)
+    grid = (uni.shape[0], hkv)
+    if nq > 0:
+        _slc_fwd_kernel[grid](
+            q, k, v, o, lse, q_kpos, sel, uni, ucnt,
+            nq, nk, scale * _LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            HKV=hkv, G=group, D=d, DV=dv, SLC_BLOCK=slc_block, NSEL=nsel, USZ=uni.shape[-1], TOK=tok,
+            BLOCK_M=_pow2(tok * group), BLOCK_K=block_k, NSUB=triton.cdiv(slc_block, block_k),
+            BLOCK_SEL=_pow2(nsel, 2), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return o, lse
+
+
+def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, scale: float,
+         tokens_per_program: int | None = None, chunk_tokens: int = 256):
+    """Backward launcher: returns ``(dq, dk, dv)`` in the dtypes of ``q, k, v``."""
+    nq, hq, d = q.shape
+    nk, hkv, dv_dim = v.shape
+    group = hq // hkv
+    nsel = block_indices.shape[-1]
+    do = do.contiguous()
+    tok = tokens_per_program or default_tokens_per_program(group)
+    _, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
+    sel = _packed_selection(block_indices, q_kpos, k_start, slc_block)
+    uni, ucnt = _tile_unions(sel, tok)
+    dq = torch.empty_like(q)
+    delta = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
+    dk32 = torch.zeros(nk, hkv, d, device=q.device, dtype=torch.float32)
+    dv32 = torch.zeros(nk, hkv, dv_dim, device=q.device, dtype=torch.float32)
+    block_k = _key_tile(slc_block)
+    nsub = triton.cdiv(slc_block, block_k)
+    prec = _dot_precision(q.dtype)
+    if nq > 0:
+        _slc_bwd_dq_kernel[(uni.shape[0], hkv)](
+            q, k, v, o, do, lse, delta, dq, q_kpos, sel, uni, ucnt,
+            nq, nk, scale, scale * _LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+            HKV=hkv, G=group, D=d, DV=dv_dim, SLC_BLOCK=slc_block, NSEL=nsel, USZ=uni.shape[-1], TOK=tok,
+            BLOCK_M=_pow2(tok * group), BLOCK_K=block_k, NSUB=nsub,
+            BLOCK_SEL=_pow2(nsel, 2), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
+            num_warps=4, num_stages=2,
+        )
+        tq = max(1, 64 // group) if group < 64 else 1
+        toks, wkey, wstart, wend, blk_start, blk_len, nb = _build_inverted_index(
+            sel, cu_seqlens_k, nk, slc_block, chunk_tokens
+        )
+        _slc_bwd_dkdv_kernel[(wkey.shape[0], nsub)](
+            q, k, v, do, lse, delta, dk32, dv32, q_kpos, toks, wkey, wstart, wend, blk_start, blk_len,
+            nb, scale, scale * _LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            HKV=hkv, G=group, D=d, DV=dv_dim, TQ=tq, BLOCK_M=_pow2(tq * group), BLOCK_K=block_k,
+            BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
+            num_warps=4, num_stages=2,
+        )
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd and public API
+# ------------------------------------------------------------------------------------------------
+
+
+class SelectedAttentionFunction(torch.autograd.Function):
+    """Differentiable w.r.t. q, k, v; ``block_indices`` is an index set (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale):
+        o, lse = _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale)
+        ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k)
+        ctx.slc_block = slc_block
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, ctx.slc_block, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """Shape/dtype checks shared by the selected and window kernels (ValueError naming the value)."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"q, k, v must be (tokens, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"q dtype {q.dtype} is not supported: use bfloat16, float16 or float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == cu_seqlens_q.device == cu_seqlens_k.device):
+        raise ValueError("q, k, v and cu_seqlens must be on one device")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv}) for GQA")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same tokens and heads")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head_dim ({q.shape[-1]}) must equal k head_dim ({k.shape[-1]})")
+    for name, cu, n in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if cu.dim() != 1 or cu.numel() < 2 or cu.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 of shape (B+1,) with B >= 1; got {cu.dtype} {tuple(cu.shape)}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q ({cu_seqlens_q.numel()}) and cu_seqlens_k ({cu_seqlens_k.numel()}) must have the same length"
+        )
+
+
+def _contiguous_heads(x: torch.Tensor) -> torch.Tensor:
+    """The kernels need the last axis contiguous (strides of the token/head axes are free)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    slc_block: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """NSA selected-block attention over packed sequences (Triton, differentiable w.r.t. q, k, v).
+
+    Args:
+        q: ``(Nq, Hq, D)`` queries; k: ``(Nk, Hkv, D)``; v: ``(Nk, Hkv, Dv)``; one dtype among
+            bfloat16, float16, float32. ``Hq`` is any multiple of ``Hkv``.
+        block_indices: int32 ``(Nq, Hkv, n)``: for each query and KV head, the selected block
+            indices (block ``j`` = key positions ``[j*slc_block, (j+1)*slc_block)`` of the sequence),
+            distinct, ``-1`` for unused slots. Blocks starting after the query are ignored.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(B+1,)`` offsets; sequence ``b``'s queries are the last
+            ``Tq`` of its ``Tk`` key positions.
+        slc_block: tokens per selection block (>= 1).
+        scale: softmax scale, ``D ** -0.5`` by default.
+
+    Returns:
+        ``(Nq, Hq, Dv)`` in q's dtype: for each query, causal softmax attention over the keys of its
+        selected blocks (fp32 accumulation). A query with no usable key gets zeros.
+    """
+    _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if isinstance(slc_block, bool) or not isinstance(slc_block, int) or slc_block < 1:
+        raise ValueError(f"slc_block={slc_block!r} is invalid: must be an integer >= 1")
+    if (
+        block_indices.dim() != 3
+        or block_indices.shape[:2] != (q.shape[0], k.shape[1])
+        or block_indices.shape[2] < 1
+        or block_indices.dtype != torch.int32
+    ):
+        raise ValueError(
+            f"block_indices must be int32 of shape (Nq, Hkv, n) = ({q.shape[0]}, {k.shape[1]}, n>=1); "
+            f"got {block_indices.dtype} {tuple(block_indices.shape)}"
+        )
+    if block_indices.device != q.device:
+        raise ValueError(f"block_indices is on {block_indices.device}, q on {q.device}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale={scale!r} must be a finite number")
+    q, k, v = (_contiguous_heads(x) for x in (q, k, v))
+    return SelectedAttentionFunction.apply(
+        q, k, v, block_indices.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), slc_block, scale
+    )
