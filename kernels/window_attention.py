@@ -1,0 +1,381 @@
+"""Triton kernels for NSA's sliding-window attention ("win" branch), forward and backward.
+
+Layout and semantics are those of :mod:`reference`: packed varlen tensors, tokens first, GQA; the
+query at position ``t`` of its sequence attends to the keys ``t - window < s <= t``.
+
+Design: flash-attention with a band mask, GQA-aware. A program owns ``TOK`` consecutive query tokens
+of one sequence and one KV head, i.e. ``TOK * G`` query rows (all query heads of the group), so every
+key/value tile is loaded once for the whole group; it only visits the ``window + TOK - 1`` keys the
+band can reach. The backward is FA2-style: dq (query-centric, also computing
+``delta = rowsum(o * do)``), then dk/dv per key tile over the queries that can see it (no atomics).
+
+Work lists (which sequence and which tile each program handles) are built with torch ops sized by an
+upper bound, so launching never waits for the GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .selected_attention import _check_varlen_inputs, _contiguous_heads, _dot_precision, _pow2
+
+_LOG2E = 1.4426950408889634
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _win_fwd_kernel(
+    Q, K, V, O, LSE, CUQ, CUK, TILE_SEQ, TILE_START,
+    window, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, TOK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(TILE_SEQ + pid)
+    if seq >= 0:
+        q0 = tl.load(TILE_START + pid)
+        q_end = tl.load(CUQ + seq + 1)
+        k_beg = tl.load(CUK + seq)
+        shift = tl.load(CUK + seq + 1) - q_end  # packed key index of a query = its token + shift
+        rows = tl.arange(0, BLOCK_M)
+        tok = q0 + rows // G
+        head = h * G + rows % G
+        row_ok = (rows < TOK * G) & (tok < q_end)
+        q_kpos = tok + shift
+        tok64 = tok.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(
+            Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        )
+        k_hi = tl.minimum(q0 + TOK, q_end) + shift  # exclusive
+        k_lo = tl.maximum(k_beg, q0 + shift - window + 1)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+        for kb in range(k_lo, k_hi, BLOCK_N):
+            kpos = kb + cols
+            col_ok = kpos < k_hi
+            kpos64 = kpos.to(tl.int64)
+            k = tl.load(
+                K + kpos64[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+            )
+            v = tl.load(
+                V + kpos64[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+            allowed = (
+                row_ok[:, None] & col_ok[None, :]
+                & (kpos[None, :] <= q_kpos[:, None]) & (kpos[None, :] > q_kpos[:, None] - window)
+            )
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+        has = l_i > 0.0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        tl.store(
+            O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
+            out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+        )
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(LSE + tok64 * (HKV * G) + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _win_bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, CUQ, CUK, TILE_SEQ, TILE_START,
+    window, scale, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, TOK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dq of one query tile; also writes ``delta = rowsum(o * do)`` for the dk/dv kernel."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(TILE_SEQ + pid)
+    if seq >= 0:
+        q0 = tl.load(TILE_START + pid)
+        q_end = tl.load(CUQ + seq + 1)
+        k_beg = tl.load(CUK + seq)
+        shift = tl.load(CUK + seq + 1) - q_end
+        rows = tl.arange(0, BLOCK_M)
+        tok = q0 + rows // G
+        head = h * G + rows % G
+        row_ok = (rows < TOK * G) & (tok < q_end)
+        q_kpos = tok + shift
+        tok64 = tok.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dmask = row_ok[:, None] & (offs_d[None, :] < D)
+        dvmask = row_ok[:, None] & (offs_dv[None, :] < DV)
+        q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=dmask, other=0.0)
+        do = tl.load(
+            DO + tok64[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :], mask=dvmask, other=0.0
+        )
+        o = tl.load(O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :], mask=dvmask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + tok64 * (HKV * G) + head, delta, mask=row_ok)
+        lse2 = tl.load(LSE + tok64 * (HKV * G) + head, mask=row_ok, other=0.0) * 1.4426950408889634
+        k_hi = tl.minimum(q0 + TOK, q_end) + shift
+        k_lo = tl.maximum(k_beg, q0 + shift - window + 1)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+        for kb in range(k_lo, k_hi, BLOCK_N):
+            kpos = kb + cols
+            col_ok = kpos < k_hi
+            kpos64 = kpos.to(tl.int64)
+            k = tl.load(
+                K + kpos64[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+            )
+            v = tl.load(
+                V + kpos64[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+            allowed = (
+                row_ok[:, None] & col_ok[None, :]
+                & (kpos[None, :] <= q_kpos[:, None]) & (kpos[None, :] > q_kpos[:, None] - window)
+            )
+            p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        tl.store(
+            DQ + tok64[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :],
+            (dq * scale).to(DQ.dtype.element_ty), mask=dmask,
+        )
+
+
+@triton.jit
+def _win_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DVAL, CUQ, CUK, TILE_SEQ, TILE_START,
+    window, scale, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, TOK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dk/dv of one key tile (``BLOCK_N`` keys of one sequence, one KV head) over the queries whose
+    window reaches it, ``TOK`` tokens (all ``G`` heads) at a time."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(TILE_SEQ + pid)
+    if seq >= 0:
+        k0 = tl.load(TILE_START + pid)
+        q_beg = tl.load(CUQ + seq)
+        q_end = tl.load(CUQ + seq + 1)
+        k_end = tl.load(CUK + seq + 1)
+        shift = k_end - q_end
+        cols = tl.arange(0, BLOCK_N)
+        kpos = k0 + cols
+        col_ok = kpos < k_end
+        kpos64 = kpos.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        kmask = col_ok[:, None] & (offs_d[None, :] < D)
+        vmask = col_ok[:, None] & (offs_dv[None, :] < DV)
+        k = tl.load(K + kpos64[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + kpos64[:, None] * stride_vt + h * stride_vh + offs_dv[None, :], mask=vmask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        t_lo = tl.maximum(q_beg, k0 - shift)
+        t_hi = tl.minimum(q_end, k0 + BLOCK_N - 1 + window - shift)  # exclusive
+        rows = tl.arange(0, BLOCK_M)
+        for t in range(t_lo, t_hi, TOK):
+            tok = t + rows // G
+            head = h * G + rows % G
+            row_ok = (rows < TOK * G) & (tok < t_hi)
+            q_kpos = tok + shift
+            tok64 = tok.to(tl.int64)
+            q = tl.load(
+                Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+            )
+            do = tl.load(
+                DO + tok64[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
+                mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+            )
+            lse2 = tl.load(LSE + tok64 * (HKV * G) + head, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + tok64 * (HKV * G) + head, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
+            allowed = (
+                col_ok[:, None] & row_ok[None, :]
+                & (kpos[:, None] <= q_kpos[None, :]) & (kpos[:, None] > q_kpos[None, :] - window)
+            )
+            p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        tl.store(
+            DK + kpos64[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :],
+            (dk * scale).to(DK.dtype.element_ty), mask=kmask,
+        )
+        tl.store(
+            DVAL + kpos64[:, None] * stride_dvt + h * stride_dvh + offs_dv[None, :],
+            dv.to(DVAL.dtype.element_ty), mask=vmask,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Work lists and launchers (no global state)
+# ------------------------------------------------------------------------------------------------
+
+
+def _tile_list(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
+    """Cut every sequence of ``cu_seqlens`` into tiles of ``tile`` tokens. Returns per program its
+    sequence (``-1`` = idle) and first packed token, for an upper-bound count of programs."""
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    counts = (lens + tile - 1) // tile
+    cum = torch.cumsum(counts, 0)
+    n_prog = n_tokens // tile + (cu.numel() - 1)
+    pids = torch.arange(n_prog, device=cu.device)
+    seq = torch.searchsorted(cum, pids, right=True)
+    live = seq < counts.numel()
+    seq_c = seq.clamp_max(counts.numel() - 1)
+    start = cu[seq_c] + (pids - (cum[seq_c] - counts[seq_c])) * tile
+    return torch.where(live, seq_c, -1).to(torch.int32).contiguous(), start.to(torch.int32).contiguous()
+
+
+def _rows_config(group: int, block_m: int):
+    """Tokens per program and the padded row count for ``block_m`` target rows."""
+    tok = max(1, block_m // group)
+    return tok, _pow2(tok * group)
+
+
+def _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, window: int, scale: float,
+         block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+    """Forward launcher: ``(o, lse)``, ``o (Nq, Hq, Dv)`` in q's dtype, natural-log ``lse (Nq, Hq)`` fp32."""
+    nq, hq, d = q.shape
+    nk, hkv, dv = v.shape
+    group = hq // hkv
+    tok, bm = _rows_config(group, block_m)
+    o = torch.empty(nq, hq, dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
+    tile_seq, tile_start = _tile_list(cu_seqlens_q, nq, tok)
+    if nq > 0:
+        _win_fwd_kernel[(tile_seq.shape[0], hkv)](
+            q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_start,
+            window, scale * _LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            HKV=hkv, G=group, D=d, DV=dv, TOK=tok, BLOCK_M=bm, BLOCK_N=block_n,
+            BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return o, lse
+
+
+def _bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, window: int, scale: float,
+         block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+    """Backward launcher: ``(dq, dk, dv)`` in the dtypes of ``q, k, v``."""
+    nq, hq, d = q.shape
+    nk, hkv, dv_dim = v.shape
+    group = hq // hkv
+    do = do.contiguous()
+    tok, bm = _rows_config(group, block_m)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(nk, hkv, d, device=q.device, dtype=k.dtype)
+    dv = torch.zeros(nk, hkv, dv_dim, device=q.device, dtype=v.dtype)
+    delta = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
+    prec = _dot_precision(q.dtype)
+    if nq > 0:
+        tile_seq, tile_start = _tile_list(cu_seqlens_q, nq, tok)
+        _win_bwd_dq_kernel[(tile_seq.shape[0], hkv)](
+            q, k, v, o, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_start,
+            window, scale, scale * _LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+            HKV=hkv, G=group, D=d, DV=dv_dim, TOK=tok, BLOCK_M=bm, BLOCK_N=block_n,
+            BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        ktile_seq, ktile_start = _tile_list(cu_seqlens_k, nk, block_n)
+        _win_bwd_dkdv_kernel[(ktile_seq.shape[0], hkv)](
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, ktile_seq, ktile_start,
+            window, scale, scale * _LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            HKV=hkv, G=group, D=d, DV=dv_dim, TOK=tok, BLOCK_M=bm, BLOCK_N=block_n,
+            BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd and public API
+# ------------------------------------------------------------------------------------------------
+
+
+class WindowAttentionFunction(torch.autograd.Function):
+    """Differentiable w.r.t. q, k, v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, window, scale):
+        o, lse = _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, window, scale)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.window = window
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    window: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal sliding-window attention over packed sequences (Triton, differentiable w.r.t. q, k, v).
+
+    Args:
+        q: ``(Nq, Hq, D)``; k: ``(Nk, Hkv, D)``; v: ``(Nk, Hkv, Dv)``; one dtype among bfloat16,
+            float16, float32; ``Hq`` any multiple of ``Hkv`` (query head ``h`` reads KV head ``h // G``).
+        cu_seqlens_q, cu_seqlens_k: int32 ``(B+1,)`` offsets; sequence ``b``'s queries are the last
+            ``Tq`` of its ``Tk`` key positions.
+        window: ``w >= 1``: the query at position ``t`` attends to keys ``t - w < s <= t``.
+        scale: softmax scale, ``D ** -0.5`` by default.
+
+    Returns:
+        ``(Nq, Hq, Dv)`` in q's dtype (fp32 accumulation).
+    """
+    _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} is invalid: must be an integer >= 1")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale={scale!r} must be a finite number")
+    q, k, v = (_contiguous_heads(x) for x in (q, k, v))
+    return WindowAttentionFunction.apply(
+        q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), window, scale
+    )
