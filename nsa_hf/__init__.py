@@ -1,0 +1,34 @@
+"""nsa-hf: Native Sparse Attention for HuggingFace Transformers.
+
+Importing the package registers
+
+* the ``"nsa"`` attention implementation (usable by any Llama-style model, see :mod:`.attention`);
+* NSA-Llama (``model_type="nsa_llama"``) with ``AutoConfig``, ``AutoModel`` and
+  ``AutoModelForCausalLM``, and for Hub remote code (``save_pretrained`` copies the modeling files and
+  writes ``auto_map``).
+"""
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .attention import nsa_attention_forward, nsa_padding_mask, nsa_params_from_config
+from .cache import NSACache, NSACacheLayer
+from .configuration_nsa_llama import NSALlamaConfig
+from .modeling_nsa_llama import NSALlamaForCausalLM, NSALlamaModel, NSALlamaPreTrainedModel
+
+AutoConfig.register(NSALlamaConfig.model_type, NSALlamaConfig, exist_ok=True)
+AutoModel.register(NSALlamaConfig, NSALlamaModel, exist_ok=True)
+AutoModelForCausalLM.register(NSALlamaConfig, NSALlamaForCausalLM, exist_ok=True)
+NSALlamaConfig.register_for_auto_class()
+NSALlamaModel.register_for_auto_class("AutoModel")
+NSALlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "NSACache",
+    "NSACacheLayer",
+    "NSALlamaConfig",
+    "NSALlamaForCausalLM",
+    "NSALlamaModel",
+    "NSALlamaPreTrainedModel",
+    "nsa_attention_forward",
+    "nsa_padding_mask",
+    "nsa_params_from_config",
+]

@@ -1,0 +1,301 @@
+"""The ``"nsa"`` attention backend for transformers.
+
+Importing this module registers ``nsa_attention_forward`` under the name ``"nsa"`` with
+:class:`transformers.AttentionInterface`, and :func:`nsa_padding_mask` with
+:class:`transformers.AttentionMaskInterface` (so the backend receives the 2D padding mask), for the
+whole process. Any Llama-style model then runs NSA with ``attn_implementation="nsa"``.
+
+HF passes ``query (B, Hq, Q, D)`` and ``key/value (B, Hkv, KV, D)`` (cached past included). The backend
+turns them into NSA's packed ("varlen") layout, one sequence per
+
+* batch row, made of the row's real tokens: padding (left, right or anywhere) is dropped, so a row
+  starts at its first real token and its compression and selection blocks are aligned to that start;
+  outputs at padded query positions are zeros;
+* document of a packed row: ``cu_seq_lens_q/k`` kwargs (batch of one, e.g. from
+  ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), or, without a padding mask and with no
+  cached past, ``position_ids`` that restart (any batch size);
+
+and makes a single call of :func:`_nsa_varlen`.
+
+NSA-Llama attention modules pass ``nsa_gates`` ``(B, Q, Hq, 3)``, ``nsa_compressors`` (keys, values),
+``nsa_params`` and ``nsa_cache_layer`` (an :class:`~.cache.NSACacheLayer` that keeps the compressed
+keys/values between decoding steps). A module without them (a stock Llama) gets the parameter-free
+fallback: mean-pool compression and fixed gates (cmp 0, slc 0.5, win 0.5), with the compressed keys
+recomputed from the dense cache at every step; see ``docs/fallback.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+
+from nsa_kernels import MLPCompressor, MeanPoolCompressor, NSAParams, num_cmp_blocks, validate_nsa_params
+from nsa_kernels import nsa_attention_varlen
+
+from .cache import NSACacheLayer
+
+__all__ = [
+    "MLPCompressor",
+    "NSAParams",
+    "FALLBACK_GATES",
+    "nsa_attention_forward",
+    "nsa_padding_mask",
+    "nsa_params_from_config",
+    "validate_nsa_params",
+]
+
+FALLBACK_GATES = (0.0, 0.5, 0.5)
+"""Gate values (cmp, slc, win) used on models without NSA weights."""
+
+_fallback_warned = False
+
+
+def _warn_fallback_once() -> None:
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(
+            'attn_implementation="nsa" on a model without NSA weights (no compressors or gates): using '
+            "parameter-free mean-pool compression and fixed gates (cmp 0, slc 0.5, win 0.5). Convert the "
+            "checkpoint with `nsa-hf convert` to get trainable NSA modules and an NSA cache.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def nsa_params_from_config(config) -> NSAParams:
+    """NSA sizes of a model config: ``config.nsa_params()`` for NSA-Llama; for other configs the
+    ``nsa_<field>`` attributes that are set (e.g. ``config.nsa_window = 128``), the paper's defaults
+    for the rest."""
+    if callable(getattr(config, "nsa_params", None)):
+        return config.nsa_params()
+    values = {}
+    for field in dataclasses.fields(NSAParams):
+        value = getattr(config, f"nsa_{field.name}", None)
+        if value is not None:
+            values[field.name] = value
+    return NSAParams(**values)
+
+
+# -- mask ---------------------------------------------------------------------------------------------
+
+
+def nsa_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                     attention_mask=None, **kwargs):
+    """Mask function of the ``"nsa"`` backend: the 2D ``(B, KV)`` bool padding mask (True = real
+    token) sliced to the keys, or ``None`` when no mask was given. NSA applies causality itself."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[-1] < kv_length:
+        raise ValueError(
+            f"the nsa backend needs a padding mask covering every key: got {attention_mask.shape[-1]} "
+            f"positions for {kv_length} keys (static caches are not supported)"
+        )
+    return attention_mask[:, -kv_length:].to(torch.bool)
+
+
+# -- layout -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Layout:
+    """How HF's padded batch maps onto NSA's packed sequences."""
+
+    q_keep: torch.Tensor | None  # (B*Q,) bool: query positions that are real tokens; None = all
+    k_keep: torch.Tensor | None  # (B*KV,) bool: key positions that are real tokens; None = all
+    lens_q: list[int]  # queries per sequence, in packed order
+    lens_k: list[int]  # keys per sequence
+    per_row: bool  # one sequence per batch row (the cache's compressed state applies)
+    valid: torch.Tensor | None  # (B, KV) real-token mask when per_row
+
+
+def _restart_lengths(position_ids: torch.Tensor, batch: int, length: int) -> list[int] | None:
+    """Document lengths, in row-major order, of rows whose ``position_ids`` restart (a position that
+    is not the previous one plus one starts a document); ``None`` if no row restarts."""
+    pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+    if pos.shape[-1] != length:
+        return None
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if int(starts.sum()) == batch:
+        return None
+    first = torch.nonzero(starts.reshape(-1)).flatten().tolist() + [batch * length]
+    return [b - a for a, b in zip(first[:-1], first[1:])]
+
+
+def _layout(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -> _Layout:
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if batch != 1 or attention_mask is not None:
+            raise ValueError(
+                f"cu_seq_lens_q/k describe packed sequences in a batch of one with no padding mask; got "
+                f"batch size {batch} and a mask of shape "
+                f"{None if attention_mask is None else tuple(attention_mask.shape)}"
+            )
+        cu_q = cu_k if cu_q is None else cu_q
+        cu_k = cu_q if cu_k is None else cu_k
+        bq, bk = cu_q.tolist(), cu_k.tolist()
+        if bq[-1] != q_len or bk[-1] != kv_len or bq[0] != 0 or bk[0] != 0:
+            raise ValueError(
+                f"cu_seq_lens_q={bq} / cu_seq_lens_k={bk} must run from 0 to the query length {q_len} / "
+                f"key length {kv_len}"
+            )
+        lens_q = [b - a for a, b in zip(bq[:-1], bq[1:])]
+        lens_k = [b - a for a, b in zip(bk[:-1], bk[1:])]
+        return _Layout(None, None, lens_q, lens_k, per_row=False, valid=None)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape != (batch, kv_len):
+            raise ValueError(
+                f"the nsa backend takes a 2D padding mask of shape (batch, keys) = {(batch, kv_len)}; got "
+                f"{tuple(attention_mask.shape)} (4D/custom masks are not supported)"
+            )
+        valid = attention_mask.to(torch.bool)
+        q_valid = valid[:, kv_len - q_len:]
+        return _Layout(
+            q_valid.reshape(-1), valid.reshape(-1), q_valid.sum(1).tolist(), valid.sum(1).tolist(),
+            per_row=True, valid=valid,
+        )
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and q_len == kv_len:
+        lens = _restart_lengths(position_ids, batch, q_len)
+        if lens is not None:
+            return _Layout(None, None, lens, lens, per_row=False, valid=None)
+    valid = torch.ones(batch, kv_len, dtype=torch.bool, device=key.device)
+    return _Layout(None, None, [q_len] * batch, [kv_len] * batch, per_row=True, valid=valid)
+
+
+def _pack(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``(B, H, T, D)`` -> ``(N, H, D)`` tokens in row-major order, only those in ``keep``."""
+    x = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+    return x if keep is None else x[keep]
+
+
+def _cu(lengths: list[int], device) -> torch.Tensor:
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return out.to(device)
+
+
+# -- compression --------------------------------------------------------------------------------------
+
+
+def _compress_blocks(k, v, lens_k, first, compressors, params):
+    """Compress blocks ``first[s]`` .. last complete of each packed sequence ``s``.
+
+    Returns the compressed keys and values of each sequence (lists of ``(n_s, Hkv, D)``)."""
+    cmp_k_fn, cmp_v_fn = compressors
+    d, l = params.cmp_stride, params.cmp_block
+    offset, starts, counts = 0, [], []
+    for n, f in zip(lens_k, first):
+        last = num_cmp_blocks(n, l, d)
+        counts.append(max(last - f, 0))
+        if last > f:
+            starts.append(torch.arange(f, last, device=k.device) * d + offset)
+        offset += n
+    if not starts:
+        empty_k = k.new_empty(0, k.shape[1], k.shape[2])
+        return [empty_k] * len(lens_k), [k.new_empty(0, v.shape[1], v.shape[2])] * len(lens_k)
+    idx = torch.cat(starts)[:, None] + torch.arange(l, device=k.device)  # (n_blocks, l)
+    ck = cmp_k_fn(k[idx].transpose(1, 2))  # (n_blocks, Hkv, l, D) -> (n_blocks, Hkv, D)
+    cv = cmp_v_fn(v[idx].transpose(1, 2))
+    return list(ck.split(counts)), list(cv.split(counts))
+
+
+def _compressed(k, v, layout, compressors, params, cache_layer):
+    """Compressed keys/values of every sequence, packed, and their offsets."""
+    if cache_layer is not None and layout.per_row:
+        first = cache_layer.compressed_counts(layout.valid, params.cmp_block, params.cmp_stride)
+        new_k, new_v = _compress_blocks(k, v, layout.lens_k, first, compressors, params)
+        rows_k, rows_v = cache_layer.append_compressed(layout.valid, new_k, new_v)
+    else:
+        if cache_layer is not None:
+            cache_layer.clear_compressed()  # packed rows: no per-row state to keep
+        rows_k, rows_v = _compress_blocks(k, v, layout.lens_k, [0] * len(layout.lens_k), compressors, params)
+    counts = [x.shape[0] for x in rows_k]
+    return torch.cat(rows_k, dim=0), torch.cat(rows_v, dim=0), counts
+
+
+# -- the backend --------------------------------------------------------------------------------------
+
+
+def _nsa_varlen(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale):
+    """The one place where NSA attention itself is computed (packed layout, see
+    :func:`nsa_kernels.nsa_attention_varlen`)."""
+    return nsa_attention_varlen(
+        q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale
+    )
+
+
+_mean_pool: dict[int, MeanPoolCompressor] = {}
+
+
+def _fallback_compressors(params: NSAParams):
+    pool = _mean_pool.setdefault(params.cmp_block, MeanPoolCompressor(params.cmp_block))
+    return pool, pool
+
+
+def nsa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Native Sparse Attention as a transformers attention function.
+
+    Args:
+        module: the attention module (its ``config`` gives the NSA sizes when ``nsa_params`` is not passed).
+        query: ``(B, Hq, Q, D)``; key, value: ``(B, Hkv, KV, D)``, the cached past included.
+        attention_mask: ``(B, KV)`` bool padding mask from :func:`nsa_padding_mask`, or ``None``.
+        scaling: softmax scale (``D ** -0.5`` if ``None``).
+        dropout: must be 0 (attention dropout is not supported by NSA).
+        nsa_gates: ``(B, Q, Hq, 3)`` gate values (cmp, slc, win) in [0, 1].
+        nsa_compressors: ``(compress_keys, compress_values)`` modules ``(..., l, D) -> (..., D)``.
+        nsa_params: :class:`NSAParams`.
+        nsa_cache_layer: :class:`~.cache.NSACacheLayer` holding the compressed state, or ``None``.
+        cu_seq_lens_q, cu_seq_lens_k, position_ids: packed-sequence information (see module docstring).
+
+    Returns:
+        ``(output (B, Q, Hq, D), None)``.
+    """
+    if dropout and dropout > 0:
+        raise ValueError(
+            f"attention dropout={dropout} is not supported by the nsa backend (allowed: 0.0); set "
+            "config.attention_dropout=0.0"
+        )
+    params = kwargs.get("nsa_params") or nsa_params_from_config(module.config)
+    compressors = kwargs.get("nsa_compressors")
+    gates = kwargs.get("nsa_gates")
+    cache_layer = kwargs.get("nsa_cache_layer")
+    if compressors is None or gates is None:
+        _warn_fallback_once()
+    if compressors is None:
+        compressors = _fallback_compressors(params)
+    if cache_layer is not None and not isinstance(cache_layer, NSACacheLayer):
+        cache_layer = None
+
+    batch, hq, q_len, head_dim = query.shape
+    layout = _layout(query, key, attention_mask, kwargs)
+    q = _pack(query, layout.q_keep)
+    k = _pack(key, layout.k_keep)
+    v = _pack(value, layout.k_keep)
+    if gates is None:
+        g = q.new_tensor(FALLBACK_GATES).expand(q.shape[0], hq, 3)
+    else:
+        g = gates.reshape(batch * q_len, hq, 3)
+        g = g if layout.q_keep is None else g[layout.q_keep]
+
+    cmp_k, cmp_v, cmp_counts = _compressed(k, v, layout, compressors, params, cache_layer)
+    device = q.device
+    out = _nsa_varlen(
+        q, k, v, cmp_k, cmp_v, g,
+        _cu(layout.lens_q, device), _cu(layout.lens_k, device), _cu(cmp_counts, device),
+        params, scaling,
+    )
+    if layout.q_keep is not None:
+        full = out.new_zeros(batch * q_len, hq, out.shape[-1])
+        full[layout.q_keep] = out
+        out = full
+    return out.view(batch, q_len, hq, -1), None
+
+
+AttentionInterface.register("nsa", nsa_attention_forward)
+AttentionMaskInterface.register("nsa", nsa_padding_mask)
