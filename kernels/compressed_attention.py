@@ -1,0 +1,490 @@
+"""Triton kernels for NSA's compressed attention ("cmp" branch), forward and backward.
+
+Layout and semantics are those of :mod:`reference` (packed varlen tensors, tokens first, GQA). The
+query at position ``t`` of its sequence attends to the compressed tokens ``i`` of that sequence with
+``i * cmp_stride + cmp_block - 1 <= t`` (the complete compression blocks it has seen). A query that sees
+none gets output 0 and ``lse = +inf`` (so that ``exp(score - lse) = 0``).
+
+Design (flash-attention style, GQA-aware):
+
+* **forward / dq**: one program owns ``TOK`` consecutive query tokens of one sequence and one KV head,
+  i.e. ``TOK * G`` query rows (row ``r`` = token ``r // G``, head ``r % G`` of the group; any ``G``,
+  the tile is padded to a power of two). Every compressed key/value tile is loaded once for all
+  ``G`` heads. Tiles every row sees run without masks; the ragged causal edge is masked; tiles no
+  row sees are skipped.
+* **dk / dv**: one program owns a tile of compressed keys of one sequence and KV head and walks the
+  query rows that see it (again ``TOK * G`` rows per step, all heads of the group), accumulating
+  dk/dv in registers: no atomics.
+* ``delta = rowsum(o * do)`` comes from a small pre-pass kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .params import num_cmp_blocks
+
+_LOG2E = 1.4426950408889634
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _n_visible(pos, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Number of complete compression blocks seen by a query at position ``pos``."""
+    return tl.where(pos >= CMP_BLOCK - 1, (pos - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0)
+
+
+@triton.jit
+def _cmp_fwd_kernel(
+    Q, K, V, O, LSE,
+    CU_Q, CU_K, CU_C,
+    scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TOK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    tq = tl.load(CU_Q + b + 1) - q_start
+    tk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+    c_start = tl.load(CU_C + b)
+    if tile * TOK >= tq:
+        return
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile * TOK + rows // G
+    head = h * G + rows % G
+    row_ok = (rows < TOK * G) & (tok < tq)
+    pos = tok + (tk - tq)
+    n_vis = _n_visible(pos, CMP_BLOCK, CMP_STRIDE)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    gtok = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        Q + gtok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    first_pos = tile * TOK + (tk - tq)
+    last_pos = tl.minimum(tile * TOK + TOK - 1, tq - 1) + (tk - tq)
+    n_full = _n_visible(first_pos, CMP_BLOCK, CMP_STRIDE)  # every row sees these
+    n_max = _n_visible(last_pos, CMP_BLOCK, CMP_STRIDE)  # no row sees beyond
+    n_full_tiles = (n_full // BLOCK_N) * BLOCK_N
+    cols = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    k_base = K + c_start.to(tl.int64) * stride_kt + h * stride_kh
+    v_base = V + c_start.to(tl.int64) * stride_vt + h * stride_vh
+    # Tiles seen by every row of the tile: no causal mask.
+    for n0 in range(0, n_full_tiles, BLOCK_N):
+        kidx = n0 + cols
+        k = tl.load(k_base + kidx[:, None] * stride_kt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+        v = tl.load(v_base + kidx[:, None] * stride_vt + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    # The ragged causal edge.
+    for n0 in range(n_full_tiles, n_max, BLOCK_N):
+        kidx = n0 + cols
+        col_ok = kidx < n_max
+        k = tl.load(
+            k_base + kidx[:, None] * stride_kt + offs_d[None, :],
+            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        )
+        v = tl.load(
+            v_base + kidx[:, None] * stride_vt + offs_dv[None, :],
+            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        s = tl.where(kidx[None, :] < n_vis[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    tl.store(
+        O + gtok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
+        out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+    )
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+    tl.store(LSE + gtok * HQ + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _cmp_bwd_delta_kernel(
+    O, DO, DELTA, n_rows,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """``delta[r] = sum(o[r] * do[r])`` over contiguous ``(n_rows, DV)`` views of o and do."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    offs = tl.arange(0, BLOCK_DV)
+    mask = (rows[:, None] < n_rows) & (offs[None, :] < DV)
+    o = tl.load(O + rows[:, None] * DV + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows[:, None] * DV + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, axis=1), mask=rows < n_rows)
+
+
+@triton.jit
+def _cmp_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    CU_Q, CU_K, CU_C,
+    scale, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TOK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dq for the rows of one (token tile, KV head) of one sequence."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    tq = tl.load(CU_Q + b + 1) - q_start
+    tk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+    c_start = tl.load(CU_C + b)
+    if tile * TOK >= tq:
+        return
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile * TOK + rows // G
+    head = h * G + rows % G
+    row_ok = (rows < TOK * G) & (tok < tq)
+    pos = tok + (tk - tq)
+    n_vis = _n_visible(pos, CMP_BLOCK, CMP_STRIDE)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    gtok = (q_start + tok).to(tl.int64)
+    dmask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + gtok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=dmask, other=0.0)
+    do = tl.load(
+        DO + gtok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
+        mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+    )
+    lse2 = tl.load(LSE + gtok * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + gtok * HQ + head, mask=row_ok, other=0.0)
+    last_pos = tl.minimum(tile * TOK + TOK - 1, tq - 1) + (tk - tq)
+    n_max = _n_visible(last_pos, CMP_BLOCK, CMP_STRIDE)
+    cols = tl.arange(0, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + c_start.to(tl.int64) * stride_kt + h * stride_kh
+    v_base = V + c_start.to(tl.int64) * stride_vt + h * stride_vh
+    for n0 in range(0, n_max, BLOCK_N):
+        kidx = n0 + cols
+        col_ok = kidx < n_max
+        k = tl.load(
+            k_base + kidx[:, None] * stride_kt + offs_d[None, :],
+            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        )
+        v = tl.load(
+            v_base + kidx[:, None] * stride_vt + offs_dv[None, :],
+            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        p = tl.where(kidx[None, :] < n_vis[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    tl.store(
+        DQ + gtok[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty), mask=dmask,
+    )
+
+
+@triton.jit
+def _cmp_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DVAL,
+    CU_Q, CU_K, CU_C,
+    scale, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TOK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dk/dv of one tile of compressed keys of one sequence and KV head, over all query rows
+    (all ``G`` heads of the group) that see it."""
+    ktile = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    tq = tl.load(CU_Q + b + 1) - q_start
+    tk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+    c_start = tl.load(CU_C + b)
+    nc = tl.load(CU_C + b + 1) - c_start
+    n0 = ktile * BLOCK_N
+    if n0 >= nc:
+        return
+    cols = tl.arange(0, BLOCK_N)
+    kidx = n0 + cols
+    col_ok = kidx < nc
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    gk = (c_start + kidx).to(tl.int64)
+    kmask = col_ok[:, None] & (offs_d[None, :] < D)
+    vmask = col_ok[:, None] & (offs_dv[None, :] < DV)
+    k = tl.load(K + gk[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + gk[:, None] * stride_vt + h * stride_vh + offs_dv[None, :], mask=vmask, other=0.0)
+    # Key i is seen from position i*d + l - 1 on: the first query (local index) that sees the tile.
+    first_tok = tl.maximum(n0 * CMP_STRIDE + CMP_BLOCK - 1 - (tk - tq), 0)
+    key_end = kidx * CMP_STRIDE + CMP_BLOCK - 1  # position from which each key is seen
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_M)
+    row_tok = rows // G
+    head = h * G + rows % G
+    row_in = rows < TOK * G
+    for t0 in range(first_tok, tq, TOK):
+        tok = t0 + row_tok
+        row_ok = row_in & (tok < tq)
+        pos = tok + (tk - tq)
+        gtok = (q_start + tok).to(tl.int64)
+        q = tl.load(
+            Q + gtok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        )
+        do = tl.load(
+            DO + gtok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
+            mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        lse2 = tl.load(LSE + gtok * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + gtok * HQ + head, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        seen = row_ok[:, None] & col_ok[None, :] & (key_end[None, :] <= pos[:, None])
+        p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    tl.store(DK + gk[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DVAL + gk[:, None] * stride_dvt + h * stride_dvh + offs_dv[None, :], dv.to(DVAL.dtype.element_ty), mask=vmask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers (plain functions, no global state)
+# ------------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep full fp32 products (the spec's precision); 16-bit inputs use the tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _row_tiling(group: int, block_m: int) -> tuple[int, int]:
+    """``(BLOCK_M, TOK)``: rows per program (a power of two) and the query tokens they hold."""
+    block_m = max(block_m, _pow2(group))
+    return block_m, max(1, block_m // group)
+
+
+def _fwd_config(q: torch.Tensor, group: int) -> dict:
+    if q.is_cuda:
+        big = q.shape[-1] > 64
+        block_m, tok = _row_tiling(group, 128)
+        return dict(BLOCK_M=block_m, TOK=tok, BLOCK_N=64, num_warps=8 if big else 4, num_stages=3 if big else 2)
+    block_m, tok = _row_tiling(group, 16)
+    return dict(BLOCK_M=block_m, TOK=tok, BLOCK_N=16)
+
+
+def _fwd(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q: int,
+         cmp_block: int, cmp_stride: int, scale: float):
+    """Launch the forward kernel; returns ``o (Nq, Hq, Dv)`` in q's dtype and ``lse (Nq, Hq)`` fp32."""
+    nq, hq, d = q.shape
+    hkv, dv = cmp_k.shape[1], cmp_v.shape[-1]
+    group = hq // hkv
+    batch = cu_seqlens_q.shape[0] - 1
+    o = torch.empty(nq, hq, dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
+    cfg = _fwd_config(q, group)
+    if nq == 0 or max_seqlen_q == 0:
+        return o, lse
+    grid = (triton.cdiv(max_seqlen_q, cfg["TOK"]), batch, hkv)
+    _cmp_fwd_kernel[grid](
+        q, cmp_k, cmp_v, o, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), cmp_k.stride(0), cmp_k.stride(1), cmp_v.stride(0), cmp_v.stride(1),
+        o.stride(0), o.stride(1),
+        HQ=hq, G=group, D=d, DV=dv, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype), **cfg,
+    )
+    return o, lse
+
+
+def _bwd_configs(q: torch.Tensor, group: int) -> tuple[dict, dict]:
+    if q.is_cuda:
+        big = q.shape[-1] > 64
+        block_m, tok = _row_tiling(group, 128)
+        dq_cfg = dict(BLOCK_M=block_m, TOK=tok, BLOCK_N=64, num_warps=8, num_stages=2 if big else 3)
+        block_m, tok = _row_tiling(group, 64)
+        kv_cfg = dict(BLOCK_M=block_m, TOK=tok, BLOCK_N=64, num_warps=8 if big else 4, num_stages=2 if big else 3)
+        return dq_cfg, kv_cfg
+    block_m, tok = _row_tiling(group, 16)
+    cfg = dict(BLOCK_M=block_m, TOK=tok, BLOCK_N=16)
+    return cfg, cfg
+
+
+def _bwd(q, cmp_k, cmp_v, o, lse, do, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
+         max_seqlen_q: int, max_seqlen_cmp: int, cmp_block: int, cmp_stride: int, scale: float):
+    """Launch the backward kernels; returns ``dq, dcmp_k, dcmp_v`` in the dtypes of their inputs."""
+    nq, hq, d = q.shape
+    hkv, dv = cmp_k.shape[1], cmp_v.shape[-1]
+    group = hq // hkv
+    batch = cu_seqlens_q.shape[0] - 1
+    do = do.contiguous()
+    o = o.contiguous()
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(cmp_k)
+    dvv = torch.zeros_like(cmp_v)
+    if nq == 0 or max_seqlen_q == 0:
+        return dq, dk, dvv
+    delta = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
+    block_r = 64 if q.is_cuda else 16
+    _cmp_bwd_delta_kernel[(triton.cdiv(nq * hq, block_r),)](
+        o, do, delta, nq * hq, DV=dv, BLOCK_R=block_r, BLOCK_DV=_pow2(dv)
+    )
+    dq_cfg, kv_cfg = _bwd_configs(q, group)
+    common = dict(
+        HQ=hq, G=group, D=d, DV=dv, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype),
+    )
+    _cmp_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, dq_cfg["TOK"]), batch, hkv)](
+        q, cmp_k, cmp_v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
+        scale, scale * _LOG2E,
+        q.stride(0), q.stride(1), cmp_k.stride(0), cmp_k.stride(1), cmp_v.stride(0), cmp_v.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        **common, **dq_cfg,
+    )
+    if max_seqlen_cmp > 0:
+        _cmp_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_cmp, kv_cfg["BLOCK_N"]), batch, hkv)](
+            q, cmp_k, cmp_v, do, lse, delta, dk, dvv, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
+            scale, scale * _LOG2E,
+            q.stride(0), q.stride(1), cmp_k.stride(0), cmp_k.stride(1), cmp_v.stride(0), cmp_v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dvv.stride(0), dvv.stride(1),
+            **common, **kv_cfg,
+        )
+    return dq, dk, dvv
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd and the public function
+# ------------------------------------------------------------------------------------------------
+
+
+class _CompressedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, cmp_k, cmp_v, cu_q, cu_k, cu_c, max_q, max_c, cmp_block, cmp_stride, scale):
+        o, lse = _fwd(q, cmp_k, cmp_v, cu_q, cu_k, cu_c, max_q, cmp_block, cmp_stride, scale)
+        ctx.save_for_backward(q, cmp_k, cmp_v, o, lse, cu_q, cu_k, cu_c)
+        ctx.sizes = (max_q, max_c, cmp_block, cmp_stride, scale)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, cmp_k, cmp_v, o, lse, cu_q, cu_k, cu_c = ctx.saved_tensors
+        max_q, max_c, cmp_block, cmp_stride, scale = ctx.sizes
+        dq, dk, dv = _bwd(q, cmp_k, cmp_v, o, lse, do, cu_q, cu_k, cu_c, max_q, max_c, cmp_block, cmp_stride, scale)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride):
+    """Validate the inputs of compressed attention / block selection; raise ``ValueError`` naming the
+    bad value. Returns ``(max_seqlen_q, max_seqlen_cmp)``."""
+    for name, value in (("cmp_block", cmp_block), ("cmp_stride", cmp_stride)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if cmp_block % cmp_stride != 0:
+        raise ValueError(f"cmp_block={cmp_block} must be a multiple of cmp_stride={cmp_stride}")
+    if q.dim() != 3 or cmp_k.dim() != 3 or cmp_v.dim() != 3:
+        raise ValueError(
+            f"q, cmp_k, cmp_v must be (tokens, heads, head_dim); got {tuple(q.shape)}, "
+            f"{tuple(cmp_k.shape)}, {tuple(cmp_v.shape)}"
+        )
+    hq, hkv = q.shape[1], cmp_k.shape[1]
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+    if cmp_k.shape[:2] != cmp_v.shape[:2] or q.shape[-1] != cmp_k.shape[-1]:
+        raise ValueError(f"cmp_k {tuple(cmp_k.shape)} / cmp_v {tuple(cmp_v.shape)} / q {tuple(q.shape)} shapes disagree")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q.dtype={q.dtype} must be float32, float16 or bfloat16")
+    if cmp_k.dtype != q.dtype or cmp_v.dtype != q.dtype:
+        raise ValueError(f"dtypes differ: q {q.dtype}, cmp_k {cmp_k.dtype}, cmp_v {cmp_v.dtype}")
+    if q.device != cmp_k.device or q.device != cmp_v.device:
+        raise ValueError(f"devices differ: q {q.device}, cmp_k {cmp_k.device}, cmp_v {cmp_v.device}")
+    cus = (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("cu_seqlens_cmp", cu_seqlens_cmp))
+    for name, cu in cus:
+        if cu.dim() != 1 or cu.dtype != torch.int32 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of B+1 >= 2 offsets; got {cu.dtype} {tuple(cu.shape)}")
+        if cu.shape[0] != cu_seqlens_q.shape[0]:
+            raise ValueError(f"{name} has {cu.shape[0]} entries, cu_seqlens_q has {cu_seqlens_q.shape[0]}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device}, q on {q.device}")
+    bq, bk, bc = (cu.tolist() for _, cu in cus)
+    lq = [e - s for s, e in zip(bq[:-1], bq[1:])]
+    lk = [e - s for s, e in zip(bk[:-1], bk[1:])]
+    lc = [e - s for s, e in zip(bc[:-1], bc[1:])]
+    if bq[0] != 0 or bq[-1] != q.shape[0] or min(lq) < 0:
+        raise ValueError(f"cu_seqlens_q={bq} must rise from 0 to the {q.shape[0]} query tokens")
+    if bc[0] != 0 or bc[-1] != cmp_k.shape[0] or min(lc) < 0:
+        raise ValueError(f"cu_seqlens_cmp={bc} must rise from 0 to the {cmp_k.shape[0]} compressed tokens")
+    if any(a > b for a, b in zip(lq, lk)):
+        raise ValueError(f"query lengths {lq} exceed key lengths {lk}; queries are the last Tq of Tk positions")
+    expect = [num_cmp_blocks(n, cmp_block, cmp_stride) for n in lk]
+    if lc != expect:
+        raise ValueError(
+            f"cu_seqlens_cmp gives {lc} compressed tokens per sequence; key lengths {lk} have {expect} "
+            f"complete blocks (cmp_block={cmp_block}, cmp_stride={cmp_stride})"
+        )
+    return max(lq), max(lc)
+
+
+def compressed_attention(
+    q: torch.Tensor,
+    cmp_k: torch.Tensor,
+    cmp_v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    cu_seqlens_cmp: torch.Tensor,
+    cmp_block: int,
+    cmp_stride: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NSA's compressed-attention branch over packed sequences (Triton, differentiable).
+
+    Args:
+        q: ``(Nq, Hq, D)`` queries; sequence ``b``'s are the last ``Tq`` of its ``Tk`` positions.
+        cmp_k, cmp_v: ``(Nc, Hkv, D)`` / ``(Nc, Hkv, Dv)`` compressed keys/values (every complete
+            compression block of each sequence, in order). ``Hq`` must be a multiple of ``Hkv``.
+        cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp: int32 ``(B + 1,)`` offsets of each sequence.
+        cmp_block, cmp_stride: ``l`` and ``d``: block ``i`` covers keys ``[i*d, i*d + l)``.
+        scale: softmax scale, ``D ** -0.5`` by default.
+
+    Returns:
+        ``o (Nq, Hq, Dv)`` in q's dtype and ``lse (Nq, Hq)`` float32, the natural-log logsumexp of the
+        scaled scores (``+inf`` for queries that see no compressed token; their output is 0).
+        Gradients flow to ``q``, ``cmp_k`` and ``cmp_v``; ``lse`` is not differentiable.
+    """
+    max_q, max_c = check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, cmp_k, cmp_v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, cmp_k, cmp_v))
+    return _CompressedAttention.apply(
+        q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_q, max_c, cmp_block, cmp_stride, scale
+    )
