@@ -81,23 +81,33 @@ def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa):
     slc_flop = 4.0 * n * block * d * hq * t
     win_flop = 4.0 * window * d * hq * t
 
-    tok_opts = sorted({slc.default_tokens_per_program(g)} | ({1, 2, 4, 8} if sweep else set()))
-    tok_opts = [x for x in tok_opts if x * g <= 128]
-    for tok in tok_opts:
-        o, lse = slc._fwd(q, k, v, bi, cu, cu, block, scale, tokens_per_program=tok)
-        f = bench(lambda: slc._fwd(q, k, v, bi, cu, cu, block, scale, tokens_per_program=tok))
-        b = bench(lambda: slc._bwd(do, q, k, v, o, lse, bi, cu, cu, block, scale, tokens_per_program=tok))
-        rows.append(dict(op=f"slc tok={tok}", fwd_ms=f, bwd_ms=b, fwdbwd_ms=f + b,
-                         fwd_tflops=tflops(slc_flop, f), fwdbwd_tflops=tflops(3.5 * slc_flop, f + b)))
-    win_opts = [dict(block_m=64, block_n=64, num_warps=4)]
+    slc_opts = [dict()]  # the defaults
     if sweep:
-        win_opts += [dict(block_m=128, block_n=64, num_warps=8), dict(block_m=64, block_n=128, num_warps=4),
-                     dict(block_m=128, block_n=64, num_warps=4, num_stages=3)]
+        dt_ = slc.default_tokens_per_program(g)
+        slc_opts += [dict(tokens_per_program=1), dict(tokens_per_program=dt_, union_pct=100),
+                     dict(tokens_per_program=dt_, union_pct=0), dict(tokens_per_program=max(1, 32 // g)),
+                     dict(tokens_per_program=max(1, 128 // g)), dict(num_warps=8)]
+    for cfg in slc_opts:
+        bcfg = {a: b_ for a, b_ in cfg.items() if a != "num_warps"}
+        o, lse = slc._fwd(q, k, v, bi, cu, cu, block, scale, **cfg)
+        f = bench(lambda: slc._fwd(q, k, v, bi, cu, cu, block, scale, **cfg))
+        b = bench(lambda: slc._bwd(do, q, k, v, o, lse, bi, cu, cu, block, scale, **bcfg))
+        name = "slc " + (",".join(f"{a}={b_}" for a, b_ in cfg.items()) or "default")
+        rows.append(dict(op=name, fwd_ms=f, bwd_ms=b, fwdbwd_ms=f + b,
+                         fwd_tflops=tflops(slc_flop, f), fwdbwd_tflops=tflops(3.5 * slc_flop, f + b)))
+    win_opts = [dict()]
+    if sweep:
+        win_opts += [dict(num_stages=3), dict(num_stages=1),
+                     dict(dkdv_block_n=128, dkdv_num_warps=8), dict(dkdv_block_m=32, dkdv_block_n=128, dkdv_num_warps=8),
+                     dict(block_m=128, num_warps=8, dkdv_block_m=64, dkdv_num_warps=4),
+                     dict(block_m=32, dkdv_block_m=32)]
+    fwd_keys = ("block_m", "block_n", "num_warps", "num_stages")
     for cfg in win_opts:
-        o, lse = win._fwd(q, k, v, cu, cu, window, scale, **cfg)
-        f = bench(lambda: win._fwd(q, k, v, cu, cu, window, scale, **cfg))
+        fcfg = {a: b_ for a, b_ in cfg.items() if a in fwd_keys}
+        o, lse = win._fwd(q, k, v, cu, cu, window, scale, **fcfg)
+        f = bench(lambda: win._fwd(q, k, v, cu, cu, window, scale, **fcfg))
         b = bench(lambda: win._bwd(do, q, k, v, o, lse, cu, cu, window, scale, **cfg))
-        name = "win " + ",".join(f"{a}={b_}" for a, b_ in cfg.items())
+        name = "win " + (",".join(f"{a}={b_}" for a, b_ in cfg.items()) or "default")
         rows.append(dict(op=name, fwd_ms=f, bwd_ms=b, fwdbwd_ms=f + b,
                          fwd_tflops=tflops(win_flop, f), fwdbwd_tflops=tflops(3.5 * win_flop, f + b)))
     if with_sdpa:
@@ -152,7 +162,7 @@ def main():
                                 mode, args.sweep, sdpa)
                 for r in rows:
                     r.update(T=t, layout=lay, selection=mode)
-                    print(f"T={t:6d} {lay:5s} {mode:8s} {r['op']:48s} fwd {r['fwd_ms']:8.3f} ms "
+                    print(f"T={t:6d} {lay:5s} {mode:8s} {r['op']:60s} fwd {r['fwd_ms']:8.3f} ms "
                           f"({r['fwd_tflops']:5.0f} TF/s)  fwd+bwd {r['fwdbwd_ms']:8.3f} ms "
                           f"({r['fwdbwd_tflops']:5.0f} TF/s)", flush=True)
                 results.extend(rows)

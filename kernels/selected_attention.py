@@ -38,24 +38,17 @@ _BIG = 2**31 - 1  # sorts after every real key position
 
 
 @triton.jit
-def _slc_fwd_kernel(
-    Q, K, V, O, LSE,
-    QKPOS,  # (Nq,) packed key index of each query's own position
-    SEL,  # (Nq, HKV, NSEL) packed start of each selected block, -1 = none (only read when TOK > 1)
-    UNI, UCNT,  # (n_tiles, HKV, USZ) sorted union of a tile's blocks, (n_tiles, HKV) its length
-    Nq, Nk, scale_log2,
+def _slc_fwd_rows(
+    Q, K, V, O, LSE, QKPOS, SEL, LIST, count, tok, head, row_ok, h, Nk, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    SLC_BLOCK: tl.constexpr, NSEL: tl.constexpr, USZ: tl.constexpr, TOK: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    SLC_BLOCK: tl.constexpr, NSEL: tl.constexpr, MEMBER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NSUB: tl.constexpr, BLOCK_SEL: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    tok = (tile * TOK + rows // G).to(tl.int64)
-    head = h * G + rows % G
-    row_ok = (rows < TOK * G) & (tok < Nq)
+    """Attention of one set of query rows (``tok``/``head``, ``BLOCK_M`` long) over the ``count``
+    blocks listed at ``LIST`` (packed first keys). With ``MEMBER`` the rows belong to several tokens
+    and each row only keeps the blocks of its own token (looked up in ``SEL``)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
@@ -63,7 +56,7 @@ def _slc_fwd_kernel(
         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
     )
     q_kpos = tl.load(QKPOS + tok, mask=row_ok, other=-1)
-    if TOK > 1:
+    if MEMBER:
         offs_sel = tl.arange(0, BLOCK_SEL)
         sel = tl.load(
             SEL + (tok[:, None] * HKV + h) * NSEL + offs_sel[None, :],
@@ -73,12 +66,10 @@ def _slc_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_K)
-    ubase = (tile * HKV + h).to(tl.int64)
-    count = tl.load(UCNT + ubase)
     for it in range(count * NSUB):
         slot = it // NSUB
         sub = it % NSUB
-        start = tl.load(UNI + ubase * USZ + slot)
+        start = tl.load(LIST + slot)
         in_blk = sub * BLOCK_K + cols
         kpos = start + in_blk
         col_ok = (in_blk < SLC_BLOCK) & (kpos < Nk)
@@ -92,7 +83,7 @@ def _slc_fwd_kernel(
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         allowed = row_ok[:, None] & col_ok[None, :] & (kpos[None, :] <= q_kpos[:, None])
-        if TOK > 1:
+        if MEMBER:
             member = tl.sum((sel == start).to(tl.int32), axis=1) > 0
             allowed = allowed & member[:, None]
         s = tl.where(allowed, s, float("-inf"))
@@ -109,28 +100,72 @@ def _slc_fwd_kernel(
         out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV),
     )
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(LSE + tok * (HKV * G) + head, lse, mask=row_ok)
+    tl.store(LSE + tok * HQ + head, lse, mask=row_ok)
 
 
 @triton.jit
-def _slc_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ,
-    QKPOS, SEL, UNI, UCNT,
-    Nq, Nk, scale, scale_log2,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+def _slc_fwd_kernel(
+    Q, K, V, O, LSE,
+    QKPOS,  # (Nq,) packed key index of each query's own position
+    SEL, SCNT,  # (Nq, HKV, NSEL) packed first key of each usable block, ascending then padding; counts
+    UNI, UCNT,  # (n_tiles, HKV, USZ) sorted union of a tile's blocks, (n_tiles, HKV) its length
+    Nq, Nk, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     SLC_BLOCK: tl.constexpr, NSEL: tl.constexpr, USZ: tl.constexpr, TOK: tl.constexpr,
+    UNION_PCT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_K: tl.constexpr, NSUB: tl.constexpr,
+    BLOCK_SEL: tl.constexpr, BLOCK_TOK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program: ``TOK`` consecutive query tokens x one KV head. If the union of their blocks is
+    small (<= UNION_PCT % of their selections), all ``TOK * G`` rows walk the union together (each
+    block loaded once); otherwise each token walks its own blocks with its ``G`` rows."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    ubase = (tile * HKV + h).to(tl.int64)
+    use_union = False
+    if TOK > 1:
+        offs_t = tl.arange(0, BLOCK_TOK)
+        ttok = (tile * TOK + offs_t).to(tl.int64)
+        total = tl.sum(tl.load(SCNT + ttok * HKV + h, mask=(offs_t < TOK) & (ttok < Nq), other=0), axis=0)
+        ucount = tl.load(UCNT + ubase)
+        use_union = ucount * 100 <= total * UNION_PCT
+    if use_union:
+        rows = tl.arange(0, BLOCK_M)
+        tok = (tile * TOK + rows // G).to(tl.int64)
+        row_ok = (rows < TOK * G) & (tok < Nq)
+        _slc_fwd_rows(
+            Q, K, V, O, LSE, QKPOS, SEL, UNI + ubase * USZ, ucount, tok, h * G + rows % G, row_ok, h, Nk, scale_log2,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+            HKV * G, HKV, D, DV, SLC_BLOCK, NSEL, True, BLOCK_M, BLOCK_K, NSUB, BLOCK_SEL, BLOCK_D, BLOCK_DV, DOT_PREC,
+        )
+    else:
+        rows1 = tl.arange(0, BLOCK_M1)
+        for tt in range(TOK):
+            t = (tile * TOK + tt).to(tl.int64)
+            if t < Nq:
+                cnt = tl.load(SCNT + t * HKV + h)
+                _slc_fwd_rows(
+                    Q, K, V, O, LSE, QKPOS, SEL, SEL + (t * HKV + h) * NSEL, cnt, t + rows1 * 0, h * G + rows1,
+                    rows1 < G, h, Nk, scale_log2,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                    HKV * G, HKV, D, DV, SLC_BLOCK, NSEL, False, BLOCK_M1, BLOCK_K, NSUB, BLOCK_SEL, BLOCK_D,
+                    BLOCK_DV, DOT_PREC,
+                )
+
+
+@triton.jit
+def _slc_dq_rows(
+    Q, K, V, O, DO, LSE, DELTA, DQ, QKPOS, SEL, LIST, count, tok, head, row_ok, h, Nk, scale, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    SLC_BLOCK: tl.constexpr, NSEL: tl.constexpr, MEMBER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NSUB: tl.constexpr, BLOCK_SEL: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dq for the rows of one (token tile, KV head); also writes ``delta = rowsum(o * do)``."""
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    tok = (tile * TOK + rows // G).to(tl.int64)
-    head = h * G + rows % G
-    row_ok = (rows < TOK * G) & (tok < Nq)
+    """dq (and ``delta = rowsum(o * do)``) of one set of query rows over the blocks at ``LIST``."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     dmask = row_ok[:, None] & (offs_d[None, :] < D)
@@ -139,10 +174,10 @@ def _slc_bwd_dq_kernel(
     do = tl.load(DO + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :], mask=dvmask, other=0.0)
     o = tl.load(O + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :], mask=dvmask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + tok * (HKV * G) + head, delta, mask=row_ok)
-    lse2 = tl.load(LSE + tok * (HKV * G) + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    tl.store(DELTA + tok * HQ + head, delta, mask=row_ok)
+    lse2 = tl.load(LSE + tok * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
     q_kpos = tl.load(QKPOS + tok, mask=row_ok, other=-1)
-    if TOK > 1:
+    if MEMBER:
         offs_sel = tl.arange(0, BLOCK_SEL)
         sel = tl.load(
             SEL + (tok[:, None] * HKV + h) * NSEL + offs_sel[None, :],
@@ -150,12 +185,10 @@ def _slc_bwd_dq_kernel(
         )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_K)
-    ubase = (tile * HKV + h).to(tl.int64)
-    count = tl.load(UCNT + ubase)
     for it in range(count * NSUB):
         slot = it // NSUB
         sub = it % NSUB
-        start = tl.load(UNI + ubase * USZ + slot)
+        start = tl.load(LIST + slot)
         in_blk = sub * BLOCK_K + cols
         kpos = start + in_blk
         col_ok = (in_blk < SLC_BLOCK) & (kpos < Nk)
@@ -169,7 +202,7 @@ def _slc_bwd_dq_kernel(
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         allowed = row_ok[:, None] & col_ok[None, :] & (kpos[None, :] <= q_kpos[:, None])
-        if TOK > 1:
+        if MEMBER:
             member = tl.sum((sel == start).to(tl.int32), axis=1) > 0
             allowed = allowed & member[:, None]
         p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
@@ -180,6 +213,58 @@ def _slc_bwd_dq_kernel(
         DQ + tok[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :],
         (dq * scale).to(DQ.dtype.element_ty), mask=dmask,
     )
+
+
+@triton.jit
+def _slc_bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ,
+    QKPOS, SEL, SCNT, UNI, UCNT,
+    Nq, Nk, scale, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    SLC_BLOCK: tl.constexpr, NSEL: tl.constexpr, USZ: tl.constexpr, TOK: tl.constexpr,
+    UNION_PCT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_K: tl.constexpr, NSUB: tl.constexpr,
+    BLOCK_SEL: tl.constexpr, BLOCK_TOK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dq for one (token tile, KV head), same work split as the forward; also writes ``delta``."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    ubase = (tile * HKV + h).to(tl.int64)
+    use_union = False
+    if TOK > 1:
+        offs_t = tl.arange(0, BLOCK_TOK)
+        ttok = (tile * TOK + offs_t).to(tl.int64)
+        total = tl.sum(tl.load(SCNT + ttok * HKV + h, mask=(offs_t < TOK) & (ttok < Nq), other=0), axis=0)
+        ucount = tl.load(UCNT + ubase)
+        use_union = ucount * 100 <= total * UNION_PCT
+    if use_union:
+        rows = tl.arange(0, BLOCK_M)
+        tok = (tile * TOK + rows // G).to(tl.int64)
+        row_ok = (rows < TOK * G) & (tok < Nq)
+        _slc_dq_rows(
+            Q, K, V, O, DO, LSE, DELTA, DQ, QKPOS, SEL, UNI + ubase * USZ, ucount, tok, h * G + rows % G, row_ok,
+            h, Nk, scale, scale_log2,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+            HKV * G, HKV, D, DV, SLC_BLOCK, NSEL, True, BLOCK_M, BLOCK_K, NSUB, BLOCK_SEL, BLOCK_D, BLOCK_DV, DOT_PREC,
+        )
+    else:
+        rows1 = tl.arange(0, BLOCK_M1)
+        for tt in range(TOK):
+            t = (tile * TOK + tt).to(tl.int64)
+            if t < Nq:
+                cnt = tl.load(SCNT + t * HKV + h)
+                _slc_dq_rows(
+                    Q, K, V, O, DO, LSE, DELTA, DQ, QKPOS, SEL, SEL + (t * HKV + h) * NSEL, cnt, t + rows1 * 0,
+                    h * G + rows1, rows1 < G, h, Nk, scale, scale_log2,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                    HKV * G, HKV, D, DV, SLC_BLOCK, NSEL, False, BLOCK_M1, BLOCK_K, NSUB, BLOCK_SEL, BLOCK_D,
+                    BLOCK_DV, DOT_PREC,
+                )
 
 
 @triton.jit
@@ -264,25 +349,27 @@ def _query_key_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
 
 
 def _packed_selection(block_indices, q_kpos, k_start, slc_block):
-    """``(Nq, Hkv, n)`` packed first key of every usable selected block, ``-1`` elsewhere. A block is
+    """Per query and KV head, the packed first key of every usable selected block, ascending, then
+    ``_BIG`` padding: ``(Nq, Hkv, n)``, and the number of usable blocks ``(Nq, Hkv)``. A block is
     usable when its index is >= 0 and it starts at or before the query (later blocks are all masked)."""
     start = k_start[:, None, None] + block_indices * slc_block
     usable = (block_indices >= 0) & (start <= q_kpos[:, None, None])
-    return torch.where(usable, start, -1).to(torch.int32).contiguous()
+    sel = torch.sort(torch.where(usable, start, _BIG).to(torch.int32), dim=-1).values
+    return sel.contiguous(), usable.sum(-1).to(torch.int32).contiguous()
 
 
 def _tile_unions(sel: torch.Tensor, tok: int):
     """Sorted, de-duplicated union of the blocks of each tile of ``tok`` consecutive tokens:
-    ``(n_tiles, Hkv, tok * n)`` (padding ``_BIG``) and ``(n_tiles, Hkv)`` counts."""
+    ``(n_tiles, Hkv, tok * n)`` (padding ``_BIG``) and ``(n_tiles, Hkv)`` counts. ``sel`` is the
+    ``_BIG``-padded output of :func:`_packed_selection`."""
     nq, hkv, nsel = sel.shape
     n_tiles = -(-nq // tok)
     pad = n_tiles * tok - nq
     if pad:
-        sel = torch.cat([sel, sel.new_full((pad, hkv, nsel), -1)])
+        sel = torch.cat([sel, sel.new_full((pad, hkv, nsel), _BIG)])
     u = sel.view(n_tiles, tok, hkv, nsel).permute(0, 2, 1, 3).reshape(n_tiles, hkv, tok * nsel)
-    u = torch.where(u < 0, _BIG, u)
-    u = torch.sort(u, dim=-1).values
     if tok > 1:
+        u = torch.sort(u, dim=-1).values
         dup = torch.zeros_like(u, dtype=torch.bool)
         dup[..., 1:] = u[..., 1:] == u[..., :-1]
         u = torch.sort(torch.where(dup, _BIG, u), dim=-1).values
@@ -315,11 +402,12 @@ def _build_inverted_index(sel, cu_seqlens_k, nk, slc_block, chunk):
     blk_len = torch.where(blk_ids < blk_off[-1], blk_len, 0)
     # Map each packed block start back to its block id: start = cu_k[seq] + j * l'.
     flat = sel.reshape(-1).long()
-    valid = flat >= 0
+    valid = flat != _BIG
     tok_of = torch.arange(flat.numel(), device=device) // (hkv * nsel)
     h_of = (torch.arange(flat.numel(), device=device) // nsel) % hkv
-    seq_q = torch.searchsorted(cu_seqlens_k[1:].long(), flat.clamp(min=0), right=True).clamp_max(bsz - 1)
-    blk = blk_off[seq_q] + (flat.clamp(min=0) - cu_seqlens_k[seq_q].long()) // slc_block
+    flat = torch.where(valid, flat, 0)
+    seq_q = torch.searchsorted(cu_seqlens_k[1:].long(), flat, right=True).clamp_max(bsz - 1)
+    blk = blk_off[seq_q] + (flat - cu_seqlens_k[seq_q].long()) // slc_block
     nkeys = hkv * nb
     key = torch.where(valid, h_of * nb + blk, nkeys)
     order = torch.sort(key, stable=True).indices
@@ -362,8 +450,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def default_tokens_per_program(group: int) -> int:
-    """Query tokens sharing one program: enough to give the dots >= 16 real rows."""
-    return max(1, 16 // group)
+    """Query tokens sharing one program: up to 64 rows when they walk their union of blocks."""
+    return max(1, 64 // group)
+
+
+UNION_PCT = 67  # walk the tile's union when it is <= 67% of its tokens' selections (measured, H100)
 
 
 def _key_tile(slc_block: int) -> int:
@@ -371,7 +462,7 @@ def _key_tile(slc_block: int) -> int:
 
 
 def _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, scale: float,
-         tokens_per_program: int | None = None, num_warps: int = 4, num_stages: int = 2):
+         tokens_per_program: int | None = None, union_pct: int = UNION_PCT, num_warps: int = 4, num_stages: int = 2):
     """Forward launcher: returns ``(o, lse)`` with ``o (Nq, Hq, Dv)`` in q's dtype and the natural-log
     ``lse (Nq, Hq)`` in fp32 (``-inf`` for a query that attends to nothing)."""
     nq, hq, d = q.shape
@@ -380,7 +471,7 @@ def _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, sca
     nsel = block_indices.shape[-1]
     tok = tokens_per_program or default_tokens_per_program(group)
     _, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
-    sel = _packed_selection(block_indices, q_kpos, k_start, slc_block)
+    sel, scnt = _packed_selection(block_indices, q_kpos, k_start, slc_block)
     uni, ucnt = _tile_unions(sel, tok)
     o = torch.empty(nq, hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
@@ -388,19 +479,20 @@ def _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, sca
     grid = (uni.shape[0], hkv)
     if nq > 0:
         _slc_fwd_kernel[grid](
-            q, k, v, o, lse, q_kpos, sel, uni, ucnt,
+            q, k, v, o, lse, q_kpos, sel, scnt, uni, ucnt,
             nq, nk, scale * _LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             HKV=hkv, G=group, D=d, DV=dv, SLC_BLOCK=slc_block, NSEL=nsel, USZ=uni.shape[-1], TOK=tok,
-            BLOCK_M=_pow2(tok * group), BLOCK_K=block_k, NSUB=triton.cdiv(slc_block, block_k),
-            BLOCK_SEL=_pow2(nsel, 2), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype),
+            UNION_PCT=union_pct, BLOCK_M=_pow2(tok * group), BLOCK_M1=_pow2(group), BLOCK_K=block_k,
+            NSUB=triton.cdiv(slc_block, block_k), BLOCK_SEL=_pow2(nsel, 2), BLOCK_TOK=_pow2(tok, 2), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
     return o, lse
 
 
 def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, scale: float,
-         tokens_per_program: int | None = None, chunk_tokens: int = 256):
+         tokens_per_program: int | None = None, union_pct: int = UNION_PCT, chunk_tokens: int = 256,
+         num_warps: int = 4, num_stages: int = 2):
     """Backward launcher: returns ``(dq, dk, dv)`` in the dtypes of ``q, k, v``."""
     nq, hq, d = q.shape
     nk, hkv, dv_dim = v.shape
@@ -409,7 +501,7 @@ def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_blo
     do = do.contiguous()
     tok = tokens_per_program or default_tokens_per_program(group)
     _, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
-    sel = _packed_selection(block_indices, q_kpos, k_start, slc_block)
+    sel, scnt = _packed_selection(block_indices, q_kpos, k_start, slc_block)
     uni, ucnt = _tile_unions(sel, tok)
     dq = torch.empty_like(q)
     delta = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
@@ -420,14 +512,14 @@ def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_blo
     prec = _dot_precision(q.dtype)
     if nq > 0:
         _slc_bwd_dq_kernel[(uni.shape[0], hkv)](
-            q, k, v, o, do, lse, delta, dq, q_kpos, sel, uni, ucnt,
+            q, k, v, o, do, lse, delta, dq, q_kpos, sel, scnt, uni, ucnt,
             nq, nk, scale, scale * _LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             HKV=hkv, G=group, D=d, DV=dv_dim, SLC_BLOCK=slc_block, NSEL=nsel, USZ=uni.shape[-1], TOK=tok,
-            BLOCK_M=_pow2(tok * group), BLOCK_K=block_k, NSUB=nsub,
-            BLOCK_SEL=_pow2(nsel, 2), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
-            num_warps=4, num_stages=2,
+            UNION_PCT=union_pct, BLOCK_M=_pow2(tok * group), BLOCK_M1=_pow2(group), BLOCK_K=block_k, NSUB=nsub,
+            BLOCK_SEL=_pow2(nsel, 2), BLOCK_TOK=_pow2(tok, 2), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
+            num_warps=num_warps, num_stages=num_stages,
         )
         tq = max(1, 64 // group) if group < 64 else 1
         toks, wkey, wstart, wend, blk_start, blk_len, nb = _build_inverted_index(

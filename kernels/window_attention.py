@@ -288,8 +288,10 @@ def _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, window: int, scale: float,
 
 
 def _bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, window: int, scale: float,
-         block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
-    """Backward launcher: ``(dq, dk, dv)`` in the dtypes of ``q, k, v``."""
+         block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+         dkdv_block_m: int | None = None, dkdv_block_n: int | None = None, dkdv_num_warps: int | None = None):
+    """Backward launcher: ``(dq, dk, dv)`` in the dtypes of ``q, k, v``. The ``dkdv_*`` settings
+    (query rows per step, keys per program, warps) default to the dq kernel's."""
     nq, hq, d = q.shape
     nk, hkv, dv_dim = v.shape
     group = hq // hkv
@@ -311,15 +313,17 @@ def _bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, window: int, scale: fl
             BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
             num_warps=num_warps, num_stages=num_stages,
         )
-        ktile_seq, ktile_start = _tile_list(cu_seqlens_k, nk, block_n)
+        kv_n = dkdv_block_n or block_n
+        kv_tok, kv_bm = _rows_config(group, dkdv_block_m or block_m)
+        ktile_seq, ktile_start = _tile_list(cu_seqlens_k, nk, kv_n)
         _win_bwd_dkdv_kernel[(ktile_seq.shape[0], hkv)](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, ktile_seq, ktile_start,
             window, scale, scale * _LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            HKV=hkv, G=group, D=d, DV=dv_dim, TOK=tok, BLOCK_M=bm, BLOCK_N=block_n,
+            HKV=hkv, G=group, D=d, DV=dv_dim, TOK=kv_tok, BLOCK_M=kv_bm, BLOCK_N=kv_n,
             BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=dkdv_num_warps or num_warps, num_stages=num_stages,
         )
     return dq, dk, dv
 

@@ -104,20 +104,23 @@ def test_selected_matches_reference_fp32(lens_k, lens_q, hq, hkv, d, dv):
     _check_fwd_bwd(out, batch, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("tokens_per_program", [1, 3, 8])
-def test_selected_token_tiles_agree(tokens_per_program):
-    """The union-of-blocks tiles (several tokens per program) compute the same function as TOK=1,
-    including tiles that straddle two sequences; a non-power-of-two block size (24) is used."""
+@pytest.mark.parametrize("tokens_per_program,union_pct", [(1, 67), (3, 100), (8, 100), (5, 0)])
+def test_selected_token_tiles_agree(tokens_per_program, union_pct):
+    """Both work splits compute the reference: tiles of several tokens walking the union of their
+    blocks (union_pct=100 forces it) and tokens walking their own blocks (union_pct=0), including
+    tiles that straddle two sequences; a non-power-of-two block size (24) is used."""
     params = NSAParams(cmp_block=8, cmp_stride=4, slc_block=24, slc_count=3, init_blocks=1, local_blocks=1, window=8)
     lens = [100, 53]
     batch = _make_batch(lens, lens, 4, 2, 16, 16, params, torch.float32)
     args = (batch["q"].detach(), batch["k"].detach(), batch["v"].detach(), batch["blocks"], batch["cu_q"], batch["cu_k"])
-    o, lse = slc_mod._fwd(*args, params.slc_block, batch["scale"], tokens_per_program=tokens_per_program)
+    o, lse = slc_mod._fwd(
+        *args, params.slc_block, batch["scale"], tokens_per_program=tokens_per_program, union_pct=union_pct
+    )
     assert _rel_err(o, batch["ref"]) < 1e-5
     do = torch.randn_like(o)
     dq, dk, dv = slc_mod._bwd(
         do, *args[:3], o, lse, *args[3:], params.slc_block, batch["scale"],
-        tokens_per_program=tokens_per_program, chunk_tokens=7,
+        tokens_per_program=tokens_per_program, union_pct=union_pct, chunk_tokens=7,
     )
     want = torch.autograd.grad(batch["ref"], (batch["q32"], batch["k32"], batch["v32"]), do)
     for g, w in zip((dq, dk, dv), want):
@@ -166,8 +169,8 @@ def test_window_matches_reference_fp32(lens_k, lens_q, hq, hkv, d, dv, window):
     _check_fwd_bwd(out, batch, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 64)])
-def test_window_tile_sizes_agree_fp16(block_m, block_n):
+@pytest.mark.parametrize("block_m,block_n,kv_m,kv_n", [(16, 16, None, None), (32, 64, 16, 32)])
+def test_window_tile_sizes_agree_fp16(block_m, block_n, kv_m, kv_n):
     """Other tile shapes, float16 inputs, a window that is not a multiple of any tile."""
     params = NSAParams(**{**TINY, "window": 21})
     lens = [77, 40]
@@ -176,7 +179,9 @@ def test_window_tile_sizes_agree_fp16(block_m, block_n):
     o, lse = win_mod._fwd(*args, block_m=block_m, block_n=block_n)
     assert _rel_err(o, batch["ref"]) < 3e-3
     do = torch.randn_like(batch["ref"])
-    grads = win_mod._bwd(do.half(), *args[:3], o, lse, *args[3:], block_m=block_m, block_n=block_n)
+    grads = win_mod._bwd(
+        do.half(), *args[:3], o, lse, *args[3:], block_m=block_m, block_n=block_n, dkdv_block_m=kv_m, dkdv_block_n=kv_n
+    )
     want = torch.autograd.grad(batch["ref"], (batch["q32"], batch["k32"], batch["v32"]), do)
     for g, w in zip(grads, want):
         assert _rel_err(g, w) < 5e-3
