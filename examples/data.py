@@ -22,16 +22,20 @@ def stdlib_documents(
 
     A file is held out when the CRC32 of its name modulo ``held_out_every`` is 0, so the split is the
     same on every run and machine with the same Python. Files are taken in a fixed order until
-    ``max_chars`` characters are collected (held-out ones included).
+    ``max_chars`` characters are collected (held-out ones included); past that budget only a first
+    held-out file is still looked for, so neither split is empty.
     """
     if held_out_every < 2:
         raise ValueError(f"held_out_every={held_out_every}: must be >= 2 (one file in N is held out)")
     train, held_out, total = [], [], 0
     for path in stdlib_python_files(min_chars):
+        is_held_out = zlib.crc32(path.name.encode()) % held_out_every == 0
+        if total >= max_chars and not is_held_out:
+            continue
         text = path.read_text(encoding="utf-8", errors="replace")
-        (held_out if zlib.crc32(path.name.encode()) % held_out_every == 0 else train).append(text)
+        (held_out if is_held_out else train).append(text)
         total += len(text)
-        if total >= max_chars:
+        if total >= max_chars and held_out:
             break
     if not train or not held_out:
         raise RuntimeError(

@@ -57,6 +57,7 @@ class ConversionReport:
     text_source: str | None = None
     token_source: str | None = None
     sparse_from_position: int | None = None
+    fully_sparse_from_position: int | None = None
     sparse_at_eval_len: bool | None = None
     keys_per_query: dict | None = None
     loss_original: float | None = None
@@ -96,8 +97,16 @@ class ConversionReport:
                 f"evaluation: {self.eval_sequences} sequence(s) x {self.eval_len} tokens from {self.text_source} "
                 f"({self.token_source})"
             )
-            if self.sparse_at_eval_len:
-                lines.append(f"  queries from position {self.sparse_from_position} on attend sparsely")
+            if self.eval_len > self.fully_sparse_from_position:
+                lines.append(
+                    f"  queries attend sparsely from position {self.sparse_from_position} (window or selection) "
+                    f"and in both branches from position {self.fully_sparse_from_position}"
+                )
+            elif self.sparse_at_eval_len:
+                lines.append(
+                    f"  queries attend sparsely from position {self.sparse_from_position}, in one branch only: both "
+                    f"the window and the selection are sparse only from position {self.fully_sparse_from_position}"
+                )
             else:
                 lines.append(
                     f"  WARNING: at {self.eval_len} tokens NSA is still dense-equivalent (sparse from position "
@@ -147,15 +156,22 @@ def _read(path: Path) -> str:
 
 
 def sparse_from_position(params: NSAParams) -> int:
-    """First query position (0-based) at which NSA attends fewer keys than dense attention in the
-    selection or window branch: below it both branches see every earlier key."""
+    """First query position (0-based) at which NSA differs from dense attention: from there on the
+    window or the selection branch no longer covers every earlier key. Before it both do, and with
+    the gates' usual start (cmp small, slc and win summing to one) NSA is nearly dense."""
+    return min(params.window, params.slc_count * params.slc_block)
+
+
+def fully_sparse_from_position(params: NSAParams) -> int:
+    """First query position at which *both* the window and the selection branch attend a strict
+    subset of the earlier keys."""
     return max(params.window, params.slc_count * params.slc_block)
 
 
 def default_eval_len(params: NSAParams, max_positions: int | None = None) -> int:
-    """Evaluation length at which the sparsity matters: twice :func:`sparse_from_position`, so the
-    later half of the queries attend sparsely; capped by ``max_positions``."""
-    n = 2 * sparse_from_position(params)
+    """Evaluation length at which the sparsity matters: twice :func:`fully_sparse_from_position`, so
+    the later half of the queries attend sparsely in every branch; capped by ``max_positions``."""
+    n = 2 * fully_sparse_from_position(params)
     return min(n, max_positions) if max_positions else n
 
 
@@ -340,7 +356,7 @@ def _eval_sequences(sample_text, tokenizer, vocab_size: int, eval_len: int, coun
     elif isinstance(sample_text, str):
         text, desc = sample_text, f"given text ({len(sample_text):,} characters)"
     else:
-        text, desc = "\n\n".join(sample_text), f"{len(sample_text)} given documents"
+        text, desc = "\n\n".join(sample_text), f"{len(sample_text)} given document(s)"
     ids = _encode(text, tokenizer, vocab_size)
     if len(ids) < 2:
         raise ValueError(f"sample_text gives {len(ids)} token(s); it needs at least 2 to measure a loss")
@@ -554,9 +570,10 @@ def convert_llama_to_nsa(
         report.eval_sequences = len(seqs)
         report.eval_tokens = sum(len(s) for s in seqs)
         report.sparse_from_position = sparse_from_position(params)
+        report.fully_sparse_from_position = fully_sparse_from_position(params)
         report.sparse_at_eval_len = report.eval_len > report.sparse_from_position
         report.keys_per_query = keys_per_query(params, report.eval_len)
-        if max_pos and eval_len is None and n < 2 * report.sparse_from_position:
+        if max_pos and eval_len is None and n < 2 * report.fully_sparse_from_position:
             report.notes.append(f"eval length capped by max_position_embeddings={max_pos}")
         if report.eval_len < n:
             report.notes.append(f"the sample text gave only {report.eval_len} of the {n} tokens asked for")
