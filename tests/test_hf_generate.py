@@ -163,8 +163,8 @@ def test_reorder_select_repeat_keep_rows_consistent():
     logits = _feed(model, cache, ids[[1, 1], 33:])
     torch.testing.assert_close(logits[1], full_logits(model, ids[1:2])[0, 33:], atol=5e-5, rtol=1e-5)
 
-    cache.reset()
-    assert cache.get_seq_length() == 0 and cache.layers[0].compressed_length() == []
+    cache.reset()  # (transformers 5.17 zeroes the dense keys in place, 5.23 drops them)
+    assert cache.layers[0].compressed_length() == [] and cache.layers[0].valid is None
 
 
 def test_stale_compressed_state_is_rebuilt():
