@@ -61,7 +61,7 @@ def _cmp_partial_kernel(
     Hkv, Tq, G, D, DV, NSPLIT, ROWS, JPS, qk_scale,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, R: tl.constexpr, CPB: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    JPS_P: tl.constexpr, PREC: tl.constexpr,
+    JPS_P: tl.constexpr, PRE_P: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -102,24 +102,34 @@ def _cmp_partial_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     bins = tl.zeros([BLOCK_M, JPS_P], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        i = n0 + tl.arange(0, BLOCK_N)
-        i_ok = (i >= 0) & (i < end)
+    if R > 1:
+        # The R-1 compressed tokens before the split: scores (and max) only, no value.
+        i = lo - PRE_P + tl.arange(0, PRE_P)
+        i_ok = (i >= start) & (i >= 0) & (i < end)
         k = tl.load(k_base + i[:, None] * s_kn + offs_d[None, :] * s_kd,
                     mask=i_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        vis = i_ok[None, :] & (i[None, :] < nvis[:, None])
-        s = tl.where(vis, s, float("-inf"))
+        s = tl.where(i_ok[None, :] & (i[None, :] < nvis[:, None]), s, float("-inf"))
+        m_i = tl.max(s, axis=1)
+        p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+        ov = tl.minimum(i[:, None] + R, chunk_hi[None, :]) - tl.maximum(i[:, None], chunk_lo[None, :])
+        ov = tl.where(jl_ok[None, :], tl.maximum(ov, 0), 0).to(tl.float32)
+        bins = tl.dot(p, ov, input_precision="ieee")
+    for n0 in range(lo, end, BLOCK_N):
+        i = n0 + tl.arange(0, BLOCK_N)
+        i_ok = i < end
+        k = tl.load(k_base + i[:, None] * s_kn + offs_d[None, :] * s_kd,
+                    mask=i_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(i_ok[None, :] & (i[None, :] < nvis[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
-        own = i >= lo
-        p_own = tl.where(own[None, :], p, 0.0)
-        l_i = l_i * alpha + tl.sum(p_own, axis=1)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + i[:, None] * s_vn + offs_dv[None, :] * s_vd,
-                    mask=(i_ok & own)[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p_own.to(v.dtype), v, input_precision=PREC)
+                    mask=i_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         # overlap(i, j): stride-chunks [i, i+R) of compressed token i inside selection block j
         ov = tl.minimum(i[:, None] + R, chunk_hi[None, :]) - tl.maximum(i[:, None], chunk_lo[None, :])
         ov = tl.where(jl_ok[None, :], tl.maximum(ov, 0), 0).to(tl.float32)
@@ -146,7 +156,7 @@ def _select_kernel(
     Hkv, Tq, G, NSPLIT, ROWS, JPS,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
     SLC_L: tl.constexpr, N_SEL: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    SPLIT_P: tl.constexpr, JPS_P: tl.constexpr, G_P: tl.constexpr,
+    SPLIT_P: tl.constexpr, JPS_P: tl.constexpr, GB: tl.constexpr,
 ):
     bh = tl.program_id(0)
     tq = tl.program_id(1)
@@ -158,27 +168,24 @@ def _select_kernel(
     n_act = _active_splits(nvis, R, CHUNK)
 
     sp = tl.arange(0, SPLIT_P)
-    gg = tl.arange(0, G_P)
-    rows = tq * G + gg
     sp_ok = sp < n_act
-    st = (bh * NSPLIT + sp).to(tl.int64)[:, None] * ROWS + rows[None, :]
-    mk = sp_ok[:, None] & (gg < G)[None, :]
-    m_s = tl.load(M_in + st, mask=mk, other=float("-inf"))
-    l_s = tl.load(L_in + st, mask=mk, other=0.0)
-    m = tl.max(m_s, axis=0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    l_tot = tl.sum(l_s * tl.exp2(m_s - m_use[None, :]), axis=0)
-    lse = m_use + tl.log2(tl.where(l_tot > 0, l_tot, 1.0))
-    w = tl.where((l_tot > 0)[None, :], tl.exp2(m_s - lse[None, :]), 0.0)  # (SPLIT_P, G_P)
-
     jl = tl.arange(0, JPS_P)
     jl_ok = jl < JPS
     score = tl.zeros([SPLIT_P, JPS_P], tl.float32)
-    for h in range(0, G):
-        w_h = tl.sum(tl.where(gg[None, :] == h, w, 0.0), axis=1)
-        ptr = BINS + ((bh * NSPLIT + sp).to(tl.int64)[:, None] * ROWS + tq * G + h) * JPS + jl[None, :]
-        part = tl.load(ptr, mask=sp_ok[:, None] & jl_ok[None, :], other=0.0)
-        score += w_h[:, None] * part
+    for h0 in range(0, G, GB):  # GB query heads at a time: their lse, then their weighted scores
+        hh = h0 + tl.arange(0, GB)
+        st = (bh * NSPLIT + sp).to(tl.int64)[:, None] * ROWS + (tq * G + hh)[None, :]
+        mk = sp_ok[:, None] & (hh < G)[None, :]
+        m_s = tl.load(M_in + st, mask=mk, other=float("-inf"))
+        l_s = tl.load(L_in + st, mask=mk, other=0.0)
+        m = tl.max(m_s, axis=0)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        l_tot = tl.sum(l_s * tl.exp2(m_s - m_use[None, :]), axis=0)
+        lse = m_use + tl.log2(tl.where(l_tot > 0, l_tot, 1.0))
+        w = tl.where((l_tot > 0)[None, :], tl.exp2(m_s - lse[None, :]), 0.0)  # (SPLIT_P, GB)
+        part = tl.load(BINS + st[:, :, None] * JPS + jl[None, None, :],
+                       mask=mk[:, :, None] & jl_ok[None, None, :], other=0.0)
+        score += tl.sum(w[:, :, None] * part, axis=1)
 
     j = sp[:, None] * JPS + jl[None, :]
     own = t // SLC_L
@@ -283,12 +290,30 @@ def _sparse_partial_kernel(
 
 
 @triton.jit
-def _merge_state(m_i, l_i, acc, m_s, l_s, acc_s):
-    m_new = tl.maximum(m_i, m_s)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    a = tl.exp2(m_i - m_use)
-    c = tl.exp2(m_s - m_use)
-    return m_new, l_i * a + l_s * c, acc * a[:, None] + acc_s * c[:, None]
+def _merge_splits(M, L, ACC, base, stride_s, n_s, gg, g_ok, offs_dv, DV,
+                  SPLIT_P: tl.constexpr, SB: tl.constexpr, G_P: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Normalised attention output of ``n_s`` partial softmax states ``(m, l, acc)`` stored at
+    ``base + s * stride_s + g`` (``acc`` rows of ``DV``); rows with no key give zeros."""
+    sp = tl.arange(0, SPLIT_P)
+    ok = (sp < n_s)[:, None] & g_ok[None, :]
+    ix = base + sp.to(tl.int64)[:, None] * stride_s + gg[None, :]
+    m_s = tl.load(M + ix, mask=ok, other=float("-inf"))
+    l_s = tl.load(L + ix, mask=ok, other=0.0)
+    m = tl.max(m_s, axis=0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l_tot = tl.sum(l_s * tl.exp2(m_s - m_use[None, :]), axis=0)
+    inv = tl.where(l_tot > 0, 1.0 / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
+    acc = tl.zeros([G_P, BLOCK_DV], tl.float32)
+    dv_ok = offs_dv < DV
+    for s0 in range(0, n_s, SB):
+        sb = s0 + tl.arange(0, SB)
+        okb = (sb < n_s)[:, None] & g_ok[None, :]
+        ib = base + sb.to(tl.int64)[:, None] * stride_s + gg[None, :]
+        wb = tl.exp2(tl.load(M + ib, mask=okb, other=float("-inf")) - m_use[None, :]) * inv[None, :]
+        a = tl.load(ACC + ib[:, :, None] * DV + offs_dv[None, None, :],
+                    mask=okb[:, :, None] & dv_ok[None, None, :], other=0.0)
+        acc += tl.sum(wb[:, :, None] * a, axis=0)
+    return acc
 
 
 @triton.jit
@@ -298,7 +323,8 @@ def _combine_kernel(
     s_ob, s_ot, s_oh, s_od,
     Hkv, Tq, G, DV, NSPLIT, ROWS, NU,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NS: tl.constexpr,
-    G_P: tl.constexpr, BLOCK_DV: tl.constexpr,
+    G_P: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_P: tl.constexpr, NS_P: tl.constexpr, NW_P: tl.constexpr,
+    SB: tl.constexpr,
 ):
     bht = tl.program_id(0)
     bh = bht // Tq
@@ -314,41 +340,11 @@ def _combine_kernel(
     t = klen - Tq + tq
     n_act = _active_splits(_num_visible_cmp(t, clen, CMP_L, CMP_D), R, CHUNK)
 
-    # cmp: merge the splits of the compressed pass
-    m_i = tl.full([G_P], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_P], tl.float32)
-    acc = tl.zeros([G_P, BLOCK_DV], tl.float32)
-    rows = tq * G + gg
-    for s in range(0, n_act):
-        base = (bh * NSPLIT + s).to(tl.int64) * ROWS + rows
-        m_s = tl.load(CM + base, mask=g_ok, other=float("-inf"))
-        l_s = tl.load(CL + base, mask=g_ok, other=0.0)
-        a_s = tl.load(CACC + base[:, None] * DV + offs_dv[None, :], mask=g_ok[:, None] & dv_ok[None, :], other=0.0)
-        m_i, l_i, acc = _merge_state(m_i, l_i, acc, m_s, l_s, a_s)
-    o_cmp = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-
-    # slc: units [0, NS); win: units [NS, NU)
-    m_i = tl.full([G_P], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_P], tl.float32)
-    acc = tl.zeros([G_P, BLOCK_DV], tl.float32)
-    for u in range(0, NS):
-        base = (bht * NU + u).to(tl.int64) * G_P + gg
-        m_s = tl.load(SM + base)
-        l_s = tl.load(SL + base)
-        a_s = tl.load(SACC + base[:, None] * DV + offs_dv[None, :], mask=dv_ok[None, :], other=0.0)
-        m_i, l_i, acc = _merge_state(m_i, l_i, acc, m_s, l_s, a_s)
-    o_slc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-
-    m_i = tl.full([G_P], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_P], tl.float32)
-    acc = tl.zeros([G_P, BLOCK_DV], tl.float32)
-    for u in range(NS, NU):
-        base = (bht * NU + u).to(tl.int64) * G_P + gg
-        m_s = tl.load(SM + base)
-        l_s = tl.load(SL + base)
-        a_s = tl.load(SACC + base[:, None] * DV + offs_dv[None, :], mask=dv_ok[None, :], other=0.0)
-        m_i, l_i, acc = _merge_state(m_i, l_i, acc, m_s, l_s, a_s)
-    o_win = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    rows0 = (bh * NSPLIT).to(tl.int64) * ROWS + tq * G
+    o_cmp = _merge_splits(CM, CL, CACC, rows0, ROWS, n_act, gg, g_ok, offs_dv, DV, SPLIT_P, SB, G_P, BLOCK_DV)
+    ub = (bht * NU).to(tl.int64) * G_P
+    o_slc = _merge_splits(SM, SL, SACC, ub, G_P, NS, gg, g_ok, offs_dv, DV, NS_P, SB, G_P, BLOCK_DV)
+    o_win = _merge_splits(SM, SL, SACC, ub + NS * G_P, G_P, NU - NS, gg, g_ok, offs_dv, DV, NW_P, SB, G_P, BLOCK_DV)
 
     heads = hk * G + gg
     gp = GATES + b.to(tl.int64) * s_gb + tq * s_gt + heads * s_gh
@@ -557,7 +553,7 @@ def nsa_decode(
         hkv, tq, g, d, dv, nsplit, rows, pl["jps"], qk_scale,
         CMP_L=params.cmp_block, CMP_D=params.cmp_stride, R=pl["r"], CPB=pl["cpb"], CHUNK=pl["chunk"],
         BLOCK_M=pl["block_m"], BLOCK_N=pl["block_n"], BLOCK_D=pl["block_d"], BLOCK_DV=pl["block_dv"],
-        JPS_P=pl["jps_p"], PREC=prec, num_warps=4, num_stages=2,
+        JPS_P=pl["jps_p"], PRE_P=_pow2(pl["r"] - 1), PREC=prec, num_warps=4, num_stages=2,
     )
     # 2. block selection
     idx = torch.empty(bsz, hkv, tq, params.slc_count, dtype=torch.int32, device=dev)
@@ -566,7 +562,8 @@ def nsa_decode(
         hkv, tq, g, nsplit, rows, pl["jps"],
         CMP_L=params.cmp_block, CMP_D=params.cmp_stride, R=pl["r"], CHUNK=pl["chunk"],
         SLC_L=params.slc_block, N_SEL=params.slc_count, INIT=params.init_blocks, LOCAL=params.local_blocks,
-        SPLIT_P=pl["split_p"], JPS_P=pl["jps_p"], G_P=_pow2(g, 2), num_warps=4,
+        SPLIT_P=pl["split_p"], JPS_P=pl["jps_p"],
+        GB=max(1, min(triton.next_power_of_2(g), 16384 // (pl["split_p"] * pl["jps_p"]))), num_warps=8,
     )
     # 3. selected + window attention, split into units
     nu, g_p = pl["nu"], pl["g_p"]
@@ -589,7 +586,9 @@ def nsa_decode(
         *gates.stride(), *out.stride(),
         hkv, tq, g, dv, nsplit, rows, nu,
         CMP_L=params.cmp_block, CMP_D=params.cmp_stride, R=pl["r"], CHUNK=pl["chunk"], NS=pl["ns"],
-        G_P=g_p, BLOCK_DV=pl["block_dv"], num_warps=4,
+        G_P=g_p, BLOCK_DV=pl["block_dv"], SPLIT_P=triton.next_power_of_2(nsplit),
+        NS_P=triton.next_power_of_2(pl["ns"]), NW_P=triton.next_power_of_2(nu - pl["ns"]),
+        SB=max(1, 8192 // (g_p * pl["block_dv"])), num_warps=8,
     )
     if return_block_indices:
         return out, idx
