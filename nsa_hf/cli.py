@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weights dtype of the converted model (default: the source's)")
     conv.add_argument("--base-model", help="Hub id of the base model for the card metadata (default: SRC when it is a Hub id)")
     conv.add_argument("--license", help="license for the card metadata (default: the source card's, when local)")
+    conv.add_argument("--no-remote-code", action="store_true",
+                      help="do not write the self-contained modeling code (trust_remote_code loading without nsa-hf)")
     conv.add_argument("--json", action="store_true", help="print the report as JSON")
     conv.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -93,6 +95,7 @@ def _convert(args) -> int:
             device=args.device,
             base_model=args.base_model,
             license=args.license,
+            remote_code=not args.no_remote_code,
             progress=not args.quiet,
         )
     except ValueError as err:

@@ -414,9 +414,13 @@ def _source_card_data(src) -> dict:
     return {"license": getattr(data, "license", None)}
 
 
-def _save(model, tokenizer, src, dst: Path, card) -> None:
+def _save(model, tokenizer, src, dst: Path, card, remote_code: bool) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
+    if remote_code:
+        from .hub import bundle_remote_code
+
+        bundle_remote_code(dst)
     copied = False
     if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
         for name in TOKENIZER_FILES:
@@ -454,6 +458,7 @@ def convert_llama_to_nsa(
     device=None,
     base_model: str | None = None,
     license: str | None = None,
+    remote_code: bool = True,
     progress: bool = True,
 ):
     """Convert a dense Llama model into NSA-Llama.
@@ -461,7 +466,8 @@ def convert_llama_to_nsa(
     Args:
         src: a local checkpoint directory, a Hub model id, or a ``LlamaForCausalLM`` instance.
         dst: directory to save the converted checkpoint to (safetensors, config, generation config,
-            tokenizer files, and a model card ``README.md`` with the report); ``None`` saves nothing.
+            tokenizer files, modeling code, ``conversion_report.json`` and a model card ``README.md``
+            with the report); ``None`` saves nothing.
         cmp_block, cmp_stride, slc_block, slc_count, init_blocks, local_blocks, window: NSA sizes in
             tokens (see :class:`nsa_kernels.NSAParams`); ``None`` keeps ``NSALlamaConfig``'s default.
         cmp_mlp_hidden, gate_init_bias: passed to the config as ``nsa_cmp_mlp_hidden`` /
@@ -481,6 +487,9 @@ def convert_llama_to_nsa(
         base_model: Hub id written to the card's ``base_model`` metadata (default: ``src`` when it is
             a Hub id).
         license: license for the card metadata (default: the source card's, when local).
+        remote_code: also write self-contained modeling code (with the pure-PyTorch reference
+            bundled, see :mod:`nsa_hf.hub`), so that ``dst`` loads with ``trust_remote_code=True`` where
+            nsa-hf is not installed.
         progress: show tqdm progress bars.
 
     Returns:
@@ -594,6 +603,6 @@ def convert_llama_to_nsa(
             config, report=report, base_model=base_model or hub_id,
             license=license or meta.get("license"),
         )
-        _save(model, tokenizer, src, Path(dst), card)
+        _save(model, tokenizer, src, Path(dst), card, remote_code)
         (Path(dst) / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     return model, report

@@ -3,7 +3,8 @@ the saved folder (weights, config, tokenizer, card), and errors. Tiny models bui
 import copy
 import json
 import math
-import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,6 +114,33 @@ def test_saved_folder_has_tokenizer_generation_config_and_card(llama_dir, conver
     assert "| `nsa_window` | 32 |" in card.text
     saved = json.loads((dst / "conversion_report.json").read_text())
     assert saved["loss_converted"] == report.loss_converted
+
+
+_REMOTE_LOAD = """
+import sys
+sys.modules["nsa_kernels"] = None  # as on a machine without nsa-hf
+sys.modules["nsa_hf"] = None
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert model.config._attn_implementation == "nsa", model.config._attn_implementation
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(input_ids=ids, use_cache=False).logits, sys.argv[3])
+"""
+
+
+def test_saved_folder_loads_as_remote_code_without_nsa_hf(converted, tmp_path):
+    model, _, dst = converted
+    assert (dst / "nsa_bundle.py").is_file() and "auto_map" in json.loads((dst / "config.json").read_text())
+    ids = torch.randint(0, model.config.vocab_size, (1, 100))
+    torch.save(ids, tmp_path / "ids.pt")
+    run = subprocess.run([sys.executable, "-c", _REMOTE_LOAD, str(dst), str(tmp_path / "ids.pt"),
+                          str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-5, atol=1e-5)
 
 
 def test_report_measures_at_a_sparse_length(llama_dir, converted):
