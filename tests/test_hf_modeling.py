@@ -344,3 +344,17 @@ def test_model_forward_builds_an_nsa_cache():
     out = model(torch.randint(3, 100, (1, 30)), use_cache=True)
     assert isinstance(out.past_key_values, NSACache)
     assert out.past_key_values.layers[0].compressed_length() == [(30 - 8) // 4 + 1]
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    model = tiny_model().train()
+    ids = torch.randint(3, 100, (2, 50))
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    plain = model.model.layers[0].self_attn.nsa_gate.weight.grad.clone()
+    model.zero_grad()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    torch.testing.assert_close(model.model.layers[0].self_attn.nsa_gate.weight.grad, plain, atol=1e-5, rtol=1e-4)
