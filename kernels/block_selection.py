@@ -157,11 +157,11 @@ def _select_kernel(
 
 def _select_config(q: torch.Tensor, group: int) -> dict:
     gp = triton.next_power_of_2(group)
-    rows = 128 if q.is_cuda else 64
-    tok = max(1, rows // gp)
-    if q.is_cuda:
-        return dict(TOK=tok, num_warps=8 if tok * gp >= 128 else 4, num_stages=2)
-    return dict(TOK=tok)
+    if not q.is_cuda:
+        return dict(TOK=max(1, 64 // gp))
+    # H100, D=128 (bench_cmp_sel --sweep): 256 rows / 8 warps at G=16, 128 rows / 4 warps at G=4.
+    rows, warps = (256, 8) if gp >= 16 else (128, 4)
+    return dict(TOK=max(1, rows // gp), num_warps=warps, num_stages=2)
 
 
 def _fwd(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q: int,

@@ -212,16 +212,19 @@ def _cmp_bwd_dkdv_kernel(
     scale, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    stride_dks, stride_dvs, q_chunk,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TOK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dk/dv of one tile of compressed keys of one sequence and KV head, over all query rows
-    (all ``G`` heads of the group) that see it."""
+    """dk/dv of one tile of compressed keys of one sequence and KV head from the query rows (all
+    ``G`` heads of the group) of one chunk of ``q_chunk`` queries: split ``s`` writes its partial
+    sums to ``DK + s * stride_dks`` (summed afterwards, deterministically)."""
     ktile = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
+    split = tl.program_id(1)
+    b = tl.program_id(2) // HKV
+    h = tl.program_id(2) % HKV
     q_start = tl.load(CU_Q + b)
     tq = tl.load(CU_Q + b + 1) - q_start
     tk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
@@ -241,7 +244,8 @@ def _cmp_bwd_dkdv_kernel(
     k = tl.load(K + gk[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(V + gk[:, None] * stride_vt + h * stride_vh + offs_dv[None, :], mask=vmask, other=0.0)
     # Key i is seen from position i*d + l - 1 on: the first query (local index) that sees the tile.
-    first_tok = tl.maximum(n0 * CMP_STRIDE + CMP_BLOCK - 1 - (tk - tq), 0)
+    first_tok = tl.maximum(n0 * CMP_STRIDE + CMP_BLOCK - 1 - (tk - tq), split * q_chunk)
+    end_tok = tl.minimum(tq, (split + 1) * q_chunk)
     key_end = kidx * CMP_STRIDE + CMP_BLOCK - 1  # position from which each key is seen
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -249,9 +253,9 @@ def _cmp_bwd_dkdv_kernel(
     row_tok = rows // G
     head = h * G + rows % G
     row_in = rows < TOK * G
-    for t0 in range(first_tok, tq, TOK):
+    for t0 in range(first_tok, end_tok, TOK):
         tok = t0 + row_tok
-        row_ok = row_in & (tok < tq)
+        row_ok = row_in & (tok < end_tok)
         pos = tok + (tk - tq)
         gtok = (q_start + tok).to(tl.int64)
         q = tl.load(
@@ -271,8 +275,10 @@ def _cmp_bwd_dkdv_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
-    tl.store(DK + gk[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask)
-    tl.store(DVAL + gk[:, None] * stride_dvt + h * stride_dvh + offs_dv[None, :], dv.to(DVAL.dtype.element_ty), mask=vmask)
+    dk_ptr = DK + split.to(tl.int64) * stride_dks + gk[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :]
+    dv_ptr = DVAL + split.to(tl.int64) * stride_dvs + gk[:, None] * stride_dvt + h * stride_dvh + offs_dv[None, :]
+    tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(dv_ptr, dv.to(DVAL.dtype.element_ty), mask=vmask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,12 +339,23 @@ def _bwd_configs(q: torch.Tensor, group: int) -> tuple[dict, dict]:
         big = q.shape[-1] > 64
         block_m, tok = _row_tiling(group, 128)
         dq_cfg = dict(BLOCK_M=block_m, TOK=tok, BLOCK_N=64, num_warps=8, num_stages=2 if big else 3)
-        block_m, tok = _row_tiling(group, 64)
+        block_m, tok = _row_tiling(group, 128)
         kv_cfg = dict(BLOCK_M=block_m, TOK=tok, BLOCK_N=64, num_warps=8 if big else 4, num_stages=2 if big else 3)
         return dq_cfg, kv_cfg
     block_m, tok = _row_tiling(group, 16)
     cfg = dict(BLOCK_M=block_m, TOK=tok, BLOCK_N=16)
     return cfg, cfg
+
+
+def _query_splits(max_seqlen_q: int, programs: int, tok: int, on_gpu: bool) -> tuple[int, int]:
+    """Split each key tile's queries into chunks so that the dk/dv grid fills the GPU (about 2048
+    programs, half of them empty under the causal mask); chunks of at least 256 queries."""
+    if not on_gpu:  # the interpreter: small chunks, so that CPU tests cover the split path
+        q_chunk = triton.cdiv(64, tok) * tok
+        return triton.cdiv(max_seqlen_q, q_chunk), q_chunk
+    splits = max(1, min(triton.cdiv(2048, max(programs, 1)), triton.cdiv(max_seqlen_q, 256)))
+    q_chunk = triton.cdiv(triton.cdiv(max_seqlen_q, splits), tok) * tok
+    return triton.cdiv(max_seqlen_q, q_chunk), q_chunk
 
 
 def _bwd(q, cmp_k, cmp_v, o, lse, do, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
@@ -373,13 +390,24 @@ def _bwd(q, cmp_k, cmp_v, o, lse, do, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp
         **common, **dq_cfg,
     )
     if max_seqlen_cmp > 0:
-        _cmp_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_cmp, kv_cfg["BLOCK_N"]), batch, hkv)](
-            q, cmp_k, cmp_v, do, lse, delta, dk, dvv, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
+        n_ktiles = triton.cdiv(max_seqlen_cmp, kv_cfg["BLOCK_N"])
+        splits, q_chunk = _query_splits(max_seqlen_q, n_ktiles * batch * hkv, kv_cfg["TOK"], q.is_cuda)
+        if splits == 1:
+            dk_part, dv_part = dk[None], dvv[None]
+        else:  # every split writes every key row of its tiles (zeros if it has no query): no memset
+            dk_part = torch.empty((splits,) + tuple(cmp_k.shape), device=q.device, dtype=torch.float32)
+            dv_part = torch.empty((splits,) + tuple(cmp_v.shape), device=q.device, dtype=torch.float32)
+        _cmp_bwd_dkdv_kernel[(n_ktiles, splits, batch * hkv)](
+            q, cmp_k, cmp_v, do, lse, delta, dk_part, dv_part, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
             scale, scale * _LOG2E,
             q.stride(0), q.stride(1), cmp_k.stride(0), cmp_k.stride(1), cmp_v.stride(0), cmp_v.stride(1),
-            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dvv.stride(0), dvv.stride(1),
+            do.stride(0), do.stride(1), dk_part.stride(1), dk_part.stride(2), dv_part.stride(1), dv_part.stride(2),
+            dk_part.stride(0), dv_part.stride(0), q_chunk, HKV=hkv,
             **common, **kv_cfg,
         )
+        if splits > 1:
+            dk = dk_part.sum(0).to(cmp_k.dtype)
+            dvv = dv_part.sum(0).to(cmp_v.dtype)
     return dq, dk, dvv
 
 

@@ -191,7 +191,7 @@ def test_cmp_grads_reach_mlp_compressor():
     key_lens, query_lens = [97, 61], [97, 40]
     case = make_case(key_lens, query_lens, 2, 2, 16, 16, torch.float32, params, compressor="mlp")
     comp_k, comp_v = case["comp"]
-    do = torch.randn(case["q"].shape[0], 4, 16)
+    do = torch.randn(case["q"].shape[0], 4, 16, device=DEVICE)
 
     def param_grads(use_triton):
         ck, cu_c = compress_varlen(case["k"] * 3.0, case["cu_k"], comp_k, 8, 4)
