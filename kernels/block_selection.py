@@ -71,6 +71,7 @@ def _select_kernel(
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
     NSEL: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
     TOK: tl.constexpr, NB: tl.constexpr, LOG_NB: tl.constexpr, DOT_PREC: tl.constexpr,
+    WORK: tl.constexpr,  # 3 = everything; 1, 2 = partial work, only to time the stages (benchmarks)
 ):
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # stride-chunks per selection block
     C: tl.constexpr = CMP_BLOCK // CMP_STRIDE  # stride-chunks per compression block
@@ -125,20 +126,28 @@ def _select_kernel(
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         p = tl.where(kidx[None, :] < n_vis[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-        p_tok = tl.sum(tl.reshape(p, (TOK, GP, BN)), axis=1)  # summed over the group's heads
-        own_sum = tl.sum(tl.reshape(p_tok * w_own[None, :], (TOK, NB, R)), axis=2)
-        spill = tl.sum(tl.reshape(p_tok * w_spill[None, :], (TOK, NB, R)), axis=2)
-        spilled_in = tl.sum(spill[:, :, None] * shift[None, :, :], axis=1)
-        score = own_sum + spilled_in + tl.where(jcol[None, :] == 0, carry[:, None], 0.0)
-        carry = tl.sum(tl.where(jcol[None, :] == NB - 1, spill, 0.0), axis=1)
-        j = j0 + jcol
-        eligible = j[None, :] <= own[:, None]
-        forced = eligible & ((j[None, :] < INIT) | (j[None, :] > own[:, None] - LOCAL))
-        bits = tl.where(forced, 2139095040, score.to(tl.int32, bitcast=True)).to(tl.int64)  # +inf if forced
-        key = tl.where(eligible, (bits << 32) | (2147483647 - j)[None, :].to(tl.int64), -1)
-        # Top-NB of (best, new): best sorted descending, new ascending, elementwise max, re-sort.
-        new = _bitonic(key, pos_nb, LOG_NB, False, 1)
-        best = _bitonic(tl.maximum(best, new), pos_nb, LOG_NB, True, LOG_NB)
+        if WORK == 1:  # timing knob: scores only
+            carry += tl.sum(tl.reshape(tl.sum(p, axis=1), (TOK, GP)), axis=1)
+        else:
+            p_tok = tl.sum(tl.reshape(p, (TOK, GP, BN)), axis=1)  # summed over the group's heads
+            own_sum = tl.sum(tl.reshape(p_tok * w_own[None, :], (TOK, NB, R)), axis=2)
+            spill = tl.sum(tl.reshape(p_tok * w_spill[None, :], (TOK, NB, R)), axis=2)
+            spilled_in = tl.sum(spill[:, :, None] * shift[None, :, :], axis=1)
+            score = own_sum + spilled_in + tl.where(jcol[None, :] == 0, carry[:, None], 0.0)
+            carry = tl.sum(tl.where(jcol[None, :] == NB - 1, spill, 0.0), axis=1)
+            j = j0 + jcol
+            eligible = j[None, :] <= own[:, None]
+            forced = eligible & ((j[None, :] < INIT) | (j[None, :] > own[:, None] - LOCAL))
+            bits = tl.where(forced, 2139095040, score.to(tl.int32, bitcast=True)).to(tl.int64)  # +inf if forced
+            key = tl.where(eligible, (bits << 32) | (2147483647 - j)[None, :].to(tl.int64), -1)
+            if WORK == 2:  # timing knob: block scores, no top-n
+                best = tl.maximum(best, key)
+            else:
+                # Top-NB of (best, new): best sorted descending, new ascending, elementwise max, re-sort.
+                new = _bitonic(key, pos_nb, LOG_NB, False, 1)
+                best = _bitonic(tl.maximum(best, new), pos_nb, LOG_NB, True, LOG_NB)
+    if WORK == 1:
+        best = tl.where(carry[:, None] > 0, best, -1)
     taken = (jcol[None, :] < NSEL) & (best >= 0)
     idx = tl.where(taken, 2147483647 - (best & 2147483647).to(tl.int32), 2147483647)
     idx = _bitonic(idx, pos_nb, LOG_NB, False, 1)
@@ -166,8 +175,9 @@ def _select_config(q: torch.Tensor, group: int) -> dict:
 
 def _fwd(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q: int,
          cmp_block: int, cmp_stride: int, slc_block: int, slc_count: int, init_blocks: int,
-         local_blocks: int, scale: float):
-    """Launch the selection kernel; returns int32 ``(Nq, Hkv, slc_count)`` block indices."""
+         local_blocks: int, scale: float, _work: int = 3):
+    """Launch the selection kernel; returns int32 ``(Nq, Hkv, slc_count)`` block indices.
+    (``_work`` < 3 skips stages, for timing only: the result is then wrong.)"""
     nq, hq, d = q.shape
     hkv = cmp_k.shape[1]
     group = hq // hkv
@@ -185,7 +195,7 @@ def _fwd(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q
         HQ=hq, HKV=hkv, G=group, GP=triton.next_power_of_2(group), D=d, BLOCK_D=_pow2(d),
         CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, SLC_BLOCK=slc_block,
         NSEL=slc_count, INIT=init_blocks, LOCAL=local_blocks, NB=nb, LOG_NB=nb.bit_length() - 1,
-        DOT_PREC=_dot_precision(q.dtype), **cfg,
+        DOT_PREC=_dot_precision(q.dtype), WORK=_work, **cfg,
     )
     return out
 
