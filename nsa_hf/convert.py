@@ -247,16 +247,22 @@ def build_nsa_config(llama_config, **nsa_kwargs):
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Silence the expected 'newly initialized weights' warning: the report lists them instead."""
+def _quiet_transformers(progress: bool):
+    """Silence the expected 'newly initialized weights' warning (the report lists those weights), and
+    transformers' own progress bars when ``progress`` is off."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_tokenizer(src):
@@ -531,7 +537,7 @@ def convert_llama_to_nsa(
     config = build_nsa_config(llama_config, **nsa_kwargs)
     params = config.nsa_params()
 
-    with _quiet_transformers():
+    with _quiet_transformers(progress):
         if isinstance(src, PreTrainedModel):
             original = src
             target_dtype = torch_dtype if torch_dtype not in (None, "auto") else src.dtype
@@ -603,6 +609,7 @@ def convert_llama_to_nsa(
             config, report=report, base_model=base_model or hub_id,
             license=license or meta.get("license"),
         )
-        _save(model, tokenizer, src, Path(dst), card, remote_code)
+        with _quiet_transformers(progress):
+            _save(model, tokenizer, src, Path(dst), card, remote_code)
         (Path(dst) / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     return model, report
