@@ -66,7 +66,23 @@ def tflops(flop: float, ms: float) -> float:
     return flop / ms / 1e9
 
 
-def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa):
+def print_kernel_times(label, fn):
+    """GPU time per kernel (and torch op) of one call of ``fn``, from the profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            totals[ev.name] = totals.get(ev.name, 0.0) + ev.device_time / 1e3
+    print(f"kernel times, {label} (slc fwd+bwd then win fwd+bwd, defaults):")
+    for name, ms in sorted(totals.items(), key=lambda x: -x[1])[:14]:
+        print(f"  {ms:8.3f} ms  {name[:90]}")
+
+
+def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=False):
     dev = "cuda"
     dt = torch.bfloat16
     g = hq // hkv
@@ -110,6 +126,10 @@ def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa):
         name = "win " + (",".join(f"{a}={b_}" for a, b_ in cfg.items()) or "default")
         rows.append(dict(op=name, fwd_ms=f, bwd_ms=b, fwdbwd_ms=f + b,
                          fwd_tflops=tflops(win_flop, f), fwdbwd_tflops=tflops(3.5 * win_flop, f + b)))
+    if profile:
+        print_kernel_times(f"T={t} {hq}/{hkv} {mode}", lambda: (
+            slc._bwd(do, q, k, v, *slc._fwd(q, k, v, bi, cu, cu, block, scale), bi, cu, cu, block, scale),
+            win._bwd(do, q, k, v, *win._fwd(q, k, v, cu, cu, window, scale), cu, cu, window, scale)))
     if with_sdpa:
         rows.append(sdpa_row(q, k, v, do, hq, hkv, t, d))
     del q, k, v, do
@@ -148,6 +168,7 @@ def main():
     ap.add_argument("--selection", nargs="+", default=["random"], choices=["random", "coherent"])
     ap.add_argument("--sweep", action="store_true", help="also time other tile configurations")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-kernel GPU times at the longest length")
     ap.add_argument("--sdpa-max-len", type=int, default=65536)
     ap.add_argument("--out", default=None, help="directory for bench_slc_win.json")
     args = ap.parse_args()
@@ -159,7 +180,7 @@ def main():
             for mode in args.selection:
                 sdpa = not args.no_sdpa and t <= args.sdpa_max_len and mode == args.selection[0]
                 rows = run_case(t, hq, hkv, args.head_dim, args.slc_count, args.slc_block, args.window,
-                                mode, args.sweep, sdpa)
+                                mode, args.sweep, sdpa, args.profile and t == max(args.seqlens))
                 for r in rows:
                     r.update(T=t, layout=lay, selection=mode)
                     print(f"T={t:6d} {lay:5s} {mode:8s} {r['op']:60s} fwd {r['fwd_ms']:8.3f} ms "

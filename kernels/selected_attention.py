@@ -113,46 +113,48 @@ def _slc_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     SLC_BLOCK: tl.constexpr, NSEL: tl.constexpr, USZ: tl.constexpr, TOK: tl.constexpr,
-    UNION_PCT: tl.constexpr,
+    UNION_PCT: tl.constexpr, PER_TOKEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_K: tl.constexpr, NSUB: tl.constexpr,
     BLOCK_SEL: tl.constexpr, BLOCK_TOK: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program: ``TOK`` consecutive query tokens x one KV head. If the union of their blocks is
-    small (<= UNION_PCT % of their selections), all ``TOK * G`` rows walk the union together (each
-    block loaded once); otherwise each token walks its own blocks with its ``G`` rows."""
-    tile = tl.program_id(0)
+    """Work split: tiles of ``TOK`` consecutive query tokens x one KV head. A tile whose union of
+    blocks is small (<= UNION_PCT % of its tokens' selections) is done by one ``PER_TOKEN=False``
+    program whose ``TOK * G`` rows walk the union together (each block loaded once for all); the
+    other tiles are done by ``PER_TOKEN=True`` programs (grid over tokens), each token's ``G`` rows
+    walking its own blocks. Both launches evaluate the same test, so every token is done once."""
     h = tl.program_id(1)
+    if PER_TOKEN:
+        t = tl.program_id(0).to(tl.int64)
+        tile = t // TOK
+    else:
+        tile = tl.program_id(0).to(tl.int64)
     ubase = (tile * HKV + h).to(tl.int64)
-    use_union = False
-    if TOK > 1:
-        offs_t = tl.arange(0, BLOCK_TOK)
-        ttok = (tile * TOK + offs_t).to(tl.int64)
-        total = tl.sum(tl.load(SCNT + ttok * HKV + h, mask=(offs_t < TOK) & (ttok < Nq), other=0), axis=0)
-        ucount = tl.load(UCNT + ubase)
-        use_union = ucount * 100 <= total * UNION_PCT
-    if use_union:
+    offs_t = tl.arange(0, BLOCK_TOK)
+    ttok = (tile * TOK + offs_t).to(tl.int64)
+    total = tl.sum(tl.load(SCNT + ttok * HKV + h, mask=(offs_t < TOK) & (ttok < Nq), other=0), axis=0)
+    ucount = tl.load(UCNT + ubase)
+    use_union = (ucount * 100 <= total * UNION_PCT) & (total > 0) & (TOK > 1)
+    if PER_TOKEN:
+        if use_union == 0:
+            rows1 = tl.arange(0, BLOCK_M1)
+            cnt = tl.load(SCNT + t * HKV + h)
+            _slc_fwd_rows(
+                Q, K, V, O, LSE, QKPOS, SEL, SEL + (t * HKV + h) * NSEL, cnt, t + rows1 * 0, h * G + rows1,
+                rows1 < G, h, Nk, scale_log2,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                HKV * G, HKV, D, DV, SLC_BLOCK, NSEL, False, BLOCK_M1, BLOCK_K, NSUB, BLOCK_SEL, BLOCK_D,
+                BLOCK_DV, DOT_PREC,
+            )
+    elif use_union:
         rows = tl.arange(0, BLOCK_M)
-        tok = (tile * TOK + rows // G).to(tl.int64)
+        tok = tile * TOK + rows // G
         row_ok = (rows < TOK * G) & (tok < Nq)
         _slc_fwd_rows(
             Q, K, V, O, LSE, QKPOS, SEL, UNI + ubase * USZ, ucount, tok, h * G + rows % G, row_ok, h, Nk, scale_log2,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
             HKV * G, HKV, D, DV, SLC_BLOCK, NSEL, True, BLOCK_M, BLOCK_K, NSUB, BLOCK_SEL, BLOCK_D, BLOCK_DV, DOT_PREC,
         )
-    else:
-        rows1 = tl.arange(0, BLOCK_M1)
-        for tt in range(TOK):
-            t = (tile * TOK + tt).to(tl.int64)
-            if t < Nq:
-                cnt = tl.load(SCNT + t * HKV + h)
-                _slc_fwd_rows(
-                    Q, K, V, O, LSE, QKPOS, SEL, SEL + (t * HKV + h) * NSEL, cnt, t + rows1 * 0, h * G + rows1,
-                    rows1 < G, h, Nk, scale_log2,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                    HKV * G, HKV, D, DV, SLC_BLOCK, NSEL, False, BLOCK_M1, BLOCK_K, NSUB, BLOCK_SEL, BLOCK_D,
-                    BLOCK_DV, DOT_PREC,
-                )
 
 
 @triton.jit
@@ -224,25 +226,39 @@ def _slc_bwd_dq_kernel(
     stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     SLC_BLOCK: tl.constexpr, NSEL: tl.constexpr, USZ: tl.constexpr, TOK: tl.constexpr,
-    UNION_PCT: tl.constexpr,
+    UNION_PCT: tl.constexpr, PER_TOKEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_K: tl.constexpr, NSUB: tl.constexpr,
     BLOCK_SEL: tl.constexpr, BLOCK_TOK: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dq for one (token tile, KV head), same work split as the forward; also writes ``delta``."""
-    tile = tl.program_id(0)
+    """dq (and ``delta``) with the forward's work split (two launches, see ``_slc_fwd_kernel``)."""
     h = tl.program_id(1)
+    if PER_TOKEN:
+        t = tl.program_id(0).to(tl.int64)
+        tile = t // TOK
+    else:
+        tile = tl.program_id(0).to(tl.int64)
     ubase = (tile * HKV + h).to(tl.int64)
-    use_union = False
-    if TOK > 1:
-        offs_t = tl.arange(0, BLOCK_TOK)
-        ttok = (tile * TOK + offs_t).to(tl.int64)
-        total = tl.sum(tl.load(SCNT + ttok * HKV + h, mask=(offs_t < TOK) & (ttok < Nq), other=0), axis=0)
-        ucount = tl.load(UCNT + ubase)
-        use_union = ucount * 100 <= total * UNION_PCT
-    if use_union:
+    offs_t = tl.arange(0, BLOCK_TOK)
+    ttok = (tile * TOK + offs_t).to(tl.int64)
+    total = tl.sum(tl.load(SCNT + ttok * HKV + h, mask=(offs_t < TOK) & (ttok < Nq), other=0), axis=0)
+    ucount = tl.load(UCNT + ubase)
+    use_union = (ucount * 100 <= total * UNION_PCT) & (total > 0) & (TOK > 1)
+    if PER_TOKEN:
+        if use_union == 0:
+            rows1 = tl.arange(0, BLOCK_M1)
+            cnt = tl.load(SCNT + t * HKV + h)
+            _slc_dq_rows(
+                Q, K, V, O, DO, LSE, DELTA, DQ, QKPOS, SEL, SEL + (t * HKV + h) * NSEL, cnt, t + rows1 * 0,
+                h * G + rows1, rows1 < G, h, Nk, scale, scale_log2,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                HKV * G, HKV, D, DV, SLC_BLOCK, NSEL, False, BLOCK_M1, BLOCK_K, NSUB, BLOCK_SEL, BLOCK_D,
+                BLOCK_DV, DOT_PREC,
+            )
+    elif use_union:
         rows = tl.arange(0, BLOCK_M)
-        tok = (tile * TOK + rows // G).to(tl.int64)
+        tok = tile * TOK + rows // G
         row_ok = (rows < TOK * G) & (tok < Nq)
         _slc_dq_rows(
             Q, K, V, O, DO, LSE, DELTA, DQ, QKPOS, SEL, UNI + ubase * USZ, ucount, tok, h * G + rows % G, row_ok,
@@ -251,20 +267,6 @@ def _slc_bwd_dq_kernel(
             stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
             HKV * G, HKV, D, DV, SLC_BLOCK, NSEL, True, BLOCK_M, BLOCK_K, NSUB, BLOCK_SEL, BLOCK_D, BLOCK_DV, DOT_PREC,
         )
-    else:
-        rows1 = tl.arange(0, BLOCK_M1)
-        for tt in range(TOK):
-            t = (tile * TOK + tt).to(tl.int64)
-            if t < Nq:
-                cnt = tl.load(SCNT + t * HKV + h)
-                _slc_dq_rows(
-                    Q, K, V, O, DO, LSE, DELTA, DQ, QKPOS, SEL, SEL + (t * HKV + h) * NSEL, cnt, t + rows1 * 0,
-                    h * G + rows1, rows1 < G, h, Nk, scale, scale_log2,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                    stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-                    HKV * G, HKV, D, DV, SLC_BLOCK, NSEL, False, BLOCK_M1, BLOCK_K, NSUB, BLOCK_SEL, BLOCK_D,
-                    BLOCK_DV, DOT_PREC,
-                )
 
 
 @triton.jit
@@ -476,17 +478,21 @@ def _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, sca
     o = torch.empty(nq, hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
     block_k = _key_tile(slc_block)
-    grid = (uni.shape[0], hkv)
     if nq > 0:
-        _slc_fwd_kernel[grid](
-            q, k, v, o, lse, q_kpos, sel, scnt, uni, ucnt,
-            nq, nk, scale * _LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-            HKV=hkv, G=group, D=d, DV=dv, SLC_BLOCK=slc_block, NSEL=nsel, USZ=uni.shape[-1], TOK=tok,
-            UNION_PCT=union_pct, BLOCK_M=_pow2(tok * group), BLOCK_M1=_pow2(group), BLOCK_K=block_k,
-            NSUB=triton.cdiv(slc_block, block_k), BLOCK_SEL=_pow2(nsel, 2), BLOCK_TOK=_pow2(tok, 2), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype),
-            num_warps=num_warps, num_stages=num_stages,
-        )
+        # Per-token programs first (tiles that do not walk their union), then the union tiles.
+        for per_token, n_prog in ((True, nq), (False, uni.shape[0] if tok > 1 else 0)):
+            if n_prog == 0:
+                continue
+            _slc_fwd_kernel[(n_prog, hkv)](
+                q, k, v, o, lse, q_kpos, sel, scnt, uni, ucnt,
+                nq, nk, scale * _LOG2E,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+                HKV=hkv, G=group, D=d, DV=dv, SLC_BLOCK=slc_block, NSEL=nsel, USZ=uni.shape[-1], TOK=tok,
+                UNION_PCT=union_pct, PER_TOKEN=per_token, BLOCK_M=_pow2(tok * group), BLOCK_M1=_pow2(group),
+                BLOCK_K=block_k, NSUB=triton.cdiv(slc_block, block_k), BLOCK_SEL=_pow2(nsel, 2),
+                BLOCK_TOK=_pow2(tok, 2), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype),
+                num_warps=num_warps, num_stages=num_stages,
+            )
     return o, lse
 
 
@@ -511,16 +517,20 @@ def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_blo
     nsub = triton.cdiv(slc_block, block_k)
     prec = _dot_precision(q.dtype)
     if nq > 0:
-        _slc_bwd_dq_kernel[(uni.shape[0], hkv)](
-            q, k, v, o, do, lse, delta, dq, q_kpos, sel, scnt, uni, ucnt,
-            nq, nk, scale, scale * _LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            HKV=hkv, G=group, D=d, DV=dv_dim, SLC_BLOCK=slc_block, NSEL=nsel, USZ=uni.shape[-1], TOK=tok,
-            UNION_PCT=union_pct, BLOCK_M=_pow2(tok * group), BLOCK_M1=_pow2(group), BLOCK_K=block_k, NSUB=nsub,
-            BLOCK_SEL=_pow2(nsel, 2), BLOCK_TOK=_pow2(tok, 2), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
-            num_warps=num_warps, num_stages=num_stages,
-        )
+        for per_token, n_prog in ((True, nq), (False, uni.shape[0] if tok > 1 else 0)):
+            if n_prog == 0:
+                continue
+            _slc_bwd_dq_kernel[(n_prog, hkv)](
+                q, k, v, o, do, lse, delta, dq, q_kpos, sel, scnt, uni, ucnt,
+                nq, nk, scale, scale * _LOG2E,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+                HKV=hkv, G=group, D=d, DV=dv_dim, SLC_BLOCK=slc_block, NSEL=nsel, USZ=uni.shape[-1], TOK=tok,
+                UNION_PCT=union_pct, PER_TOKEN=per_token, BLOCK_M=_pow2(tok * group), BLOCK_M1=_pow2(group),
+                BLOCK_K=block_k, NSUB=nsub, BLOCK_SEL=_pow2(nsel, 2), BLOCK_TOK=_pow2(tok, 2),
+                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
+                num_warps=num_warps, num_stages=num_stages,
+            )
         tq = max(1, 64 // group) if group < 64 else 1
         toks, wkey, wstart, wend, blk_start, blk_len, nb = _build_inverted_index(
             sel, cu_seqlens_k, nk, slc_block, chunk_tokens
