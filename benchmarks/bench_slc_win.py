@@ -74,9 +74,10 @@ def print_kernel_times(label, fn):
         fn()
         torch.cuda.synchronize()
     totals = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            totals[ev.name] = totals.get(ev.name, 0.0) + ev.device_time / 1e3
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", 0.0) or getattr(ev, "self_cuda_time_total", 0.0)
+        if us > 0:
+            totals[ev.key] = totals.get(ev.key, 0.0) + us / 1e3
     print(f"kernel times, {label} (slc fwd+bwd then win fwd+bwd, defaults):")
     for name, ms in sorted(totals.items(), key=lambda x: -x[1])[:14]:
         print(f"  {ms:8.3f} ms  {name[:90]}")
