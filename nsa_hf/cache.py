@@ -132,16 +132,21 @@ class NSACache(DynamicCache):
     """A :class:`DynamicCache` whose layers are :class:`NSACacheLayer`.
 
     Args:
+        ddp_cache_data: optional per-layer ``(keys, values)`` to start from, as for :class:`DynamicCache`
+            (the compressed state is then built at the first NSA step).
         config: the model config; when given, one layer per hidden layer is created up front,
             otherwise layers are added as they are first updated.
         offloading: offload layers to CPU between uses (as in :class:`DynamicCache`).
     """
 
-    def __init__(self, config=None, offloading: bool = False, offload_only_non_sliding: bool = False, **kwargs):
+    def __init__(self, ddp_cache_data=None, config=None, offloading: bool = False,
+                 offload_only_non_sliding: bool = False, **kwargs):
         layers = None
         if config is not None:
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
             layers = [NSACacheLayer() for _ in range(num_layers)]
+        elif ddp_cache_data is not None:
+            layers = [NSACacheLayer() for _ in ddp_cache_data]
         Cache.__init__(
             self,
             layers=layers,
@@ -149,6 +154,10 @@ class NSACache(DynamicCache):
             offloading=offloading,
             offload_only_non_sliding=offload_only_non_sliding,
         )
+        for layer, data in zip(self.layers, ddp_cache_data or ()):
+            keys, values = data[:2]
+            if keys is not None and values is not None:
+                layer.update(keys, values)
 
 
 def nsa_cache_layer(past_key_values, layer_idx: int) -> NSACacheLayer | None:

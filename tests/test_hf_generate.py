@@ -191,3 +191,16 @@ def test_stock_llama_fallback_generate_equals_uncached():
     assert type(out.past_key_values) is DynamicCache  # the fallback recompresses from the dense cache
     steps = torch.stack(out.logits, dim=1)[0]
     torch.testing.assert_close(steps, full_logits(model, out.sequences)[0, 20:-1], atol=5e-5, rtol=1e-5)
+
+
+def test_cache_built_from_dense_data_continues_correctly():
+    model = tiny_model()
+    ids = torch.randint(3, 100, (2, 44))
+    dense = DynamicCache()
+    with torch.no_grad():
+        model(ids[:, :37], past_key_values=dense, use_cache=True)
+    cache = NSACache([(layer.keys, layer.values) for layer in dense.layers])
+    assert cache.get_seq_length() == 37 and cache.layers[0].compressed_length() == []
+    logits = _feed(model, cache, ids[:, 37:])  # compressed state built from the dense keys
+    assert cache.layers[0].compressed_length() == [num_cmp_blocks(44, 8, 4)] * 2
+    torch.testing.assert_close(logits, full_logits(model, ids)[:, 37:], atol=5e-5, rtol=1e-5)
