@@ -204,3 +204,16 @@ def test_cache_built_from_dense_data_continues_correctly():
     logits = _feed(model, cache, ids[:, 37:])  # compressed state built from the dense keys
     assert cache.layers[0].compressed_length() == [num_cmp_blocks(44, 8, 4)] * 2
     torch.testing.assert_close(logits, full_logits(model, ids)[:, 37:], atol=5e-5, rtol=1e-5)
+
+
+def test_assisted_and_prompt_lookup_decoding_equal_greedy(monkeypatch):
+    # Both verify candidate tokens and crop the rejected ones off the cache (NSACacheLayer.crop).
+    crops = []
+    original = NSACacheLayer.crop
+    monkeypatch.setattr(NSACacheLayer, "crop", lambda self, n: (crops.append(n), original(self, n))[1])
+    model, assistant = tiny_model(), tiny_model(layers=1)
+    prompt = torch.randint(3, 100, (1, 21))
+    greedy = model.generate(prompt, max_new_tokens=40, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=40, do_sample=False, assistant_model=assistant), greedy)
+    assert torch.equal(model.generate(prompt, max_new_tokens=40, do_sample=False, prompt_lookup_num_tokens=3), greedy)
+    assert crops  # rejected candidates were cropped
