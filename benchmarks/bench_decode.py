@@ -1,6 +1,6 @@
 """Decode benchmark: one NSA attention layer for one new token per sequence, reading a KV cache of S
 tokens, vs dense attention over the whole cache (SDPA, flash backend, GQA) and fla-core's
-``parallel_nsa`` given the same single query.
+``parallel_nsa`` given the same single query (without its window branch, which needs flash-attn).
 
 Run on a GPU machine:  python benchmarks/bench_decode.py [--seqlens 16384 65536 131072] [--batch 1 16]
 Prints a markdown table (also written to --out/bench_decode.md). Times are medians of
@@ -41,6 +41,7 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--tq", type=int, default=1, help="query tokens per sequence")
     ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
+    ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times of ours")
     ap.add_argument("--skip", nargs="*", default=[], help="methods to skip: ours dense fla")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
@@ -92,6 +93,15 @@ def main(argv=None):
                         return torch.nn.functional.scaled_dot_product_attention(qd, k, v, enable_gqa=True)
 
                 res = {}
+                if args.profile:
+                    ours()
+                    torch.cuda.synchronize()
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        for _ in range(20):
+                            ours()
+                        torch.cuda.synchronize()
+                    print(f"S={s} B={bsz} {hq}/{hkv}")
+                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40))
                 if "ours" not in args.skip:
                     ours()
                     res["ours"] = timeit(ours, False)
@@ -110,10 +120,9 @@ def main(argv=None):
                         kf, vf = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
                         g_cmp, g_slc, g_swa = (gates[..., i].contiguous() for i in range(3))
 
-                        def fla():
-                            return parallel_nsa(q, kf, vf, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa,
-                                                block_counts=params.slc_count, block_size=params.slc_block,
-                                                window_size=params.window)
+                        def fla():  # no window branch: fla-core computes it with flash-attn (absent here)
+                            return parallel_nsa(q, kf, vf, g_cmp=g_cmp, g_slc=g_slc,
+                                                block_counts=params.slc_count, block_size=params.slc_block)
 
                         fla()
                         res["fla"] = timeit(fla, False)

@@ -104,17 +104,17 @@ def _cmp_partial_kernel(
     bins = tl.zeros([BLOCK_M, JPS_P], tl.float32)
     if R > 1:
         # The R-1 compressed tokens before the split: scores (and max) only, no value.
-        i = lo - PRE_P + tl.arange(0, PRE_P)
-        i_ok = (i >= start) & (i >= 0) & (i < end)
-        k = tl.load(k_base + i[:, None] * s_kn + offs_d[None, :] * s_kd,
-                    mask=i_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(i_ok[None, :] & (i[None, :] < nvis[:, None]), s, float("-inf"))
-        m_i = tl.max(s, axis=1)
-        p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-        ov = tl.minimum(i[:, None] + R, chunk_hi[None, :]) - tl.maximum(i[:, None], chunk_lo[None, :])
-        ov = tl.where(jl_ok[None, :], tl.maximum(ov, 0), 0).to(tl.float32)
-        bins = tl.dot(p, ov, input_precision="ieee")
+        ip = lo - PRE_P + tl.arange(0, PRE_P)
+        ip_ok = (ip >= start) & (ip >= 0) & (ip < end)
+        kp = tl.load(k_base + ip[:, None] * s_kn + offs_d[None, :] * s_kd,
+                     mask=ip_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        sp_ = tl.dot(q, tl.trans(kp), input_precision=PREC) * qk_scale
+        sp_ = tl.where(ip_ok[None, :] & (ip[None, :] < nvis[:, None]), sp_, float("-inf"))
+        m_i = tl.max(sp_, axis=1)
+        pp = tl.exp2(sp_ - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+        ovp = tl.minimum(ip[:, None] + R, chunk_hi[None, :]) - tl.maximum(ip[:, None], chunk_lo[None, :])
+        ovp = tl.where(jl_ok[None, :], tl.maximum(ovp, 0), 0).to(tl.float32)
+        bins = tl.dot(pp, ovp, input_precision="ieee")
     for n0 in range(lo, end, BLOCK_N):
         i = n0 + tl.arange(0, BLOCK_N)
         i_ok = i < end
@@ -449,8 +449,8 @@ def _plan(bsz, hkv, tq, g, s, sc, d, dv, params: NSAParams, device, cmp_chunk=No
         while chunk * want_splits < sc and chunk // cpb < 128 and chunk < 4096:
             chunk *= 2
         cmp_chunk = chunk
-    elif cmp_chunk % base:
-        raise ValueError(f"cmp_chunk={cmp_chunk} must be a multiple of {base}")
+    else:
+        cmp_chunk = triton.cdiv(cmp_chunk, base) * base  # (tests) at least the asked size
     jps = cmp_chunk // cpb
     nsplit = max(1, triton.cdiv(sc, cmp_chunk))
     n_slc_max = triton.cdiv(s, params.slc_block)
