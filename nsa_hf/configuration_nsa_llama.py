@@ -43,8 +43,8 @@ class NSALlamaConfig(LlamaConfig):
         nsa_gate_init_bias (`list[float]`, *optional*, defaults to `[-4.0, 0.0, 0.0]`):
             Initial output bias of the gate MLP for the (compressed, selected, window) branches. The gate
             weights start at zero, so a freshly converted model starts with constant gates
-            `sigmoid(bias)` = (0.018, 0.5, 0.5): dense attention exactly for keys up to
-            `min(nsa_window, nsa_slc_count * nsa_slc_block)` tokens back, plus a small compressed term.
+            `sigmoid(bias)` = (0.018, 0.5, 0.5): exactly dense attention on sequences of up to
+            `min(nsa_window, nsa_slc_count * nsa_slc_block)` tokens, apart from a small compressed term.
 
     ```python
     >>> from nsa_hf import NSALlamaConfig, NSALlamaForCausalLM
