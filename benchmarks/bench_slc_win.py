@@ -103,12 +103,19 @@ def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=Fa
         dt_ = slc.default_tokens_per_program(g)
         slc_opts += [dict(tokens_per_program=1), dict(tokens_per_program=dt_, union_pct=100),
                      dict(tokens_per_program=dt_, union_pct=0), dict(tokens_per_program=max(1, 32 // g)),
-                     dict(tokens_per_program=max(1, 128 // g)), dict(num_warps=8)]
+                     dict(dkdv_rows=128, dkdv_num_warps=8), dict(dkdv_rows=32), dict(dkdv_rows=128),
+                     dict(chunk_tokens=1024)]
     for cfg in slc_opts:
-        bcfg = {a: b_ for a, b_ in cfg.items() if a != "num_warps"}
-        o, lse = slc._fwd(q, k, v, bi, cu, cu, block, scale, **cfg)
-        f = bench(lambda: slc._fwd(q, k, v, bi, cu, cu, block, scale, **cfg))
-        b = bench(lambda: slc._bwd(do, q, k, v, o, lse, bi, cu, cu, block, scale, **bcfg))
+        fcfg = {a: b_ for a, b_ in cfg.items() if a in ("tokens_per_program", "union_pct", "num_warps")}
+        tok = cfg.get("tokens_per_program") or slc.default_tokens_per_program(g)
+
+        def fwd():  # what the autograd forward does: index preparation (kept for the backward) + kernels
+            prep = slc._prepare(bi, cu, cu, t, block, tok)
+            return slc._fwd(q, k, v, bi, cu, cu, block, scale, prep=prep, **fcfg), prep
+
+        (o, lse), prep = fwd()
+        f = bench(fwd)
+        b = bench(lambda: slc._bwd(do, q, k, v, o, lse, bi, cu, cu, block, scale, prep=prep, **cfg))
         name = "slc " + (",".join(f"{a}={b_}" for a, b_ in cfg.items()) or "default")
         rows.append(dict(op=name, fwd_ms=f, bwd_ms=b, fwdbwd_ms=f + b,
                          fwd_tflops=tflops(slc_flop, f), fwdbwd_tflops=tflops(3.5 * slc_flop, f + b)))
@@ -128,8 +135,9 @@ def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=Fa
         rows.append(dict(op=name, fwd_ms=f, bwd_ms=b, fwdbwd_ms=f + b,
                          fwd_tflops=tflops(win_flop, f), fwdbwd_tflops=tflops(3.5 * win_flop, f + b)))
     if profile:
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
         print_kernel_times(f"T={t} {hq}/{hkv} {mode}", lambda: (
-            slc._bwd(do, q, k, v, *slc._fwd(q, k, v, bi, cu, cu, block, scale), bi, cu, cu, block, scale),
+            torch.autograd.grad(slc.selected_attention(qg, kg, vg, bi, cu, cu, block, scale), (qg, kg, vg), do),
             win._bwd(do, q, k, v, *win._fwd(q, k, v, cu, cu, window, scale), cu, cu, window, scale)))
     if with_sdpa:
         rows.append(sdpa_row(q, k, v, do, hq, hkv, t, d))

@@ -350,14 +350,24 @@ def _query_key_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     return seq, q_kpos.to(torch.int32), cu_seqlens_k[seq].to(torch.int32)
 
 
+def _compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Move the kept entries of each last-axis row to its front (order preserved), ``_BIG`` after
+    them: a prefix sum and a scatter, cheaper than a sort."""
+    n = values.shape[-1]
+    pos = torch.cumsum(keep.to(torch.int32), dim=-1) - 1
+    dest = torch.where(keep, pos, n).long()  # dropped entries go to a spare column
+    out = values.new_full((*values.shape[:-1], n + 1), _BIG)
+    out.scatter_(-1, dest, values)
+    return out[..., :n]
+
+
 def _packed_selection(block_indices, q_kpos, k_start, slc_block):
-    """Per query and KV head, the packed first key of every usable selected block, ascending, then
-    ``_BIG`` padding: ``(Nq, Hkv, n)``, and the number of usable blocks ``(Nq, Hkv)``. A block is
-    usable when its index is >= 0 and it starts at or before the query (later blocks are all masked)."""
-    start = k_start[:, None, None] + block_indices * slc_block
+    """Per query and KV head, the packed first key of every usable selected block (in slot order),
+    then ``_BIG`` padding: ``(Nq, Hkv, n)``, and the number of usable blocks ``(Nq, Hkv)``. A block
+    is usable when its index is >= 0 and it starts at or before the query (later ones are masked)."""
+    start = (k_start[:, None, None] + block_indices * slc_block).to(torch.int32)
     usable = (block_indices >= 0) & (start <= q_kpos[:, None, None])
-    sel = torch.sort(torch.where(usable, start, _BIG).to(torch.int32), dim=-1).values
-    return sel.contiguous(), usable.sum(-1).to(torch.int32).contiguous()
+    return _compact(start, usable).contiguous(), usable.sum(-1).to(torch.int32).contiguous()
 
 
 def _tile_unions(sel: torch.Tensor, tok: int):
@@ -372,11 +382,20 @@ def _tile_unions(sel: torch.Tensor, tok: int):
     u = sel.view(n_tiles, tok, hkv, nsel).permute(0, 2, 1, 3).reshape(n_tiles, hkv, tok * nsel)
     if tok > 1:
         u = torch.sort(u, dim=-1).values
-        dup = torch.zeros_like(u, dtype=torch.bool)
-        dup[..., 1:] = u[..., 1:] == u[..., :-1]
-        u = torch.sort(torch.where(dup, _BIG, u), dim=-1).values
+        first = torch.ones_like(u, dtype=torch.bool)
+        first[..., 1:] = u[..., 1:] != u[..., :-1]
+        u = _compact(u, first & (u != _BIG))
     count = (u != _BIG).sum(-1).to(torch.int32)
     return u.contiguous(), count.contiguous()
+
+
+def _prepare(block_indices, cu_seqlens_q, cu_seqlens_k, nq: int, slc_block: int, tok: int):
+    """Index tensors shared by the forward and backward launchers (compute once, pass to both):
+    ``(q_kpos, sel, scnt, uni, ucnt)``."""
+    _, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
+    sel, scnt = _packed_selection(block_indices, q_kpos, k_start, slc_block)
+    uni, ucnt = _tile_unions(sel, tok)
+    return q_kpos, sel, scnt, uni, ucnt
 
 
 def _build_inverted_index(sel, cu_seqlens_k, nk, slc_block, chunk):
@@ -464,17 +483,19 @@ def _key_tile(slc_block: int) -> int:
 
 
 def _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, scale: float,
-         tokens_per_program: int | None = None, union_pct: int = UNION_PCT, num_warps: int = 4, num_stages: int = 2):
+         tokens_per_program: int | None = None, union_pct: int = UNION_PCT, num_warps: int = 4, num_stages: int = 2,
+         prep=None):
     """Forward launcher: returns ``(o, lse)`` with ``o (Nq, Hq, Dv)`` in q's dtype and the natural-log
-    ``lse (Nq, Hq)`` in fp32 (``-inf`` for a query that attends to nothing)."""
+    ``lse (Nq, Hq)`` in fp32 (``-inf`` for a query that attends to nothing). ``prep``: the output of
+    :func:`_prepare` for the same ``tokens_per_program``, to share it with the backward."""
     nq, hq, d = q.shape
     nk, hkv, dv = v.shape
     group = hq // hkv
     nsel = block_indices.shape[-1]
     tok = tokens_per_program or default_tokens_per_program(group)
-    _, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
-    sel, scnt = _packed_selection(block_indices, q_kpos, k_start, slc_block)
-    uni, ucnt = _tile_unions(sel, tok)
+    if prep is None:
+        prep = _prepare(block_indices, cu_seqlens_q, cu_seqlens_k, nq, slc_block, tok)
+    q_kpos, sel, scnt, uni, ucnt = prep
     o = torch.empty(nq, hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
     block_k = _key_tile(slc_block)
@@ -498,17 +519,18 @@ def _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, sca
 
 def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, scale: float,
          tokens_per_program: int | None = None, union_pct: int = UNION_PCT, chunk_tokens: int = 256,
-         num_warps: int = 4, num_stages: int = 2):
-    """Backward launcher: returns ``(dq, dk, dv)`` in the dtypes of ``q, k, v``."""
+         num_warps: int = 4, num_stages: int = 2, dkdv_rows: int = 64, dkdv_num_warps: int = 4, prep=None):
+    """Backward launcher: returns ``(dq, dk, dv)`` in the dtypes of ``q, k, v``. ``dkdv_rows``: query
+    rows per step of the dk/dv kernel; ``prep`` as in :func:`_fwd`."""
     nq, hq, d = q.shape
     nk, hkv, dv_dim = v.shape
     group = hq // hkv
     nsel = block_indices.shape[-1]
     do = do.contiguous()
     tok = tokens_per_program or default_tokens_per_program(group)
-    _, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
-    sel, scnt = _packed_selection(block_indices, q_kpos, k_start, slc_block)
-    uni, ucnt = _tile_unions(sel, tok)
+    if prep is None:
+        prep = _prepare(block_indices, cu_seqlens_q, cu_seqlens_k, nq, slc_block, tok)
+    q_kpos, sel, scnt, uni, ucnt = prep
     dq = torch.empty_like(q)
     delta = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
     dk32 = torch.zeros(nk, hkv, d, device=q.device, dtype=torch.float32)
@@ -531,7 +553,7 @@ def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_blo
                 BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
                 num_warps=num_warps, num_stages=num_stages,
             )
-        tq = max(1, 64 // group) if group < 64 else 1
+        tq = max(1, dkdv_rows // group)
         toks, wkey, wstart, wend, blk_start, blk_len, nb = _build_inverted_index(
             sel, cu_seqlens_k, nk, slc_block, chunk_tokens
         )
@@ -541,7 +563,7 @@ def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_blo
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             HKV=hkv, G=group, D=d, DV=dv_dim, TQ=tq, BLOCK_M=_pow2(tq * group), BLOCK_K=block_k,
             BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
-            num_warps=4, num_stages=2,
+            num_warps=dkdv_num_warps, num_stages=num_stages,
         )
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
@@ -556,16 +578,20 @@ class SelectedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale):
-        o, lse = _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale)
-        ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k)
+        tok = default_tokens_per_program(q.shape[1] // k.shape[1])
+        prep = _prepare(block_indices, cu_seqlens_q, cu_seqlens_k, q.shape[0], slc_block, tok)
+        o, lse = _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale, prep=prep)
+        ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, *prep)
         ctx.slc_block = slc_block
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dq, dk, dv = _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, ctx.slc_block, ctx.scale)
+        q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, *prep = ctx.saved_tensors
+        dq, dk, dv = _bwd(
+            do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, ctx.slc_block, ctx.scale, prep=tuple(prep)
+        )
         return dq, dk, dv, None, None, None, None, None
 
 
