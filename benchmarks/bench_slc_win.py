@@ -83,7 +83,7 @@ def print_kernel_times(label, fn):
         print(f"  {ms:8.3f} ms  {name[:90]}")
 
 
-def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=False):
+def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=False, ops=("slc", "win")):
     dev = "cuda"
     dt = torch.bfloat16
     g = hq // hkv
@@ -98,8 +98,8 @@ def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=Fa
     slc_flop = 4.0 * n * block * d * hq * t
     win_flop = 4.0 * window * d * hq * t
 
-    slc_opts = [dict()]  # the defaults
-    if sweep:
+    slc_opts = [dict()] if "slc" in ops else []  # the defaults
+    if sweep and slc_opts:
         dt_ = slc.default_tokens_per_program(g)
         slc_opts += [dict(tokens_per_program=1), dict(tokens_per_program=dt_, union_pct=100),
                      dict(tokens_per_program=dt_, union_pct=0), dict(tokens_per_program=max(1, 32 // g)),
@@ -119,8 +119,8 @@ def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=Fa
         name = "slc " + (",".join(f"{a}={b_}" for a, b_ in cfg.items()) or "default")
         rows.append(dict(op=name, fwd_ms=f, bwd_ms=b, fwdbwd_ms=f + b,
                          fwd_tflops=tflops(slc_flop, f), fwdbwd_tflops=tflops(3.5 * slc_flop, f + b)))
-    win_opts = [dict()]
-    if sweep:
+    win_opts = [dict()] if "win" in ops else []
+    if sweep and win_opts:
         win_opts += [dict(num_stages=3), dict(num_stages=1),
                      dict(dkdv_block_n=128, dkdv_num_warps=8), dict(dkdv_block_m=32, dkdv_block_n=128, dkdv_num_warps=8),
                      dict(block_m=128, num_warps=8, dkdv_block_m=64, dkdv_num_warps=4),
@@ -177,6 +177,7 @@ def main():
     ap.add_argument("--selection", nargs="+", default=["random"], choices=["random", "coherent"])
     ap.add_argument("--sweep", action="store_true", help="also time other tile configurations")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--ops", nargs="+", default=["slc", "win"], choices=["slc", "win"])
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU times at the longest length")
     ap.add_argument("--sdpa-max-len", type=int, default=65536)
     ap.add_argument("--out", default=None, help="directory for bench_slc_win.json")
@@ -189,7 +190,7 @@ def main():
             for mode in args.selection:
                 sdpa = not args.no_sdpa and t <= args.sdpa_max_len and mode == args.selection[0]
                 rows = run_case(t, hq, hkv, args.head_dim, args.slc_count, args.slc_block, args.window,
-                                mode, args.sweep, sdpa, args.profile and t == max(args.seqlens))
+                                mode, args.sweep, sdpa, args.profile and t == max(args.seqlens), args.ops)
                 for r in rows:
                     r.update(T=t, layout=lay, selection=mode)
                     print(f"T={t:6d} {lay:5s} {mode:8s} {r['op']:60s} fwd {r['fwd_ms']:8.3f} ms "
