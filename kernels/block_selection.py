@@ -126,10 +126,10 @@ def _select_kernel(
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         p = tl.where(kidx[None, :] < n_vis[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-        if WORK == 1:  # timing knob: scores only
-            carry += tl.sum(tl.reshape(tl.sum(p, axis=1), (TOK, GP)), axis=1)
+        p_tok = tl.sum(tl.reshape(p, (TOK, GP, BN)), axis=1)  # summed over the group's heads
+        if WORK == 1:  # timing knob: scores only (kept alive through the output)
+            best = tl.maximum(best, tl.sum(p_tok, axis=1).to(tl.int32, bitcast=True).to(tl.int64)[:, None])
         else:
-            p_tok = tl.sum(tl.reshape(p, (TOK, GP, BN)), axis=1)  # summed over the group's heads
             own_sum = tl.sum(tl.reshape(p_tok * w_own[None, :], (TOK, NB, R)), axis=2)
             spill = tl.sum(tl.reshape(p_tok * w_spill[None, :], (TOK, NB, R)), axis=2)
             spilled_in = tl.sum(spill[:, :, None] * shift[None, :, :], axis=1)
@@ -146,8 +146,6 @@ def _select_kernel(
                 # Top-NB of (best, new): best sorted descending, new ascending, elementwise max, re-sort.
                 new = _bitonic(key, pos_nb, LOG_NB, False, 1)
                 best = _bitonic(tl.maximum(best, new), pos_nb, LOG_NB, True, LOG_NB)
-    if WORK == 1:
-        best = tl.where(carry[:, None] > 0, best, -1)
     taken = (jcol[None, :] < NSEL) & (best >= 0)
     idx = tl.where(taken, 2147483647 - (best & 2147483647).to(tl.int32), 2147483647)
     idx = _bitonic(idx, pos_nb, LOG_NB, False, 1)
@@ -167,10 +165,12 @@ def _select_kernel(
 def _select_config(q: torch.Tensor, group: int) -> dict:
     gp = triton.next_power_of_2(group)
     if not q.is_cuda:
-        return dict(TOK=max(1, 64 // gp))
-    # H100, D=128 (bench_cmp_sel --sweep): 256 rows / 8 warps at G=16, 128 rows / 4 warps at G=4.
+        return dict(TOK=max(1, 64 // gp), )
+    # H100, D=128, T=64k (bench_cmp_sel --sweep): 256 rows / 8 warps at G=16 (16.5 ms; 128 rows: 19-22
+    # ms), 128 rows / 4 warps at G=4 (9.5 ms; 64 rows / 4 warps 11.4, 128 rows / 8 warps 15.5).
+    # Summing the group's heads with tensor-core matmuls (p split in 3 bf16 parts) was 3x slower.
     rows, warps = (256, 8) if gp >= 16 else (128, 4)
-    return dict(TOK=max(1, rows // gp), num_warps=warps, num_stages=2)
+    return dict(TOK=max(1, rows // gp), num_warps=warps, num_stages=2, )
 
 
 def _fwd(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q: int,
