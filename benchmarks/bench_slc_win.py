@@ -104,9 +104,9 @@ def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=Fa
         slc_opts += [dict(tokens_per_program=1), dict(tokens_per_program=dt_, union_pct=100),
                      dict(tokens_per_program=dt_, union_pct=0), dict(tokens_per_program=max(1, 32 // g)),
                      dict(dkdv_rows=128, dkdv_num_warps=8), dict(dkdv_rows=32), dict(dkdv_rows=128),
-                     dict(chunk_tokens=1024)]
+                     dict(chunk_tokens=1024), dict(num_stages=3), dict(tokens_per_program=1, num_stages=3)]
     for cfg in slc_opts:
-        fcfg = {a: b_ for a, b_ in cfg.items() if a in ("tokens_per_program", "union_pct", "num_warps")}
+        fcfg = {a: b_ for a, b_ in cfg.items() if a in ("tokens_per_program", "union_pct", "num_warps", "num_stages")}
         tok = cfg.get("tokens_per_program") or slc.default_tokens_per_program(g)
 
         def fwd():  # what the autograd forward does: index preparation (kept for the backward) + kernels
