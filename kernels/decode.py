@@ -19,7 +19,7 @@ Decoding is memory bound, so the design is about reading each byte once and fill
    takes the top ``n`` blocks in-kernel (forced initial/local blocks first, ties to the lower index).
 3. ``_sparse_partial_kernel``, grid ``(B*Hkv*Tq, units)``: each unit attends the group's query heads
    to a few selected blocks or to a slice of the sliding window (separate softmax states).
-4. ``_combine_kernel``, grid ``(B*Hkv*Tq,)``: merges the partial states of the three branches and
+4. ``_combine_kernel``, grid ``(B*Hkv*Tq, G)``: merges the partial states of the three branches and
    applies the gates.
 
 Bytes read per (row, KV head): ``N_cmp*(D+Dv)`` for cmp (plus ``(l/d-1)*D`` per split), at most
@@ -61,7 +61,7 @@ def _cmp_partial_kernel(
     Hkv, Tq, G, D, DV, NSPLIT, ROWS, JPS, qk_scale,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, R: tl.constexpr, CPB: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    JPS_P: tl.constexpr, PRE_P: tl.constexpr, PREC: tl.constexpr,
+    JPS_P: tl.constexpr, PRE_P: tl.constexpr, PREC: tl.constexpr, BINS_PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -114,7 +114,7 @@ def _cmp_partial_kernel(
         pp = tl.exp2(sp_ - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
         ovp = tl.minimum(ip[:, None] + R, chunk_hi[None, :]) - tl.maximum(ip[:, None], chunk_lo[None, :])
         ovp = tl.where(jl_ok[None, :], tl.maximum(ovp, 0), 0).to(tl.float32)
-        bins = tl.dot(pp, ovp, input_precision="ieee")
+        bins = tl.dot(pp, ovp, input_precision=BINS_PREC)
     for n0 in range(lo, end, BLOCK_N):
         i = n0 + tl.arange(0, BLOCK_N)
         i_ok = i < end
@@ -133,7 +133,7 @@ def _cmp_partial_kernel(
         # overlap(i, j): stride-chunks [i, i+R) of compressed token i inside selection block j
         ov = tl.minimum(i[:, None] + R, chunk_hi[None, :]) - tl.maximum(i[:, None], chunk_lo[None, :])
         ov = tl.where(jl_ok[None, :], tl.maximum(ov, 0), 0).to(tl.float32)
-        bins = bins * alpha[:, None] + tl.dot(p, ov, input_precision="ieee")
+        bins = bins * alpha[:, None] + tl.dot(p, ov, input_precision=BINS_PREC)
         m_i = m_new
 
     base = (bh * NSPLIT + split).to(tl.int64) * ROWS + rows
@@ -290,30 +290,28 @@ def _sparse_partial_kernel(
 
 
 @triton.jit
-def _merge_splits(M, L, ACC, base, stride_s, n_s, gg, g_ok, offs_dv, DV,
-                  SPLIT_P: tl.constexpr, SB: tl.constexpr, G_P: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Normalised attention output of ``n_s`` partial softmax states ``(m, l, acc)`` stored at
-    ``base + s * stride_s + g`` (``acc`` rows of ``DV``); rows with no key give zeros."""
-    sp = tl.arange(0, SPLIT_P)
-    ok = (sp < n_s)[:, None] & g_ok[None, :]
-    ix = base + sp.to(tl.int64)[:, None] * stride_s + gg[None, :]
-    m_s = tl.load(M + ix, mask=ok, other=float("-inf"))
-    l_s = tl.load(L + ix, mask=ok, other=0.0)
-    m = tl.max(m_s, axis=0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    l_tot = tl.sum(l_s * tl.exp2(m_s - m_use[None, :]), axis=0)
-    inv = tl.where(l_tot > 0, 1.0 / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
-    acc = tl.zeros([G_P, BLOCK_DV], tl.float32)
+def _merge_splits(M, L, ACC, base, stride_s, n_s, offs_dv, DV, SB: tl.constexpr):
+    """Normalised attention output (BLOCK_DV,) of one query head from ``n_s`` partial softmax states
+    ``(m, l, acc)`` stored at ``base + s * stride_s`` (``acc`` rows of ``DV``); zeros if no key."""
     dv_ok = offs_dv < DV
+    m = tl.full([SB], float("-inf"), tl.float32)
     for s0 in range(0, n_s, SB):
         sb = s0 + tl.arange(0, SB)
-        okb = (sb < n_s)[:, None] & g_ok[None, :]
-        ib = base + sb.to(tl.int64)[:, None] * stride_s + gg[None, :]
-        wb = tl.exp2(tl.load(M + ib, mask=okb, other=float("-inf")) - m_use[None, :]) * inv[None, :]
-        a = tl.load(ACC + ib[:, :, None] * DV + offs_dv[None, None, :],
-                    mask=okb[:, :, None] & dv_ok[None, None, :], other=0.0)
-        acc += tl.sum(wb[:, :, None] * a, axis=0)
-    return acc
+        m = tl.maximum(m, tl.load(M + base + sb.to(tl.int64) * stride_s, mask=sb < n_s, other=float("-inf")))
+    m_max = tl.max(m, axis=0)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_tot = tl.zeros([SB], tl.float32)
+    acc = tl.zeros([offs_dv.shape[0]], tl.float32)
+    for s0 in range(0, n_s, SB):
+        sb = s0 + tl.arange(0, SB)
+        ok = sb < n_s
+        ix = base + sb.to(tl.int64) * stride_s
+        w = tl.exp2(tl.load(M + ix, mask=ok, other=float("-inf")) - m_use)
+        l_tot += w * tl.load(L + ix, mask=ok, other=0.0)
+        a = tl.load(ACC + ix[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & dv_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * a, axis=0)
+    lt = tl.sum(l_tot, axis=0)
+    return acc / tl.where(lt > 0, lt, 1.0)
 
 
 @triton.jit
@@ -323,37 +321,36 @@ def _combine_kernel(
     s_ob, s_ot, s_oh, s_od,
     Hkv, Tq, G, DV, NSPLIT, ROWS, NU,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NS: tl.constexpr,
-    G_P: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_P: tl.constexpr, NS_P: tl.constexpr, NW_P: tl.constexpr,
-    SB: tl.constexpr,
+    G_P: tl.constexpr, BLOCK_DV: tl.constexpr, SB: tl.constexpr,
 ):
+    """One program per (row, query token, query head): merges the partial states of the three
+    branches and applies the gates."""
     bht = tl.program_id(0)
+    h = tl.program_id(1)
     bh = bht // Tq
     tq = bht % Tq
     b = bh // Hkv
     hk = bh % Hkv
-    gg = tl.arange(0, G_P)
-    g_ok = gg < G
     offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
     klen = tl.load(KLEN + b).to(tl.int32)
     clen = tl.load(CLEN + b).to(tl.int32)
     t = klen - Tq + tq
     n_act = _active_splits(_num_visible_cmp(t, clen, CMP_L, CMP_D), R, CHUNK)
 
-    rows0 = (bh * NSPLIT).to(tl.int64) * ROWS + tq * G
-    o_cmp = _merge_splits(CM, CL, CACC, rows0, ROWS, n_act, gg, g_ok, offs_dv, DV, SPLIT_P, SB, G_P, BLOCK_DV)
-    ub = (bht * NU).to(tl.int64) * G_P
-    o_slc = _merge_splits(SM, SL, SACC, ub, G_P, NS, gg, g_ok, offs_dv, DV, NS_P, SB, G_P, BLOCK_DV)
-    o_win = _merge_splits(SM, SL, SACC, ub + NS * G_P, G_P, NU - NS, gg, g_ok, offs_dv, DV, NW_P, SB, G_P, BLOCK_DV)
+    o_cmp = _merge_splits(CM, CL, CACC, (bh * NSPLIT).to(tl.int64) * ROWS + tq * G + h, ROWS, n_act,
+                          offs_dv, DV, SB)
+    ub = (bht * NU).to(tl.int64) * G_P + h
+    o_slc = _merge_splits(SM, SL, SACC, ub, G_P, NS, offs_dv, DV, SB)
+    o_win = _merge_splits(SM, SL, SACC, ub + NS * G_P, G_P, NU - NS, offs_dv, DV, SB)
 
-    heads = hk * G + gg
-    gp = GATES + b.to(tl.int64) * s_gb + tq * s_gt + heads * s_gh
-    g0 = tl.load(gp, mask=g_ok, other=0.0).to(tl.float32)
-    g1 = tl.load(gp + s_gc, mask=g_ok, other=0.0).to(tl.float32)
-    g2 = tl.load(gp + 2 * s_gc, mask=g_ok, other=0.0).to(tl.float32)
-    o = g0[:, None] * o_cmp + g1[:, None] * o_slc + g2[:, None] * o_win
-    optr = OUT + b.to(tl.int64) * s_ob + tq * s_ot + heads[:, None] * s_oh + offs_dv[None, :] * s_od
-    tl.store(optr, o.to(OUT.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
+    head = hk * G + h
+    gp = GATES + b.to(tl.int64) * s_gb + tq * s_gt + head * s_gh
+    g0 = tl.load(gp).to(tl.float32)
+    g1 = tl.load(gp + s_gc).to(tl.float32)
+    g2 = tl.load(gp + 2 * s_gc).to(tl.float32)
+    o = g0 * o_cmp + g1 * o_slc + g2 * o_win
+    optr = OUT + b.to(tl.int64) * s_ob + tq * s_ot + head * s_oh + offs_dv * s_od
+    tl.store(optr, o.to(OUT.dtype.element_ty), mask=offs_dv < DV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,10 +440,11 @@ def _plan(bsz, hkv, tq, g, s, sc, d, dv, params: NSAParams, device, cmp_chunk=No
     block_n = (32 if big_d else 64) if on_gpu else 16
     base = block_n * cpb // math.gcd(block_n, cpb)  # lcm: whole tiles and whole selection blocks
     if cmp_chunk is None:
-        # Enough programs for ~2 waves, but splits of at least one tile and at most ~128 owned blocks.
+        # Enough programs for ~2 waves, but splits of at least one tile and at most ~32 owned blocks
+        # (the block-score tile costs (rows x tile) @ (tile x blocks) per tile).
         want_splits = max(1, triton.cdiv(2 * sms, bsz * hkv * m_blocks))
         chunk = base
-        while chunk * want_splits < sc and chunk // cpb < 128 and chunk < 4096:
+        while chunk * want_splits < sc and chunk // cpb < 32 and chunk < 4096:
             chunk *= 2
         cmp_chunk = chunk
     else:
@@ -553,7 +551,8 @@ def nsa_decode(
         hkv, tq, g, d, dv, nsplit, rows, pl["jps"], qk_scale,
         CMP_L=params.cmp_block, CMP_D=params.cmp_stride, R=pl["r"], CPB=pl["cpb"], CHUNK=pl["chunk"],
         BLOCK_M=pl["block_m"], BLOCK_N=pl["block_n"], BLOCK_D=pl["block_d"], BLOCK_DV=pl["block_dv"],
-        JPS_P=pl["jps_p"], PRE_P=_pow2(pl["r"] - 1), PREC=prec, num_warps=4, num_stages=2,
+        JPS_P=pl["jps_p"], PRE_P=_pow2(pl["r"] - 1), PREC=prec, BINS_PREC="tf32x3" if q.is_cuda else "ieee",
+        num_warps=4, num_stages=2,
     )
     # 2. block selection
     idx = torch.empty(bsz, hkv, tq, params.slc_count, dtype=torch.int32, device=dev)
@@ -581,14 +580,12 @@ def nsa_decode(
     )
     # 4. merge and gate
     out = torch.empty(bsz, tq, hq, dv, dtype=q.dtype, device=dev)
-    _combine_kernel[(bsz * hkv * tq,)](
+    _combine_kernel[(bsz * hkv * tq, g)](
         cm, cl, cacc, sm, sl, sacc, gates, out, k_len, cmp_len,
         *gates.stride(), *out.stride(),
         hkv, tq, g, dv, nsplit, rows, nu,
         CMP_L=params.cmp_block, CMP_D=params.cmp_stride, R=pl["r"], CHUNK=pl["chunk"], NS=pl["ns"],
-        G_P=g_p, BLOCK_DV=pl["block_dv"], SPLIT_P=triton.next_power_of_2(nsplit),
-        NS_P=triton.next_power_of_2(pl["ns"]), NW_P=triton.next_power_of_2(nu - pl["ns"]),
-        SB=max(1, 8192 // (g_p * pl["block_dv"])), num_warps=8,
+        G_P=g_p, BLOCK_DV=pl["block_dv"], SB=max(16, min(64, 4096 // pl["block_dv"])), num_warps=4,
     )
     if return_block_indices:
         return out, idx
