@@ -90,10 +90,20 @@ def block_scores_f64(case, params, scale):
     return out
 
 
-def assert_same_blocks_up_to_near_ties(got, want, scores, params, rtol):
+def query_positions(cu_q, cu_k):
+    """Position of every packed query inside its sequence."""
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    return torch.cat([
+        torch.arange(bq[b + 1] - bq[b]) + (bk[b + 1] - bk[b]) - (bq[b + 1] - bq[b]) for b in range(len(bq) - 1)
+    ])
+
+
+def assert_same_blocks_up_to_near_ties(got, want, scores, params, rtol, q_pos):
     """Every (query, KV head) whose chosen set differs must differ only in blocks whose score is
-    within ``rtol`` (relative) of the cut-off score of that row."""
+    within ``rtol`` (relative) of the cut-off score of that row: the weakest block chosen by score
+    (forced blocks excluded) in either set."""
     assert got.shape == want.shape and got.dtype == torch.int32
+    got, want, scores = got.cpu(), want.cpu(), scores.cpu()
     # Ascending with -1 padding at the end, no duplicates.
     valid = got >= 0
     assert bool((valid[..., 1:] <= valid[..., :-1]).all()), "-1 padding must come last"
@@ -106,7 +116,10 @@ def assert_same_blocks_up_to_near_ties(got, want, scores, params, rtol):
         b = set(want[t, h].tolist()) - {-1}
         assert len(a) == len(b), (t, h, sorted(a), sorted(b))
         s = scores[t, h]
-        cutoff = min(float(s[j]) for j in b | a)  # the weakest block in either set
+        own = int(q_pos[t]) // params.slc_block
+        forced = {j for j in range(own + 1) if j < params.init_blocks or j > own - params.local_blocks}
+        assert forced <= a and forced <= b, (t, h, sorted(forced), sorted(a), sorted(b))
+        cutoff = min(float(s[j]) for j in (a | b) - forced)  # the weakest block chosen by score
         for j in a ^ b:
             assert abs(float(s[j]) - cutoff) <= rtol * max(1.0, abs(cutoff)), (
                 f"row {(t, h)}: block {j} score {float(s[j])} is not a near-tie of cut-off {cutoff}"
@@ -219,7 +232,8 @@ def test_select_blocks_fp32(hkv, group):
     _, lse = compressed_attention(case["q"], case["cmp_k"], case["cmp_v"], case["cu_q"], case["cu_k"], case["cu_c"], 8, 4)
     got = select_blocks(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], TINY)
     _, want = reference_cmp(case, TINY, scale, dtype=torch.float32, return_blocks=True)
-    assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, TINY, scale), TINY, rtol=1e-5)
+    assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, TINY, scale), TINY, rtol=1e-5,
+                                        q_pos=query_positions(case["cu_q"], case["cu_k"]))
     # The query's own block and the first block are always chosen.
     own = torch.cat([torch.arange(tk - tq, tk) for tq, tk in zip(query_lens, key_lens)]) // TINY.slc_block
     assert bool((got == own[:, None, None].to(got.device)).any(-1).all())
@@ -242,7 +256,8 @@ def test_select_blocks_other_sizes(params):
     )
     got = select_blocks(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], params, scale)
     _, want = reference_cmp(case, params, scale, dtype=torch.float32, return_blocks=True)
-    assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, params, scale), params, rtol=1e-5)
+    assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, params, scale), params, rtol=1e-5,
+                                        q_pos=query_positions(case["cu_q"], case["cu_k"]))
 
 
 @pytest.mark.gpu
@@ -254,7 +269,8 @@ def test_select_blocks_bf16():
     got = select_blocks(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], TINY)
     _, want = reference_cmp(case, TINY, scale, dtype=torch.float32, return_blocks=True)
     # bf16 operands are exact in fp32 products; lse and sums round differently: slightly wider ties.
-    assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, TINY, scale), TINY, rtol=1e-3)
+    assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, TINY, scale), TINY, rtol=1e-3,
+                                        q_pos=query_positions(case["cu_q"], case["cu_k"]))
 
 
 def test_errors_name_the_bad_value():
@@ -319,7 +335,8 @@ def test_gpu_realistic_bf16(t, hq, hkv):
         m = reference.chunk_overlap_matrix(ck.shape[0], n_slc, params, q.device)
         scores = (p.detach() @ m).unflatten(0, (hkv, hq // hkv)).sum(1)  # (Hkv, T, n_slc)
         want = reference.select_blocks(scores, torch.arange(t, device=q.device), params)
-    assert_same_blocks_up_to_near_ties(got, want, scores.permute(1, 0, 2), params, rtol=1e-4)
+    assert_same_blocks_up_to_near_ties(got, want, scores.permute(1, 0, 2), params, rtol=1e-4,
+                                        q_pos=query_positions(case["cu_q"], case["cu_k"]))
 
 
 @pytest.mark.gpu
@@ -338,4 +355,5 @@ def test_gpu_varlen_bf16_matches_reference():
     for name, g, rg in zip(("dq", "dcmp_k", "dcmp_v"), grads, ref_grads):
         assert rel_err(g, rg) < 2e-2, name
     got = select_blocks(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], params)
-    assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, params, scale), params, rtol=1e-4)
+    assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, params, scale), params, rtol=1e-4,
+                                        q_pos=query_positions(case["cu_q"], case["cu_k"]))
