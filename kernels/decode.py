@@ -191,15 +191,17 @@ def _select_kernel(
     own = t // SLC_L
     eligible = (j <= own) & jl_ok[None, :]
     forced = eligible & ((j < INIT) | (j > own - LOCAL))
-    sc = tl.where(forced, float("inf"), tl.where(eligible, score, float("-inf")))
+    sc = tl.where(forced, float("inf"), score)  # scores are >= 0: their bits order like the floats
+    # One sortable int64 key per block: (score bits, then the lower index first); -1 = not eligible.
+    low = 2147483647 - j
+    key = tl.where(eligible, sc.to(tl.int32, bitcast=True).to(tl.int64) * 4294967296 + low, -1)
     n_take = tl.minimum(own + 1, N_SEL)
-    big = SPLIT_P * JPS_P + 1
     out = IDX_out + (bh * Tq + tq).to(tl.int64) * N_SEL
     for r in range(0, N_SEL):
-        mx = tl.max(tl.max(sc, axis=1), axis=0)
-        cand = tl.min(tl.min(tl.where(sc == mx, j, big), axis=1), axis=0)
+        best = tl.max(tl.max(key, axis=1), axis=0)
+        cand = (2147483647 - (best % 4294967296)).to(tl.int32)
         tl.store(out + r, tl.where(r < n_take, cand, -1))
-        sc = tl.where(j == cand, float("-inf"), sc)
+        key = tl.where(key == best, -1, key)
 
 
 @triton.jit
