@@ -33,7 +33,6 @@ import triton.language as tl
 from .compressed_attention import _LOG2E, _dot_precision, _n_visible, _pow2, check_cmp_inputs
 from .params import NSAParams
 
-_NO_BLOCK = 2**31 - 1  # sorts after every real block index
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
