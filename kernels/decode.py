@@ -27,6 +27,7 @@ Bytes read per (row, KV head): ``N_cmp*(D+Dv)`` for cmp (plus ``(l/d-1)*D`` per 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -364,6 +365,7 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(x)))
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -428,6 +430,7 @@ def _check_lengths(tq, s, sc, k_start, k_len, cmp_start, cmp_len):
             )
 
 
+@functools.lru_cache(maxsize=256)
 def _plan(bsz, hkv, tq, g, s, sc, d, dv, params: NSAParams, device, cmp_chunk=None, slc_per_unit=None,
           win_per_unit=None):
     """Tile sizes and work split. Returns a dict of launch parameters."""
@@ -468,8 +471,7 @@ def _plan(bsz, hkv, tq, g, s, sc, d, dv, params: NSAParams, device, cmp_chunk=No
             slc_per_unit = max(1, min(params.slc_count, keys_per_unit // params.slc_block))
         if win_per_unit is None:
             win_per_unit = max(block_w, triton.cdiv(keys_per_unit, block_w) * block_w)
-    if win_per_unit % block_w:
-        raise ValueError(f"win_per_unit={win_per_unit} must be a multiple of {block_w}")
+    win_per_unit = triton.cdiv(win_per_unit, block_w) * block_w  # (tests) at least the asked size
     ns = triton.cdiv(params.slc_count, slc_per_unit)
     nw = triton.cdiv(win_keys, win_per_unit)
     return dict(
@@ -541,11 +543,13 @@ def nsa_decode(
     f32 = dict(dtype=torch.float32, device=dev)
 
     # 1. compressed pass
-    rows, nsplit = pl["rows"], pl["nsplit"]
-    cm = torch.empty(bsz * hkv, nsplit, rows, **f32)
-    cl = torch.empty_like(cm)
-    cacc = torch.empty(bsz * hkv, nsplit, rows, dv, **f32)
-    bins = torch.empty(bsz * hkv, nsplit, rows, pl["jps"], **f32)
+    rows, nsplit, nu, g_p = pl["rows"], pl["nsplit"], pl["nu"], pl["g_p"]
+    # One scratch allocation for every partial result (fp32): cmp (m, l, acc, block scores), slc/win (m, l, acc).
+    n_c = bsz * hkv * nsplit * rows
+    n_s = bsz * hkv * tq * nu * g_p
+    sizes = [n_c, n_c, n_c * dv, n_c * pl["jps"], n_s, n_s, n_s * dv]
+    scratch = torch.empty(sum(sizes), **f32).split(sizes)
+    cm, cl, cacc, bins, sm, sl, sacc = scratch
     _cmp_partial_kernel[(bsz * hkv, nsplit, pl["m_blocks"])](
         q, cmp_k_cache, cmp_v_cache, k_len, cmp_start, cmp_len,
         cm, cl, cacc, bins,
@@ -567,10 +571,6 @@ def nsa_decode(
         GB=max(1, min(triton.next_power_of_2(g), 16384 // (pl["split_p"] * pl["jps_p"]))), num_warps=8,
     )
     # 3. selected + window attention, split into units
-    nu, g_p = pl["nu"], pl["g_p"]
-    sm = torch.empty(bsz * hkv * tq, nu, g_p, **f32)
-    sl = torch.empty_like(sm)
-    sacc = torch.empty(bsz * hkv * tq, nu, g_p, dv, **f32)
     _sparse_partial_kernel[(bsz * hkv * tq, nu)](
         q, k_cache, v_cache, k_start, k_len, idx,
         sm, sl, sacc,

@@ -201,3 +201,11 @@ def test_decode_gpu_fp32_strided_dv():
     params = NSAParams()
     case = make_case([4096, 3001], 2, 32, 8, d=128, dv=64, params=params, strided=True, pad=(0, 100))
     check(case, params, atol=1e-4, rtol=1e-4, max_ties=1)
+
+
+def test_decode_many_queries_row_blocks():
+    """Tq * G > 64 query rows per KV head: several row blocks in the compressed pass (chunked
+    prefill / speculative decoding)."""
+    lens = [int(torch.randint(70, 120, ())), 40]
+    case = make_case(lens, 9, 16, 2, d=16, dv=16, params=SMALL)
+    check(case, SMALL, atol=1e-4, rtol=1e-4, max_ties=1)
