@@ -26,13 +26,14 @@ recomputed from the dense cache at every step; see ``docs/fallback.md``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from nsa_kernels import MLPCompressor, MeanPoolCompressor, NSAParams, num_cmp_blocks, validate_nsa_params
-from nsa_kernels import nsa_attention_varlen
+from nsa_kernels import nsa_attention_varlen, resolve_backend
 
 from .cache import NSACacheLayer
 
@@ -109,6 +110,7 @@ class _Layout:
     lens_k: list[int]  # keys per sequence
     per_row: bool  # one sequence per batch row (the cache's compressed state applies)
     valid: torch.Tensor | None  # (B, KV) real-token mask when per_row
+    left_aligned: bool = False  # per_row and every row is padding then real tokens
 
 
 def _restart_lengths(position_ids: torch.Tensor, batch: int, length: int) -> list[int] | None:
@@ -155,9 +157,11 @@ def _layout(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -> _
             )
         valid = attention_mask.to(torch.bool)
         q_valid = valid[:, kv_len - q_len:]
+        mono = (valid[:, 1:] >= valid[:, :-1]).all().reshape(1)
+        sums = torch.cat([q_valid.sum(1), valid.sum(1), mono.long()]).tolist()  # one host sync
         return _Layout(
-            q_valid.reshape(-1), valid.reshape(-1), q_valid.sum(1).tolist(), valid.sum(1).tolist(),
-            per_row=True, valid=valid,
+            q_valid.reshape(-1), valid.reshape(-1), sums[:batch], sums[batch:2 * batch],
+            per_row=True, valid=valid, left_aligned=bool(sums[-1]),
         )
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and q_len == kv_len:
@@ -165,7 +169,7 @@ def _layout(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -> _
         if lens is not None:
             return _Layout(None, None, lens, lens, per_row=False, valid=None)
     valid = torch.ones(batch, kv_len, dtype=torch.bool, device=key.device)
-    return _Layout(None, None, [q_len] * batch, [kv_len] * batch, per_row=True, valid=valid)
+    return _Layout(None, None, [q_len] * batch, [kv_len] * batch, per_row=True, valid=valid, left_aligned=True)
 
 
 def _pack(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -210,13 +214,168 @@ def _compressed(k, v, layout, compressors, params, cache_layer):
     if cache_layer is not None and layout.per_row:
         first = cache_layer.compressed_counts(layout.valid, params.cmp_block, params.cmp_stride)
         new_k, new_v = _compress_blocks(k, v, layout.lens_k, first, compressors, params)
-        rows_k, rows_v = cache_layer.append_compressed(layout.valid, new_k, new_v)
+        rows_k, rows_v = cache_layer.append_compressed(layout.valid, new_k, new_v, real_lens=layout.lens_k,
+                                                       left_aligned=layout.left_aligned)
     else:
         if cache_layer is not None:
             cache_layer.clear_compressed()  # packed rows: no per-row state to keep
         rows_k, rows_v = _compress_blocks(k, v, layout.lens_k, [0] * len(layout.lens_k), compressors, params)
     counts = [x.shape[0] for x in rows_k]
     return torch.cat(rows_k, dim=0), torch.cat(rows_v, dim=0), counts
+
+
+# -- decode path --------------------------------------------------------------------------------------
+
+DECODE_BACKEND = os.environ.get("NSA_DECODE_BACKEND", "auto")
+"""When decoding steps use the Triton decode kernels (:func:`nsa_kernels.decode.nsa_decode`):
+``"auto"`` (default) when :func:`nsa_kernels.resolve_backend` picks ``"triton"`` (CUDA), ``"triton"``
+always (on CPU only under ``TRITON_INTERPRET=1``: tests), ``"off"`` never (every step takes the varlen
+path). Read at each call; set it here or with the environment variable ``NSA_DECODE_BACKEND`` (read at
+import)."""
+
+MAX_DECODE_QUERIES = 16
+"""Largest query length (new tokens per row) handled by the decode kernels; longer steps (prefill,
+long chunks) take the varlen training kernels."""
+
+_DECODE_CHOICES = ("auto", "triton", "off")
+
+
+def _decode_enabled(device: torch.device) -> bool:
+    mode = DECODE_BACKEND
+    if mode not in _DECODE_CHOICES:
+        raise ValueError(f"NSA_DECODE_BACKEND / nsa_hf.attention.DECODE_BACKEND={mode!r} is not one of {_DECODE_CHOICES}")
+    if mode == "off":
+        return False
+    return mode == "triton" or resolve_backend(device) == "triton"
+
+
+@dataclasses.dataclass
+class _DecodePlan:
+    """What a decoding step needs, shared by all layers of one forward (they see the same mask object)."""
+
+    mask: torch.Tensor | None  # the attention mask it was built from (kept alive: identity is the key)
+    shape: tuple  # (B, S, Q, cmp_block, cmp_stride, device)
+    ok: bool  # left-aligned rows with at least Q real tokens each
+    valid: torch.Tensor | None = None  # (B, S) bool
+    k_len: torch.Tensor | None = None  # (B,) int32 real tokens per row
+    k_start: torch.Tensor | None = None  # (B,) int32 S - k_len
+    cmp_len: torch.Tensor | None = None  # (B,) int32 num_cmp_blocks(k_len)
+    cmp_start: torch.Tensor | None = None  # (B,) int32 zeros
+    k_lens: list[int] | None = None  # host copy of k_len
+    cmp_counts: list[int] | None = None  # host copy of cmp_len
+    new_blocks: bool = False  # some row completes a compression block in this step
+    slots: torch.Tensor | None = None  # (B, J) int64 slots of the candidate new blocks
+    gather: torch.Tensor | None = None  # (B, J*l) int64 key positions of their tokens (clamped)
+    capacity: int = 0  # compressed slots the candidates need
+
+
+_last_plan: list[_DecodePlan | None] = [None]
+
+
+def _device_cmp_blocks(n: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
+    """:func:`num_cmp_blocks` of a tensor of lengths, on its device."""
+    return torch.where(n >= cmp_block, (n - cmp_block).clamp_min(0) // cmp_stride + 1, torch.zeros_like(n))
+
+
+def _decode_plan(attention_mask, batch: int, kv_len: int, q_len: int, params: NSAParams, device) -> _DecodePlan:
+    """The plan of this step, built once per forward: one host sync with a padding mask (eligibility and
+    the per-row lengths), none without one."""
+    shape = (batch, kv_len, q_len, params.cmp_block, params.cmp_stride, device)
+    plan = _last_plan[0]
+    if plan is not None and plan.mask is attention_mask and plan.shape == shape:
+        return plan
+    l, d = params.cmp_block, params.cmp_stride
+    if attention_mask is None:
+        valid = torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+        k_len = torch.full((batch,), kv_len, dtype=torch.int64, device=device)
+        k_lens, ok = [kv_len] * batch, True
+    else:
+        valid = attention_mask.to(torch.bool)
+        k_len = valid.sum(1)
+        mono = (valid[:, 1:] >= valid[:, :-1]).all().reshape(1)  # padding, then real tokens
+        host = torch.cat([k_len, mono.long()]).tolist()  # the one host sync of the step
+        k_lens, ok = host[:batch], bool(host[-1]) and min(host[:batch]) >= q_len
+    plan = _DecodePlan(attention_mask, shape, ok)
+    _last_plan[0] = plan
+    if not ok:
+        return plan
+    n_new = _device_cmp_blocks(k_len, l, d)
+    n_old = _device_cmp_blocks(k_len - q_len, l, d)
+    j = -(-q_len // d)  # blocks ending among Q consecutive positions
+    slots = n_old[:, None] + torch.arange(j, device=device)
+    first = (kv_len - k_len)[:, None] + slots * d  # first key of each candidate block
+    gather = (first[:, :, None] + torch.arange(l, device=device)).clamp_(0, kv_len - 1).reshape(batch, j * l)
+    cmp_counts = [num_cmp_blocks(n, l, d) for n in k_lens]
+    plan.valid, plan.k_lens, plan.cmp_counts = valid, k_lens, cmp_counts
+    plan.k_len = k_len.to(torch.int32)
+    plan.k_start = (kv_len - k_len).to(torch.int32)
+    plan.cmp_len = n_new.to(torch.int32)
+    plan.cmp_start = torch.zeros(batch, dtype=torch.int32, device=device)
+    plan.new_blocks = any(c != num_cmp_blocks(n - q_len, l, d) for c, n in zip(cmp_counts, k_lens))
+    plan.slots, plan.gather = slots, gather
+    plan.capacity = num_cmp_blocks(kv_len, l, d) + j
+    return plan
+
+
+def _try_decode(query, key, value, attention_mask, gates, compressors, params, cache_layer, scaling, kwargs):
+    """The decode path (see :func:`nsa_attention_forward`), or ``None`` when this step is not one."""
+    batch, hq, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    if (
+        cache_layer is None
+        or not 1 <= q_len <= MAX_DECODE_QUERIES
+        or kv_len <= q_len  # no cached past: a prefill
+        or kwargs.get("cu_seq_lens_q") is not None
+        or kwargs.get("cu_seq_lens_k") is not None
+        or (attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape != (batch, kv_len)))
+        or not _decode_enabled(query.device)
+    ):
+        return None
+    plan = _decode_plan(attention_mask, batch, kv_len, q_len, params, query.device)
+    if not plan.ok:
+        return None
+    past_real = [n - q_len for n in plan.k_lens]
+    if not cache_layer.decode_ready(batch, kv_len - q_len, past_real, params.cmp_block, params.cmp_stride,
+                                    plan.valid):
+        return None  # no (or a stale) compressed state: the varlen path rebuilds it
+    if plan.new_blocks:
+        _compress_candidates(key, value, plan, compressors, params, cache_layer)
+    cache_layer.set_decode_state(plan.valid, plan.cmp_len, plan.cmp_counts, plan.k_lens)
+    if gates is None:
+        gates = query.new_tensor(FALLBACK_GATES).expand(batch, q_len, hq, 3)
+    sc = max(1, num_cmp_blocks(kv_len, params.cmp_block, params.cmp_stride))
+    out = _nsa_decode(
+        query.transpose(1, 2), key, value, cache_layer.cmp_k[:, :, :sc], cache_layer.cmp_v[:, :, :sc], gates,
+        plan.k_start, plan.k_len, plan.cmp_start, plan.cmp_len, params, scaling,
+    )
+    return out
+
+
+def _compress_candidates(key, value, plan, compressors, params, cache_layer) -> None:
+    """Compress the ``J`` candidate blocks of every row (those that may end among the new positions) and
+    write them at their slots: the completed ones become visible through the new counts, the others
+    land in scratch slots."""
+    cmp_k_fn, cmp_v_fn = compressors
+    batch, hkv, _, dim = key.shape
+    l = params.cmp_block
+    j = plan.slots.shape[1]
+    idx = plan.gather[:, None, :, None]
+
+    def blocks(x):
+        g = x.gather(2, idx.expand(batch, hkv, j * l, x.shape[-1]))  # (B, Hkv, J*l, D)
+        return g.view(batch, hkv, j, l, x.shape[-1]).transpose(1, 2).reshape(batch * j, hkv, l, x.shape[-1])
+
+    ck = cmp_k_fn(blocks(key)).view(batch, j, hkv, -1).transpose(1, 2)
+    cv = cmp_v_fn(blocks(value)).view(batch, j, hkv, -1).transpose(1, 2)
+    cache_layer.write_compressed(plan.slots, ck.to(key.dtype), cv.to(value.dtype), plan.capacity)
+
+
+def _nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len, params, scale):
+    """The decode kernels (lengths consistent by construction: no host-side check)."""
+    from nsa_kernels.decode import nsa_decode
+
+    return nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len, params, scale,
+                      check_lengths=False)
 
 
 # -- the backend --------------------------------------------------------------------------------------
@@ -271,6 +430,10 @@ def nsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
         compressors = _fallback_compressors(params)
     if cache_layer is not None and not isinstance(cache_layer, NSACacheLayer):
         cache_layer = None
+
+    decoded = _try_decode(query, key, value, attention_mask, gates, compressors, params, cache_layer, scaling, kwargs)
+    if decoded is not None:
+        return decoded, None
 
     batch, hq, q_len, head_dim = query.shape
     layout = _layout(query, key, attention_mask, kwargs)
