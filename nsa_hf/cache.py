@@ -68,6 +68,7 @@ class NSACacheLayer(DynamicLayer):
         self.valid: torch.Tensor | None = None
         self.real_lens: list[int] | None = None
         self.left_aligned = False
+        self._aligned_valid: torch.Tensor | None = None  # the `valid` that left_aligned/real_lens describe
         self.cmp_block: int | None = None
         self.cmp_stride: int | None = None
 
@@ -156,7 +157,7 @@ class NSACacheLayer(DynamicLayer):
         self._set_counts(counts)
         self.valid = valid
         self.real_lens = None if real_lens is None else list(real_lens)
-        self.left_aligned = left_aligned
+        self.left_aligned, self._aligned_valid = left_aligned, valid
         return self.compressed_rows()
 
     def _set_counts(self, counts: list[int], device_counts: torch.Tensor | None = None) -> None:
@@ -184,7 +185,7 @@ class NSACacheLayer(DynamicLayer):
             or (self.cmp_block, self.cmp_stride) != (cmp_block, cmp_stride)
         ):
             return False
-        if self.left_aligned and self.real_lens is not None:
+        if self.left_aligned and self.real_lens is not None and self._aligned_valid is self.valid:
             # Two left-aligned masks of the same length are equal iff their row sums are.
             return self.real_lens == list(past_real)
         return bool(torch.equal(self.valid, valid[:, :past_len]))
@@ -207,7 +208,7 @@ class NSACacheLayer(DynamicLayer):
         self.cmp_len = cmp_len
         self.cmp_counts = list(cmp_counts)
         self.real_lens = list(real_lens)
-        self.left_aligned = True
+        self.left_aligned, self._aligned_valid = True, valid
 
     # -- cache manipulations used by generate() -------------------------------------------------------
 
@@ -221,7 +222,9 @@ class NSACacheLayer(DynamicLayer):
             if self.real_lens is not None:
                 self.real_lens = [self.real_lens[i] for i in rows]
         if self.valid is not None:
+            tracked = self._aligned_valid is self.valid
             self.valid = self.valid[torch.tensor(rows, dtype=torch.long, device=self.valid.device)]
+            self._aligned_valid = self.valid if tracked else None
 
     def reset(self) -> None:
         super().reset()
@@ -249,7 +252,9 @@ class NSACacheLayer(DynamicLayer):
         if self.valid is None or self.cmp_k is None:
             return
         length = self.get_seq_length()
+        tracked = self._aligned_valid is self.valid
         self.valid = self.valid[:, :length]
+        self._aligned_valid = self.valid if tracked else None
         self.real_lens = self.valid.sum(dim=1).tolist()  # (a prefix of a left-aligned mask stays left-aligned)
         keep = [min(c, num_cmp_blocks(int(n), self.cmp_block, self.cmp_stride))
                 for c, n in zip(self.cmp_counts, self.real_lens)]

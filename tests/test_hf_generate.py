@@ -175,7 +175,7 @@ def test_stale_compressed_state_is_rebuilt():
     cache = NSACache(config=model.config)
     _feed(model, cache, ids[:, :30])
     layer = cache.layers[0]
-    layer.cmp_keys = [k + 1.0 for k in layer.cmp_keys]  # corrupt, then change the recorded validity
+    layer.cmp_k.add_(1.0)  # corrupt, then change the recorded validity
     layer.valid = torch.zeros_like(layer.valid)
     logits = _feed(model, cache, ids[:, 30:])
     torch.testing.assert_close(logits[0], full_logits(model, ids)[0, 30:], atol=5e-5, rtol=1e-5)
