@@ -460,7 +460,9 @@ def _plan(bsz, hkv, tq, g, s, sc, d, dv, params: NSAParams, device, cmp_chunk=No
     else:
         cmp_chunk = triton.cdiv(cmp_chunk, base) * base  # (tests) at least the asked size
     jps = cmp_chunk // cpb
-    nsplit = max(1, triton.cdiv(sc, cmp_chunk))
+    # A split also owns the selection blocks fed by the R-1 compressed tokens before its range, so the
+    # last one may start at sc (when sc is a multiple of the chunk): count it (see _active_splits).
+    nsplit = max(1, triton.cdiv(sc + r - 1, cmp_chunk))
     n_slc_max = triton.cdiv(s, params.slc_block)
     split_p = triton.next_power_of_2(max(nsplit, triton.cdiv(n_slc_max, jps)))
 
