@@ -213,20 +213,27 @@ def select_blocks(
     cu_seqlens_cmp: torch.Tensor,
     params: NSAParams,
     scale: float | None = None,
+    *,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     """Selection blocks of every query and KV head (Triton, no gradient).
 
     Args:
-        q: ``(Nq, Hq, D)`` queries; cmp_k: ``(Nc, Hkv, D)`` compressed keys.
+        q: ``(Nq, Hq, D)`` queries; cmp_k: ``(Nc, Hkv, D)`` compressed keys (one dtype among float32,
+            float16, bfloat16).
         lse: ``(Nq, Hq)`` float32 logsumexp returned by
             :func:`compressed_attention.compressed_attention` with the same inputs and scale.
         cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp: int32 ``(B + 1,)`` offsets of each sequence.
         params: NSA sizes (``cmp_block <= slc_block`` is required here).
         scale: softmax scale, ``D ** -0.5`` by default.
+        max_seqlen_q, max_seqlen_k: optional upper bounds of the sequence lengths; with
+            ``max_seqlen_k`` given nothing is copied to the host (see ``compressed_attention``).
 
     Returns:
         int32 ``(Nq, Hkv, params.slc_count)``: chosen block indices in ascending order, ``-1`` padding
         where fewer blocks are eligible; equal to the reference's choice (ties to the lower index).
+        Runs as the ``nsa_kernels::select_blocks`` custom op.
     """
     if not isinstance(params, NSAParams):
         raise ValueError(f"params must be an NSAParams; got {type(params).__name__}")
@@ -236,15 +243,17 @@ def select_blocks(
             "selection (use the reference implementation otherwise)"
         )
     max_q, _ = check_cmp_inputs(
-        q, cmp_k, cmp_k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params.cmp_block, params.cmp_stride
+        q, cmp_k, cmp_k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params.cmp_block, params.cmp_stride,
+        max_seqlen_q, max_seqlen_k,
     )
     if lse.shape != q.shape[:2] or lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32 {tuple(q.shape[:2])}; got {lse.dtype} {tuple(lse.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, cmp_k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, cmp_k))
-    with torch.no_grad():
-        return _fwd(
-            q.detach(), cmp_k.detach(), lse.contiguous(), cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_q,
-            params.cmp_block, params.cmp_stride, params.slc_block, params.slc_count,
-            params.init_blocks, params.local_blocks, scale,
-        )
+    from .ops import select_blocks as select_op
+
+    return select_op(
+        q.detach(), cmp_k.detach(), lse.detach().contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+        cu_seqlens_cmp.contiguous(), max_q, params.cmp_block, params.cmp_stride, params.slc_block,
+        params.slc_count, params.init_blocks, params.local_blocks, scale,
+    )

@@ -435,9 +435,15 @@ class _CompressedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride):
+def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride,
+                     max_seqlen_q=None, max_seqlen_k=None):
     """Validate the inputs of compressed attention / block selection; raise ``ValueError`` naming the
-    bad value. Returns ``(max_seqlen_q, max_seqlen_cmp)``."""
+    bad value. Returns ``(max_seqlen_q, max_seqlen_cmp)``.
+
+    The offsets are copied to the host once (one transfer for all three) to be checked and to give
+    the maxima, unless ``max_seqlen_k`` is given (then nothing is copied and the offsets' values are
+    trusted; ``max_seqlen_q`` defaults to ``max_seqlen_k``), or while ``torch.compile`` traces (then
+    ``(-1, -1)`` is returned and the custom op does the copy and the checks when it runs)."""
     for name, value in (("cmp_block", cmp_block), ("cmp_stride", cmp_stride)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -459,31 +465,18 @@ def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp
         raise ValueError(f"dtypes differ: q {q.dtype}, cmp_k {cmp_k.dtype}, cmp_v {cmp_v.dtype}")
     if q.device != cmp_k.device or q.device != cmp_v.device:
         raise ValueError(f"devices differ: q {q.device}, cmp_k {cmp_k.device}, cmp_v {cmp_v.device}")
-    cus = (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("cu_seqlens_cmp", cu_seqlens_cmp))
-    for name, cu in cus:
-        if cu.dim() != 1 or cu.dtype != torch.int32 or cu.shape[0] < 2:
-            raise ValueError(f"{name} must be a 1-D int32 tensor of B+1 >= 2 offsets; got {cu.dtype} {tuple(cu.shape)}")
-        if cu.shape[0] != cu_seqlens_q.shape[0]:
-            raise ValueError(f"{name} has {cu.shape[0]} entries, cu_seqlens_q has {cu_seqlens_q.shape[0]}")
-        if cu.device != q.device:
-            raise ValueError(f"{name} is on {cu.device}, q on {q.device}")
-    bq, bk, bc = (cu.tolist() for _, cu in cus)
-    lq = [e - s for s, e in zip(bq[:-1], bq[1:])]
-    lk = [e - s for s, e in zip(bk[:-1], bk[1:])]
-    lc = [e - s for s, e in zip(bc[:-1], bc[1:])]
-    if bq[0] != 0 or bq[-1] != q.shape[0] or min(lq) < 0:
-        raise ValueError(f"cu_seqlens_q={bq} must rise from 0 to the {q.shape[0]} query tokens")
-    if bc[0] != 0 or bc[-1] != cmp_k.shape[0] or min(lc) < 0:
-        raise ValueError(f"cu_seqlens_cmp={bc} must rise from 0 to the {cmp_k.shape[0]} compressed tokens")
-    if any(a > b for a, b in zip(lq, lk)):
-        raise ValueError(f"query lengths {lq} exceed key lengths {lk}; queries are the last Tq of Tk positions")
-    expect = [num_cmp_blocks(n, cmp_block, cmp_stride) for n in lk]
-    if lc != expect:
-        raise ValueError(
-            f"cu_seqlens_cmp gives {lc} compressed tokens per sequence; key lengths {lk} have {expect} "
-            f"complete blocks (cmp_block={cmp_block}, cmp_stride={cmp_stride})"
-        )
-    return max(lq), max(lc)
+    from .ops import check_cu_seqlens_meta, varlen_plan
+
+    check_cu_seqlens_meta(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.device)
+    if max_seqlen_k is not None:
+        max_q = max_seqlen_k if max_seqlen_q is None else max_seqlen_q
+        return max_q, num_cmp_blocks(max_seqlen_k, cmp_block, cmp_stride)
+    if torch.compiler.is_compiling():
+        return -1, -1
+    max_q, _, max_c = varlen_plan(
+        cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.shape[0], -1, cmp_k.shape[0], cmp_block, cmp_stride
+    )
+    return max_q, max_c
 
 
 def compressed_attention(
@@ -496,6 +489,9 @@ def compressed_attention(
     cmp_block: int,
     cmp_stride: int,
     scale: float | None = None,
+    *,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NSA's compressed-attention branch over packed sequences (Triton, differentiable).
 
@@ -503,18 +499,28 @@ def compressed_attention(
         q: ``(Nq, Hq, D)`` queries; sequence ``b``'s are the last ``Tq`` of its ``Tk`` positions.
         cmp_k, cmp_v: ``(Nc, Hkv, D)`` / ``(Nc, Hkv, Dv)`` compressed keys/values (every complete
             compression block of each sequence, in order). ``Hq`` must be a multiple of ``Hkv``.
+            One dtype among float32, float16, bfloat16; the last axis contiguous (made so otherwise).
         cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp: int32 ``(B + 1,)`` offsets of each sequence.
         cmp_block, cmp_stride: ``l`` and ``d``: block ``i`` covers keys ``[i*d, i*d + l)``.
         scale: softmax scale, ``D ** -0.5`` by default.
+        max_seqlen_q, max_seqlen_k: optional upper bounds of the query / key lengths (as in
+            flash-attn's varlen API). With ``max_seqlen_k`` given nothing is copied to the host (the
+            offsets are then not validated); otherwise the offsets are copied once and checked.
 
     Returns:
         ``o (Nq, Hq, Dv)`` in q's dtype and ``lse (Nq, Hq)`` float32, the natural-log logsumexp of the
         scaled scores (``+inf`` for queries that see no compressed token; their output is 0).
         Gradients flow to ``q``, ``cmp_k`` and ``cmp_v``; ``lse`` is not differentiable.
+        Runs as the ``nsa_kernels::cmp_fwd`` custom op (traceable by ``torch.compile``).
     """
-    max_q, max_c = check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride)
+    max_q, max_c = check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride,
+                                    max_seqlen_q, max_seqlen_k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, cmp_k, cmp_v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, cmp_k, cmp_v))
-    return _CompressedAttention.apply(
-        q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_q, max_c, cmp_block, cmp_stride, scale
+    from .ops import cmp_fwd
+
+    o, lse, _ = cmp_fwd(
+        q, cmp_k, cmp_v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), cu_seqlens_cmp.contiguous(),
+        max_q, max_c, cmp_block, cmp_stride, scale, 0, 0, 0, 0,
     )
+    return o, lse

@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from . import reference
-from .params import NSAParams
+from .params import NSAParams, num_cmp_blocks
 
 _BACKENDS = ("auto", "triton", "reference")
 _warned_no_triton = False
@@ -40,22 +40,85 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
     return "reference"
 
 
-def nsa_attention_triton(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale):
-    """The three branches with the Triton kernels, combined by the gates."""
-    from .block_selection import select_blocks
-    from .compressed_attention import compressed_attention
-    from .selected_attention import selected_attention
-    from .window_attention import window_attention
+def _check_shapes(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params):
+    """Checks of the Triton path that need no copy to the host (shapes, dtypes, devices, sizes)."""
+    from .ops import check_cu_seqlens_meta
 
-    o_cmp, lse = compressed_attention(
-        q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params.cmp_block, params.cmp_stride, scale
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or cmp_k.dim() != 3 or cmp_v.dim() != 3:
+        raise ValueError(
+            f"q, k, v, cmp_k, cmp_v must be (tokens, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}, {tuple(cmp_k.shape)}, {tuple(cmp_v.shape)}"
+        )
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+    if k.shape[:2] != v.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} / q {tuple(q.shape)} shapes disagree")
+    if cmp_k.shape[1:] != k.shape[1:] or cmp_v.shape[1:] != v.shape[1:] or cmp_k.shape[0] != cmp_v.shape[0]:
+        raise ValueError(
+            f"cmp_k {tuple(cmp_k.shape)} / cmp_v {tuple(cmp_v.shape)} must be (N_cmp, Hkv, D) / (N_cmp, Hkv, Dv) "
+            f"like k {tuple(k.shape)} / v {tuple(v.shape)}"
+        )
+    if gates.shape != (q.shape[0], hq, 3):
+        raise ValueError(f"gates must be (tokens, Hq, 3) = {(q.shape[0], hq, 3)}; got {tuple(gates.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q.dtype={q.dtype} is not supported by the Triton kernels: use bfloat16, float16 or float32")
+    if any(x.dtype != q.dtype for x in (k, v, cmp_k, cmp_v)):
+        raise ValueError(
+            f"q, k, v, cmp_k, cmp_v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}, {cmp_k.dtype}, "
+            f"{cmp_v.dtype}"
+        )
+    if any(x.device != q.device for x in (k, v, cmp_k, cmp_v, gates)):
+        raise ValueError("q, k, v, cmp_k, cmp_v and gates must be on one device")
+    check_cu_seqlens_meta(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.device)
+    if params.cmp_block > params.slc_block:
+        raise ValueError(
+            f"NSA setting cmp_block={params.cmp_block} must be <= slc_block={params.slc_block} for the Triton "
+            "block selection (use backend='reference' otherwise)"
+        )
+
+
+def _max_lengths(q, k, cmp_k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, max_seqlen_q, max_seqlen_k):
+    """``(max_seqlen_q, max_seqlen_cmp)`` for the launch grids, with at most one device-to-host copy.
+
+    * ``max_seqlen_k`` given: no copy, the offsets are trusted (``max_seqlen_q`` defaults to it: queries
+      never outnumber keys; the maxima may be upper bounds, never underestimates);
+    * otherwise, eagerly: one copy of the three offsets, validated (``ValueError`` naming the values);
+    * otherwise, while ``torch.compile`` traces: ``(-1, -1)``, and the cmp custom op does that copy
+      and those checks when it runs (its backward once more, as it cannot see the forward's sizes).
+    """
+    if max_seqlen_k is not None:
+        max_q = max_seqlen_k if max_seqlen_q is None else max_seqlen_q
+        return max_q, num_cmp_blocks(max_seqlen_k, params.cmp_block, params.cmp_stride)
+    if torch.compiler.is_compiling():
+        return -1, -1
+    from .ops import varlen_plan
+
+    max_q, _, max_c = varlen_plan(
+        cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.shape[0], k.shape[0], cmp_k.shape[0],
+        params.cmp_block, params.cmp_stride,
     )
-    with torch.no_grad():
-        blocks = select_blocks(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale)
-    o_slc = selected_attention(q, k, v, blocks, cu_seqlens_q, cu_seqlens_k, params.slc_block, scale)
-    o_win = window_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, params.window, scale)
-    g = gates.to(o_cmp.dtype).unsqueeze(-1)
-    return g[:, :, 0] * o_cmp + g[:, :, 1] * o_slc + g[:, :, 2] * o_win
+    return max_q, max_c
+
+
+def nsa_attention_triton(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale,
+                         max_seqlen_q: int = -1, max_seqlen_cmp: int = -1):
+    """The three branches with the Triton kernels, combined by the fused gate kernel: five
+    ``nsa_kernels`` custom ops (cmp + selection, slc, win, gates). Inputs must be validated by the
+    caller (see :func:`nsa_attention_varlen`); ``-1`` maxima are computed inside the cmp op."""
+    from . import ops
+
+    q, k, v, cmp_k, cmp_v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, cmp_k, cmp_v))
+    cu_q, cu_k, cu_c = (c.contiguous() for c in (cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp))
+    o_cmp, _, blocks = ops.cmp_fwd(
+        q, cmp_k, cmp_v, cu_q, cu_k, cu_c, max_seqlen_q, max_seqlen_cmp, params.cmp_block, params.cmp_stride,
+        scale, params.slc_block, params.slc_count, params.init_blocks, params.local_blocks,
+    )
+    o_slc = ops.slc_fwd(q, k, v, blocks, cu_q, cu_k, params.slc_block, scale)[0]
+    o_win = ops.win_fwd(q, k, v, cu_q, cu_k, params.window, scale)[0]
+    if gates.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        gates = gates.to(q.dtype)
+    return ops.gate_combine_op(o_cmp, o_slc, o_win, gates)
 
 
 def nsa_attention_varlen(
@@ -71,16 +134,31 @@ def nsa_attention_varlen(
     params: NSAParams,
     scale: float | None = None,
     backend: str = "auto",
+    *,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     """Native Sparse Attention over packed sequences; arguments as in
     :func:`reference.nsa_attention_varlen` (the specification). ``backend`` is ``"auto"`` (Triton on
-    CUDA, reference otherwise), ``"triton"`` or ``"reference"``."""
+    CUDA, reference otherwise), ``"triton"`` or ``"reference"``.
+
+    Triton backend: the kernels run as ``nsa_kernels`` custom ops (:mod:`ops`), so ``torch.compile``
+    traces the call without graph breaks and autograd runs the Triton backward kernels.
+    ``max_seqlen_q`` / ``max_seqlen_k`` (optional, as in flash-attn's varlen API: the longest query /
+    key sequence, or upper bounds of them) spare the one device-to-host copy of the offsets that the
+    call otherwise makes to validate them and size the launch grids; when given, the offsets are
+    trusted (not validated). ``max_seqlen_q`` defaults to ``max_seqlen_k``. The reference backend
+    ignores both.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if resolve_backend(q.device, backend) == "reference":
         return reference.nsa_attention_varlen(
             q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale
         )
-    reference.check_nsa_inputs(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params)
+    _check_shapes(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params)
+    max_q, max_c = _max_lengths(
+        q, k, cmp_k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, max_seqlen_q, max_seqlen_k
+    )
     return nsa_attention_triton(
-        q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale
+        q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, float(scale), max_q, max_c
     ).to(q.dtype)

@@ -422,10 +422,12 @@ def _build_inverted_index(sel, cu_seqlens_k, nk, slc_block, chunk):
     blk = blk_off[seq_q] + (flat - cu_seqlens_k[seq_q].long()) // slc_block
     nkeys = hkv * nb
     key = torch.where(valid, h_of * nb + blk, nkeys)
-    order = torch.sort(key, stable=True).indices
+    sorted_key, order = torch.sort(key, stable=True)
     toks = tok_of[order].to(torch.int32).contiguous()
-    counts = torch.bincount(key, minlength=nkeys + 1)[:nkeys]
-    offs = torch.cumsum(counts, 0) - counts
+    # Entries per key from the sorted keys (torch.bincount would copy its maximum to the host on CUDA).
+    bounds = torch.searchsorted(sorted_key, torch.arange(nkeys + 1, device=device))
+    counts = bounds[1:] - bounds[:-1]
+    offs = bounds[:-1]
     chunks = (counts + chunk - 1) // chunk
     cum = torch.cumsum(chunks, 0)
     n_prog = flat.numel() // chunk + nkeys  # upper bound of sum(chunks)
@@ -644,7 +646,8 @@ def selected_attention(
 
     Returns:
         ``(Nq, Hq, Dv)`` in q's dtype: for each query, causal softmax attention over the keys of its
-        selected blocks (fp32 accumulation). A query with no usable key gets zeros.
+        selected blocks (fp32 accumulation). A query with no usable key gets zeros. Runs as the
+        ``nsa_kernels::slc_fwd`` custom op (traceable by ``torch.compile``; never copies to the host).
     """
     _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if isinstance(slc_block, bool) or not isinstance(slc_block, int) or slc_block < 1:
@@ -665,6 +668,8 @@ def selected_attention(
     if not math.isfinite(scale):
         raise ValueError(f"scale={scale!r} must be a finite number")
     q, k, v = (_contiguous_heads(x) for x in (q, k, v))
-    return SelectedAttentionFunction.apply(
+    from .ops import slc_fwd
+
+    return slc_fwd(
         q, k, v, block_indices.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), slc_block, scale
-    )
+    )[0]

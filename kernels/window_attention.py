@@ -371,7 +371,8 @@ def window_attention(
         scale: softmax scale, ``D ** -0.5`` by default.
 
     Returns:
-        ``(Nq, Hq, Dv)`` in q's dtype (fp32 accumulation).
+        ``(Nq, Hq, Dv)`` in q's dtype (fp32 accumulation). Runs as the ``nsa_kernels::win_fwd`` custom
+        op (traceable by ``torch.compile``; never copies to the host).
     """
     _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -380,6 +381,6 @@ def window_attention(
     if not math.isfinite(scale):
         raise ValueError(f"scale={scale!r} must be a finite number")
     q, k, v = (_contiguous_heads(x) for x in (q, k, v))
-    return WindowAttentionFunction.apply(
-        q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), window, scale
-    )
+    from .ops import win_fwd
+
+    return win_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), window, scale)[0]
