@@ -15,7 +15,27 @@ turns them into NSA's packed ("varlen") layout, one sequence per
   ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), or, without a padding mask and with no
   cached past, ``position_ids`` that restart (any batch size);
 
-and makes a single call of :func:`_nsa_varlen`.
+and makes a single call of :func:`_nsa_varlen` (the Triton training kernels on CUDA, the reference on CPU).
+
+**Decoding steps** take a faster path instead: the Triton decode kernels
+(:func:`nsa_kernels.decode.nsa_decode`) read HF's ``(B, Hkv, S, D)`` cache and the cache layer's
+``(B, Hkv, capacity, D)`` compressed keys/values in place, with no packing. A step is a decoding step when
+
+* the decode backend is on: :data:`DECODE_BACKEND` (environment variable ``NSA_DECODE_BACKEND``) is
+  ``"auto"`` and :func:`nsa_kernels.resolve_backend` picks ``"triton"`` (CUDA), or it is ``"triton"``
+  (forced; on CPU only under ``TRITON_INTERPRET=1``); ``"off"`` disables the path;
+* an :class:`~.cache.NSACacheLayer` is present whose compressed state covers exactly the cached past
+  (otherwise the varlen path rebuilds it first), and the step has a past (``KV > Q``);
+* ``1 <= Q <= MAX_DECODE_QUERIES`` (16) new tokens per row, one sequence per row (a 2D padding mask or
+  none, no ``cu_seq_lens``);
+* every row is padding followed by at least ``Q`` real tokens (left padding, what ``generate()``
+  makes); anything else falls back to the varlen path.
+
+The step then compresses only the blocks completed by the new tokens (written at their slots of the
+cache layer), and calls the kernels with ``k_start = KV - valid.sum(1)``, ``k_len = valid.sum(1)``,
+``cmp_start = 0``, ``cmp_len = num_cmp_blocks(k_len)`` and ``check_lengths=False``. Host syncs: none
+without a padding mask, one per forward with one (its row sums and the left-padding check, computed at
+the first layer and shared by the others, which see the same mask object).
 
 NSA-Llama attention modules pass ``nsa_gates`` ``(B, Q, Hq, 3)``, ``nsa_compressors`` (keys, values),
 ``nsa_params`` and ``nsa_cache_layer`` (an :class:`~.cache.NSACacheLayer` that keeps the compressed

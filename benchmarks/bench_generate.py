@@ -1,0 +1,235 @@
+"""End-to-end generation benchmark: an ~1B-shape NSA-Llama (random weights) against the same weights as
+a plain ``LlamaForCausalLM`` with SDPA attention: prefill time, greedy decode tokens/s and peak memory
+for long prompts.
+
+Run on a GPU machine:
+    python benchmarks/bench_generate.py [--prompt-lens 32768 65536] [--new-tokens 64] [--out bench_generate.md]
+Smoke test on CPU (tiny model, seconds):
+    python benchmarks/bench_generate.py --tiny
+
+Variants (``--variants``, comma separated):
+* ``nsa``: NSA-Llama, decode steps through the Triton decode kernels (``NSA_DECODE_BACKEND=auto``);
+* ``nsa-varlen``: NSA-Llama, decode steps through the varlen training kernels (``NSA_DECODE_BACKEND=off``);
+* ``sdpa``: ``LlamaForCausalLM`` (the NSA checkpoint without its ``nsa_*`` modules), ``attn_implementation="sdpa"``.
+
+Each (variant, prompt length) runs once to warm up and once measured: prefill = one forward over the
+prompt into a fresh cache (logits of the last position only), decode = ``--new-tokens`` greedy steps
+fed one token at a time with the cache (a manual loop: no generate() overhead in the numbers). Times
+from ``time.perf_counter`` around ``torch.cuda.synchronize()``. Peak memory is
+``torch.cuda.max_memory_allocated`` over prefill + decode with only that variant's model resident.
+An out-of-memory configuration is reported as OOM and the run continues.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+ONE_B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+             num_attention_heads=32, num_key_value_heads=8, head_dim=64)
+TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16)
+TINY_NSA = dict(nsa_cmp_block=8, nsa_cmp_stride=4, nsa_slc_block=16, nsa_slc_count=4, nsa_init_blocks=1,
+                nsa_local_blocks=2, nsa_window=24)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=None, help="default 32768 65536 (--tiny: 40)")
+    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens to decode (default 64, --tiny: 4)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--variants", default="nsa,sdpa", help="comma separated: nsa, nsa-varlen, sdpa")
+    p.add_argument("--head-dim", type=int, default=None, help="override head_dim (default 64; hidden stays 2048)")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--tiny", action="store_true", help="tiny model and prompt: CPU smoke test")
+    p.add_argument("--out", default=None, help="write the markdown table to this .md file")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.prompt_lens = args.prompt_lens or ([40] if args.tiny else [32768, 65536])
+    args.new_tokens = args.new_tokens or (4 if args.tiny else 64)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in args.variants:
+        if v not in ("nsa", "nsa-varlen", "sdpa"):
+            p.error(f"unknown variant {v!r} (choose from nsa, nsa-varlen, sdpa)")
+    return args
+
+
+def model_shapes(args) -> dict:
+    shapes = dict(TINY if args.tiny else ONE_B)
+    if args.head_dim:
+        shapes["head_dim"] = args.head_dim
+    if args.layers:
+        shapes["num_hidden_layers"] = args.layers
+    shapes["max_position_embeddings"] = max(args.prompt_lens) + args.new_tokens + 16
+    return shapes
+
+
+def build_nsa(args, device, dtype):
+    from nsa_hf import NSALlamaConfig, NSALlamaForCausalLM
+
+    nsa = TINY_NSA if args.tiny else {}  # the 1B runs use the paper settings (NSALlamaConfig defaults)
+    cfg = NSALlamaConfig(**model_shapes(args), pad_token_id=0, bos_token_id=1, eos_token_id=None, **nsa)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = NSALlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def llama_from_nsa(nsa_model, device, dtype):
+    """A plain LlamaForCausalLM (SDPA) holding the NSA model's weights minus its ``nsa_*`` modules."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    skip = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")
+    fields = {k: v for k, v in nsa_model.config.to_dict().items() if not k.startswith("nsa_") and k not in skip}
+    cfg = LlamaConfig(**fields)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+    state = {k: v for k, v in nsa_model.state_dict().items() if ".nsa_" not in k}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"weight copy NSA -> Llama: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    ours, theirs = nsa_model.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq
+    if not torch.allclose(ours.float().cpu(), theirs.float().cpu()):
+        raise RuntimeError("the Llama copy has different rotary frequencies than the NSA model")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def run_once(model, ids, new_tokens, device):
+    """Prefill then ``new_tokens`` greedy steps; returns (prefill s, decode s, tokens)."""
+    from nsa_hf import NSACache
+    from transformers import DynamicCache
+
+    is_nsa = hasattr(model.config, "nsa_params")
+    cache = NSACache(config=model.config) if is_nsa else DynamicCache(config=model.config)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    t1 = time.perf_counter()
+    tokens = [token]
+    for _ in range(new_tokens):
+        out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, torch.cat(tokens, dim=1)
+
+
+def measure(model, variant, length, args, device):
+    import nsa_hf.attention as nsa_attention
+
+    row = dict(variant=variant, prompt=length)
+    calls = [0]
+    original = nsa_attention._nsa_decode
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return original(*a, **k)
+
+    nsa_attention.DECODE_BACKEND = "off" if variant == "nsa-varlen" else os.environ.get("NSA_DECODE_BACKEND", "auto")
+    nsa_attention._nsa_decode = counted
+    try:
+        gen = torch.Generator().manual_seed(args.seed + length)
+        ids = torch.randint(3, model.config.vocab_size, (args.batch, length), generator=gen).to(device)
+        run_once(model, ids, min(2, args.new_tokens), device)  # warm-up (kernel compilation, allocator)
+        calls[0] = 0
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        prefill, decode, _ = run_once(model, ids, args.new_tokens, device)
+        row.update(prefill_ms=prefill * 1e3, decode_tok_s=args.batch * args.new_tokens / decode,
+                   step_ms=decode / args.new_tokens * 1e3, decode_calls=calls[0])
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except torch.cuda.OutOfMemoryError as e:
+        row["error"] = "OOM"
+        print(f"{variant} prompt {length}: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
+    finally:
+        nsa_attention._nsa_decode = original
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows, args, device, dtype, shapes) -> str:
+    head = [
+        f"# Generation benchmark ({'tiny, ' if args.tiny else ''}{device.type}"
+        f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, {str(dtype).split('.')[-1]})",
+        "",
+        f"Model: {shapes['num_hidden_layers']} layers, hidden {shapes['hidden_size']}, "
+        f"{shapes['num_attention_heads']}/{shapes['num_key_value_heads']} heads, head_dim {shapes['head_dim']}, "
+        f"intermediate {shapes['intermediate_size']}, vocab {shapes['vocab_size']}; batch {args.batch}, "
+        f"{args.new_tokens} greedy tokens after the prompt. Ratios: NSA variant / sdpa (speed: higher is better "
+        "for NSA; memory: lower is better).",
+        "",
+        "| prompt | variant | prefill ms | decode tok/s | ms/step | peak GiB | decode-kernel calls | prefill speed-up | decode speed-up | memory ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines = []
+    for length in args.prompt_lens:
+        base = next((r for r in rows if r["prompt"] == length and r["variant"] == "sdpa" and "error" not in r), None)
+        for r in (r for r in rows if r["prompt"] == length):
+            if "error" in r:
+                lines.append(f"| {length} | {r['variant']} | {r['error']} | | | | | | | |")
+                continue
+            ratio = lambda a, b: None if base is None or r["variant"] == "sdpa" or not a or not b else a / b  # noqa: E731
+            lines.append(
+                f"| {length} | {r['variant']} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {r['step_ms']:.2f} | "
+                f"{fmt(r.get('peak_gib'), '.2f')} | {r['decode_calls']} | "
+                f"{fmt(ratio(base and base['prefill_ms'], r['prefill_ms']), '.2f')} | "
+                f"{fmt(ratio(r['decode_tok_s'], base and base['decode_tok_s']), '.2f')} | "
+                f"{fmt(ratio(r.get('peak_gib'), base and base.get('peak_gib')), '.2f')} |"
+            )
+    return "\n".join(head + lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    shapes = model_shapes(args)
+    rows = []
+    nsa_model = build_nsa(args, device, dtype)
+    for variant in (v for v in args.variants if v != "sdpa"):
+        for length in args.prompt_lens:
+            rows.append(measure(nsa_model, variant, length, args, device))
+            print(rows[-1], flush=True)
+    if "sdpa" in args.variants:
+        llama = llama_from_nsa(nsa_model, device, dtype)
+        del nsa_model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for length in args.prompt_lens:
+            rows.append(measure(llama, "sdpa", length, args, device))
+            print(rows[-1], flush=True)
+    text = table(rows, args, device, dtype, shapes)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""generate() through the Triton decode kernels (nsa_kernels.decode, run by the interpreter on CPU):
+with the decode path forced on, cached decoding equals the varlen/reference path and uncached forwards
+across block boundaries, GQA groups, left padding, multi-token steps, beam search and cache edits; each
+test also checks that the decode kernels were actually called."""
+import pytest
+import torch
+
+import nsa_hf.attention as nsa_attention
+from nsa_hf import NSACache
+from nsa_kernels import num_cmp_blocks
+
+from test_hf_generate import full_logits, tiny_model
+
+TOL = dict(atol=5e-5, rtol=1e-5)
+
+
+def positions(mask):
+    """Position ids of left-padded rows, as generate() makes them."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Force the decode path and count its kernel calls (query lengths, one entry per layer call)."""
+    calls = []
+    original = nsa_attention._nsa_decode
+
+    def counted(q, *args, **kwargs):
+        calls.append(q.shape[1])
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(nsa_attention, "_nsa_decode", counted)
+    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "triton")
+    return calls
+
+
+def _generate(model, ids, decode, monkeypatch, **kwargs):
+    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "triton" if decode else "off")
+    out = model.generate(ids, do_sample=False, return_dict_in_generate=True, output_logits=True, **kwargs)
+    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "triton")
+    return out
+
+
+@pytest.mark.parametrize("heads, kv_heads, prompt", [(2, 2, 33), (4, 2, 40), (4, 1, 31), (6, 2, 45)])
+def test_greedy_decode_kernels_equal_reference_and_uncached(heads, kv_heads, prompt, decode_calls, monkeypatch):
+    # prompt + 18 tokens crosses cmp (stride 4) and slc (16) boundaries and the window (24); from
+    # position 48 one selection block is chosen by score (n=4: 1 initial + 2 local forced).
+    model = tiny_model(heads, kv_heads, layers=1)
+    ids = torch.randint(3, 100, (1, prompt))
+    new = 18
+    fast = _generate(model, ids, True, monkeypatch, max_new_tokens=new)
+    assert decode_calls == [1] * (new - 1)  # every step after the prefill, one layer
+    slow = _generate(model, ids, False, monkeypatch, max_new_tokens=new)
+    assert torch.equal(fast.sequences, slow.sequences)
+    fast_logits = torch.stack(fast.logits, dim=1)[0]
+    torch.testing.assert_close(fast_logits, torch.stack(slow.logits, dim=1)[0], **TOL)
+    torch.testing.assert_close(fast_logits, full_logits(model, fast.sequences)[0, prompt - 1:-1], **TOL)
+    layer = fast.past_key_values.layers[0]
+    assert layer.compressed_length() == [num_cmp_blocks(prompt + new - 1, 8, 4)]
+    assert layer.cmp_len.tolist() == layer.compressed_length()
+
+
+def test_left_padded_batch_decode_equals_reference(decode_calls, monkeypatch):
+    model = tiny_model(2, 1, layers=1)
+    prompts = [torch.randint(3, 100, (n,)) for n in (37, 12, 26)]
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
+    new = 14
+    fast = _generate(model, ids, True, monkeypatch, attention_mask=mask, max_new_tokens=new)
+    assert decode_calls == [1] * (new - 1)
+    slow = _generate(model, ids, False, monkeypatch, attention_mask=mask, max_new_tokens=new)
+    assert torch.equal(fast.sequences, slow.sequences)
+    torch.testing.assert_close(torch.stack(fast.logits, dim=1), torch.stack(slow.logits, dim=1), **TOL)
+    for i, p in enumerate(prompts):  # each row on its own, uncached
+        row = torch.cat([p, fast.sequences[i, length:]])[None]
+        torch.testing.assert_close(torch.stack(fast.logits, dim=1)[i], full_logits(model, row)[0, len(p) - 1:-1],
+                                   **TOL)
+    total = [len(p) + new - 1 for p in prompts]
+    assert fast.past_key_values.layers[0].compressed_length() == [num_cmp_blocks(n, 8, 4) for n in total]
+
+
+def test_multi_token_steps_on_a_cache(decode_calls):
+    # Chunks of Q = 3, 1, 5, 16 query tokens on an unpadded cache, then Q = 3, 2 on a left-padded batch.
+    model = tiny_model(4, 2, layers=1)
+    ids = torch.randint(3, 100, (2, 55))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # row 1: 7 padding positions, then real tokens
+    for use_mask, cuts, queries in ((False, [30, 33, 34, 39, 55], [3, 1, 5, 16]), (True, [40, 43, 45], [3, 2])):
+        decode_calls.clear()
+        batch = 2 if use_mask else 1
+        cache = NSACache(config=model.config)
+        pieces = []
+        with torch.no_grad():
+            for a, b in zip([0] + cuts[:-1], cuts):
+                kw = dict(attention_mask=mask[:, :b], position_ids=positions(mask)[:, a:b]) if use_mask else {}
+                pieces.append(model(ids[:batch, a:b], past_key_values=cache, use_cache=True, **kw).logits)
+        assert decode_calls == queries  # the prefill takes the varlen path
+        logits = torch.cat(pieces, dim=1)
+        if use_mask:
+            torch.testing.assert_close(logits[0], full_logits(model, ids[:1, :45])[0], **TOL)
+            torch.testing.assert_close(logits[1, 7:], full_logits(model, ids[1:, 7:45])[0], **TOL)
+        else:
+            torch.testing.assert_close(logits, full_logits(model, ids[:1]), **TOL)
+
+
+def test_prompt_lookup_decoding_equals_greedy(decode_calls, monkeypatch):
+    # Candidate chunks of up to 4 tokens are verified with the decode kernels, rejected ones cropped.
+    model = tiny_model(4, 2, layers=1)
+    prompt = torch.randint(3, 20, (1, 27))  # a small alphabet: n-gram lookups find candidates
+    greedy = _generate(model, prompt, False, monkeypatch, max_new_tokens=16).sequences
+    decode_calls.clear()
+    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "triton")
+    lookup = model.generate(prompt, max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(lookup, greedy)
+    assert decode_calls and max(decode_calls) > 1
+
+
+def test_beam_search_decode_equals_reference(decode_calls, monkeypatch):
+    model = tiny_model(2, 1, layers=1)
+    prompt = torch.randint(3, 100, (1, 30))
+    kwargs = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, output_scores=True)
+    fast = _generate(model, prompt, True, monkeypatch, **kwargs)
+    assert len(decode_calls) == 7
+    slow = _generate(model, prompt, False, monkeypatch, **kwargs)
+    assert torch.equal(fast.sequences, slow.sequences)
+    torch.testing.assert_close(fast.sequences_scores, slow.sequences_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_compressed_state_in_decode_steps(decode_calls):
+    # Blocks appear exactly when they complete, the past is never rewritten, capacity grows by doubling.
+    model = tiny_model(2, 1, layers=1)
+    ids = torch.randint(3, 100, (1, 44))
+    cache = NSACache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :9], past_key_values=cache, use_cache=True)
+        layer = cache.layers[0]
+        previous, capacities = layer.cmp_k[0, :, : layer.cmp_counts[0]].clone(), set()
+        for t in range(9, ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            n = num_cmp_blocks(t + 1, 8, 4)
+            assert layer.compressed_length() == [n] and layer.cmp_len.tolist() == [n]
+            assert torch.equal(layer.cmp_k[0, :, : previous.shape[1]], previous)
+            previous = layer.cmp_k[0, :, :n].clone()
+            capacities.add(layer.capacity)
+    assert len(decode_calls) == ids.shape[1] - 9
+    assert capacities == {16}  # 10 blocks + 1 candidate: the initial capacity, no regrowth per step
+    torch.testing.assert_close(out.logits[0, -1], full_logits(model, ids)[0, -1], **TOL)
+
+
+def test_fallbacks_to_the_varlen_path(decode_calls):
+    model = tiny_model(4, 2, layers=1)
+    ids = torch.randint(3, 100, (2, 40))
+    # 1. Stale state (a recorded mask that no longer matches): rebuilt by the varlen path.
+    cache = NSACache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :30], past_key_values=cache, use_cache=True)
+        layer = cache.layers[0]
+        layer.cmp_k.add_(1.0)
+        layer.valid = torch.zeros_like(layer.valid)
+        logits = model(ids[:, 30:33], past_key_values=cache, use_cache=True).logits
+        assert decode_calls == []
+        torch.testing.assert_close(logits, full_logits(model, ids[:, :33])[:, 30:], **TOL)
+        logits = model(ids[:, 33:34], past_key_values=cache, use_cache=True).logits  # state rebuilt: decode
+        assert decode_calls == [1]
+        torch.testing.assert_close(logits, full_logits(model, ids[:, :34])[:, 33:], **TOL)
+    # 2. Right padding (not what generate() makes): varlen path, padded queries are zeros.
+    decode_calls.clear()
+    mask = torch.ones_like(ids)
+    mask[1, 36:] = 0
+    cache = NSACache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :32], attention_mask=mask[:, :32], past_key_values=cache, use_cache=True)
+        logits = model(ids[:, 32:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    assert decode_calls == []
+    torch.testing.assert_close(logits[0], full_logits(model, ids[:1])[0, 32:], **TOL)
+    torch.testing.assert_close(logits[1, :4], full_logits(model, ids[1:, :36])[0, 32:], **TOL)
+    # 3. A row with fewer real tokens than the step's queries: varlen path (padded queries).
+    cache = NSACache(config=model.config)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :10] = 0
+    with torch.no_grad():
+        model(ids[:, :8], attention_mask=mask[:, :8], position_ids=positions(mask)[:, :8], past_key_values=cache,
+              use_cache=True)
+        logits = model(ids[:, 8:12], attention_mask=mask, position_ids=positions(mask)[:, 8:], past_key_values=cache,
+                       use_cache=True).logits
+    assert decode_calls == []
+    torch.testing.assert_close(logits[0], full_logits(model, ids[:1, :12])[0, 8:], **TOL)
+    torch.testing.assert_close(logits[1, 2:], full_logits(model, ids[1:, 10:12])[0], **TOL)
+
+
+def test_decode_kernel_cmp_cache_exactly_full():
+    # Regression: with exactly Sc = num_cmp_blocks(k_len) compressed slots and Sc a multiple of the cmp
+    # split size, the last selection block is fed by a split that starts at Sc (its R-1 look-back).
+    from nsa_kernels import NSAParams
+    from nsa_kernels.decode import nsa_decode
+    from nsa_kernels.reference import nsa_sequence
+
+    params = NSAParams(cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, init_blocks=1, local_blocks=2, window=24)
+    for length in (68, 132):  # 16 and 32 compressed tokens
+        n = num_cmp_blocks(length, 8, 4)
+        q, k, v = torch.randn(1, 1, 3, 16), torch.randn(1, 1, length, 16), torch.randn(1, 1, length, 16)
+        ck, cv = torch.randn(1, 1, n, 16), torch.randn(1, 1, n, 16)
+        gates = torch.rand(1, 1, 3, 3)
+        lens = lambda x: torch.tensor([x], dtype=torch.int32)  # noqa: E731
+        out = nsa_decode(q, k, v, ck, cv, gates, lens(0), lens(length), lens(0), lens(n), params)
+        t = lambda x: x[0].transpose(0, 1)  # noqa: E731
+        expect = nsa_sequence(q[0], t(k), t(v), t(ck), t(cv), gates[0], params, 16 ** -0.5)
+        torch.testing.assert_close(out[0], expect, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_generate_tiny_smoke(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gen.md"
+    rows = bench.main(["--tiny", "--layers", "1", "--new-tokens", "3", "--out", str(out)])
+    assert [r["variant"] for r in rows] == ["nsa", "sdpa"] and all("error" not in r for r in rows)
+    text = out.read_text()
+    assert "| 40 | nsa |" in text and "| 40 | sdpa |" in text
