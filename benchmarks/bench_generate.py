@@ -113,7 +113,7 @@ def run_once(model, ids, new_tokens, device):
     from transformers import DynamicCache
 
     is_nsa = hasattr(model.config, "nsa_params")
-    cache = NSACache(config=model.config) if is_nsa else DynamicCache(config=model.config)
+    cache = NSACache(config=model.config) if is_nsa else DynamicCache()
     _sync(device)
     t0 = time.perf_counter()
     out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)

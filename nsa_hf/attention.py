@@ -22,7 +22,8 @@ and makes a single call of :func:`_nsa_varlen` (the Triton training kernels on C
 ``(B, Hkv, capacity, D)`` compressed keys/values in place, with no packing. A step is a decoding step when
 
 * the decode backend is on: :data:`DECODE_BACKEND` (environment variable ``NSA_DECODE_BACKEND``) is
-  ``"auto"`` and :func:`nsa_kernels.resolve_backend` picks ``"triton"`` (CUDA), or it is ``"triton"``
+  ``"auto"`` and the tensors are on CUDA (where :func:`nsa_kernels.resolve_backend` picks ``"triton"``)
+  and ``nsa_kernels.decode`` imports, or it is ``"triton"``
   (forced; on CPU only under ``TRITON_INTERPRET=1``); ``"off"`` disables the path;
 * an :class:`~.cache.NSACacheLayer` is present whose compressed state covers exactly the cached past
   (otherwise the varlen path rebuilds it first), and the step has a past (``KV > Q``);
@@ -46,6 +47,7 @@ recomputed from the dense cache at every step; see ``docs/fallback.md``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import warnings
 
@@ -53,7 +55,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from nsa_kernels import MLPCompressor, MeanPoolCompressor, NSAParams, num_cmp_blocks, validate_nsa_params
-from nsa_kernels import nsa_attention_varlen, resolve_backend
+from nsa_kernels import nsa_attention_varlen
 
 from .cache import NSACacheLayer
 
@@ -260,13 +262,27 @@ long chunks) take the varlen training kernels."""
 _DECODE_CHOICES = ("auto", "triton", "off")
 
 
+_decode_module_cache: list = []
+
+
+def _decode_module():
+    """``nsa_kernels.decode`` (needs triton), or ``None`` when it cannot be imported (e.g. Hub remote code
+    without nsa-hf: imported by name so that the exporter does not try to bundle it)."""
+    if not _decode_module_cache:
+        try:
+            _decode_module_cache.append(importlib.import_module("nsa_kernels.decode"))
+        except ImportError:
+            _decode_module_cache.append(None)
+    return _decode_module_cache[0]
+
+
 def _decode_enabled(device: torch.device) -> bool:
     mode = DECODE_BACKEND
     if mode not in _DECODE_CHOICES:
         raise ValueError(f"NSA_DECODE_BACKEND / nsa_hf.attention.DECODE_BACKEND={mode!r} is not one of {_DECODE_CHOICES}")
-    if mode == "off":
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return False
-    return mode == "triton" or resolve_backend(device) == "triton"
+    return _decode_module() is not None  # "triton", or "auto" on CUDA (what resolve_backend picks there)
 
 
 @dataclasses.dataclass
@@ -392,9 +408,7 @@ def _compress_candidates(key, value, plan, compressors, params, cache_layer) -> 
 
 def _nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len, params, scale):
     """The decode kernels (lengths consistent by construction: no host-side check)."""
-    from nsa_kernels.decode import nsa_decode
-
-    return nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len, params, scale,
+    return _decode_module().nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len, params, scale,
                       check_lengths=False)
 
 
