@@ -224,3 +224,41 @@ def test_bench_generate_tiny_smoke(tmp_path):
     assert [r["variant"] for r in rows] == ["nsa", "sdpa"] and all("error" not in r for r in rows)
     text = out.read_text()
     assert "| 40 | nsa |" in text and "| 40 | sdpa |" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 5e-2)])
+def test_cuda_auto_uses_decode_kernels_and_matches_varlen(dtype, tol, monkeypatch):
+    # On CUDA the default ("auto") takes the decode path; teacher-forced steps (same tokens in both
+    # modes) on a left-padded batch match the varlen training kernels.
+    calls = []
+    original = nsa_attention._nsa_decode
+    monkeypatch.setattr(nsa_attention, "_nsa_decode", lambda q, *a, **k: (calls.append(q.shape[1]), original(q, *a, **k))[1])
+    model = tiny_model(8, 2, layers=2).to("cuda", dtype)
+    lengths, new = (70, 23, 41), 45
+    ids = torch.randint(3, 100, (3, max(lengths) + new), device="cuda")
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, max(lengths) - n:] = 1
+    pos = positions(mask)
+    runs = {}
+    for mode in ("auto", "off"):
+        monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", mode)
+        calls.clear()
+        cache, steps, start = NSACache(config=model.config), [], max(lengths)
+        with torch.no_grad():
+            steps.append(model(ids[:, :start], attention_mask=mask[:, :start], position_ids=pos[:, :start],
+                               past_key_values=cache, use_cache=True).logits[:, -1:])
+            t = start
+            for q in [1] * 20 + [3, 1, 4, 1, 5] + [1] * 7:
+                steps.append(model(ids[:, t:t + q], attention_mask=mask[:, :t + q], position_ids=pos[:, t:t + q],
+                                   past_key_values=cache, use_cache=True).logits)
+                t += q
+        runs[mode] = (torch.cat(steps, dim=1).float(), list(calls))
+    assert len(runs["auto"][1]) == 2 * 32 and runs["off"][1] == []
+    fast, slow = runs["auto"][0], runs["off"][0]
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, slow, atol=tol, rtol=tol)
+    else:  # bf16 rounding may flip a near-tie block choice: allow rare outliers
+        off = (fast - slow).abs() > tol * (1 + slow.abs())
+        assert off.float().mean() < 0.01, float(off.float().mean())
