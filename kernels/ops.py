@@ -68,7 +68,8 @@ def varlen_plan(
     if bq[0] != 0 or bq[-1] != nq or min(lq) < 0:
         raise ValueError(f"cu_seqlens_q={bq} must rise from 0 to the {nq} query tokens")
     if bk[0] != 0 or (nk >= 0 and bk[-1] != nk) or min(lk) < 0:
-        raise ValueError(f"cu_seqlens_k={bk} must rise from 0 to the {nk} key tokens")
+        to = f" to the {nk} key tokens" if nk >= 0 else ""
+        raise ValueError(f"cu_seqlens_k={bk} must rise from 0{to}")
     if bc[0] != 0 or bc[-1] != nc or min(lc) < 0:
         raise ValueError(f"cu_seqlens_cmp={bc} must rise from 0 to the {nc} compressed tokens")
     if any(a > b for a, b in zip(lq, lk)):
@@ -90,6 +91,17 @@ def _sizes(q, cmp_k, cu_q, cu_k, cu_c, max_q, max_c, cmp_block, cmp_stride):
         return max_q, max_c
     mq, _, mc = varlen_plan(cu_q, cu_k, cu_c, q.shape[0], -1, cmp_k.shape[0], cmp_block, cmp_stride)
     return mq, mc
+
+
+def _rows(*xs):
+    """The kernels need the last axis contiguous (token/head strides are free). Compiled graphs may
+    hand the ops other layouts than eager code does, so the ops enforce it themselves (no-op normally)."""
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
+
+
+def _dense(*xs):
+    """Offsets, logsumexps and index tensors are addressed as dense arrays."""
+    return tuple(x.contiguous() for x in xs)
 
 
 def _new(x: Tensor) -> Tensor:
@@ -127,6 +139,8 @@ def cmp_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(o (Nq, Hq, Dv), lse (Nq, Hq) fp32, blocks (Nq, Hkv, slc_count) int32)``; the selection runs
     only when ``slc_count > 0`` (else ``blocks`` is empty)."""
+    q, cmp_k, cmp_v = _rows(q, cmp_k, cmp_v)
+    cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp = _dense(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp)
     max_q, max_c = _sizes(q, cmp_k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q, max_seqlen_cmp,
                           cmp_block, cmp_stride)
     o, lse = _cmp._fwd(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_q, cmp_block, cmp_stride, scale)
@@ -156,6 +170,8 @@ def cmp_bwd(
     max_seqlen_q: int, max_seqlen_cmp: int, cmp_block: int, cmp_stride: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dcmp_k, dcmp_v)`` of compressed attention."""
+    q, cmp_k, cmp_v = _rows(q, cmp_k, cmp_v)
+    cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, lse = _dense(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, lse)
     max_q, max_c = _sizes(q, cmp_k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q, max_seqlen_cmp,
                           cmp_block, cmp_stride)
     grads = _cmp._bwd(q, cmp_k, cmp_v, o, lse, do, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_q, max_c,
@@ -192,6 +208,8 @@ def select_blocks(
     init_blocks: int, local_blocks: int, scale: float,
 ) -> Tensor:
     """int32 ``(Nq, Hkv, slc_count)`` selected blocks (no gradient)."""
+    q, cmp_k = _rows(q, cmp_k)
+    cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, lse = _dense(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, lse)
     max_q, _ = _sizes(q, cmp_k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q, max_seqlen_q,
                       cmp_block, cmp_stride)
     return _sel._fwd(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_q, cmp_block, cmp_stride,
@@ -216,6 +234,8 @@ def slc_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(o, lse, q_kpos, sel, scnt, uni, ucnt)``: the output, its logsumexp and the index tensors
     of :func:`selected_attention._prepare` (saved for the backward)."""
+    q, k, v = _rows(q, k, v)
+    block_indices, cu_seqlens_q, cu_seqlens_k = _dense(block_indices, cu_seqlens_q, cu_seqlens_k)
     tok = _slc.default_tokens_per_program(q.shape[1] // k.shape[1])
     prep = _slc._prepare(block_indices, cu_seqlens_q, cu_seqlens_k, q.shape[0], slc_block, tok)
     o, lse = _slc._fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale, prep=prep)
@@ -247,6 +267,9 @@ def slc_bwd(
     q_kpos: Tensor, sel: Tensor, scnt: Tensor, uni: Tensor, ucnt: Tensor, slc_block: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of selected-block attention."""
+    q, k, v, o = _rows(q, k, v, o)
+    lse, block_indices, cu_seqlens_q, cu_seqlens_k = _dense(lse, block_indices, cu_seqlens_q, cu_seqlens_k)
+    q_kpos, sel, scnt, uni, ucnt = _dense(q_kpos, sel, scnt, uni, ucnt)
     grads = _slc._bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale,
                       prep=(q_kpos, sel, scnt, uni, ucnt))
     return _fresh(grads, (do, q, k, v, o, lse))
@@ -282,6 +305,8 @@ def win_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, window: int, scale: float,
 ) -> tuple[Tensor, Tensor]:
     """``(o (Nq, Hq, Dv), lse (Nq, Hq) fp32)`` of sliding-window attention."""
+    q, k, v = _rows(q, k, v)
+    cu_seqlens_q, cu_seqlens_k = _dense(cu_seqlens_q, cu_seqlens_k)
     return _win._fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, window, scale)
 
 
@@ -296,6 +321,8 @@ def win_bwd(
     window: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of sliding-window attention."""
+    q, k, v, o = _rows(q, k, v, o)
+    lse, cu_seqlens_q, cu_seqlens_k = _dense(lse, cu_seqlens_q, cu_seqlens_k)
     return _fresh(_win._bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, window, scale), (do, q, k, v, o, lse))
 
 

@@ -61,3 +61,38 @@ def test_triton_layer_matches_reference_gpu(hq, hkv):
     params = NSAParams()
     # bf16 may flip near-tied block choices; the relative error over the whole layer stays small.
     _compare(params, [1537, 2500], hq, hkv, 128, 128, "cuda", torch.bfloat16, 3e-2)
+
+
+def test_public_triton_functions_are_exported_with_docstrings():
+    import nsa_kernels
+    from nsa_kernels import block_selection, compressed_attention, selected_attention, window_attention
+
+    assert nsa_kernels.compressed_attention_triton is compressed_attention.compressed_attention
+    assert nsa_kernels.select_blocks_triton is block_selection.select_blocks
+    assert nsa_kernels.selected_attention_triton is selected_attention.selected_attention
+    assert nsa_kernels.window_attention_triton is window_attention.window_attention
+    assert nsa_kernels.select_blocks is nsa_kernels.reference.select_blocks  # the reference keeps its name
+    for name in ("compressed_attention_triton", "select_blocks_triton", "selected_attention_triton",
+                 "window_attention_triton", "gate_combine_triton", "nsa_decode"):
+        doc = getattr(nsa_kernels, name).__doc__
+        assert doc and "Returns" in doc and "(" in doc, name  # states shapes and what comes back
+
+
+@pytest.mark.gpu
+def test_triton_layer_max_seqlen_gpu():
+    """Passing max_seqlen_q/max_seqlen_k (no host copy) gives the same layer as letting it copy the offsets."""
+    params = NSAParams()
+    q, k, v, gates, cu, ck_mod, cv_mod = _case([1537, 2500, 77], 32, 8, 128, 128, params, "cuda", torch.bfloat16)
+    results = []
+    for kw in ({}, dict(max_seqlen_q=2500, max_seqlen_k=2500), dict(max_seqlen_k=4096)):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, gates)]
+        ck, cu_c = compress_varlen(leaves[1], cu, ck_mod, params.cmp_block, params.cmp_stride)
+        cv, _ = compress_varlen(leaves[2], cu, cv_mod, params.cmp_block, params.cmp_stride)
+        out = nsa_attention_varlen(leaves[0], leaves[1], leaves[2], ck, cv, leaves[3], cu, cu, cu_c, params,
+                                   backend="triton", **kw)
+        out.float().square().sum().backward()
+        results.append((out.detach(), [x.grad for x in leaves]))
+    for out, grads in results[1:]:
+        assert torch.equal(out, results[0][0])
+        for a, b in zip(grads, results[0][1]):  # the slc dk/dv use fp32 atomics: equal up to rounding
+            assert ((a.float() - b.float()).norm() / b.float().norm()) < 1e-2

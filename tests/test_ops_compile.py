@@ -303,3 +303,33 @@ def test_no_host_sync_with_max_seqlen_gpu():
             torch.cuda.set_sync_debug_mode("default")
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
         assert len(syncs) == expected, [str(w.message) for w in syncs]
+
+
+def test_public_branch_functions_compile_fullgraph():
+    """The per-branch public functions (no max_seqlen given: the ops copy the offsets themselves)."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test")
+    from nsa_kernels import (
+        compressed_attention_triton, gate_combine_triton, select_blocks_triton, selected_attention_triton,
+        window_attention_triton,
+    )
+
+    c = _inputs([12, 8], 2, 1)
+    cu, cu_c = c["cu_q"], c["cu_c"]
+
+    def f(q, k, v, ck, cv, g):
+        o, lse = compressed_attention_triton(q, ck, cv, cu, cu, cu_c, TINY.cmp_block, TINY.cmp_stride)
+        blocks = select_blocks_triton(q, ck, lse, cu, cu, cu_c, TINY)
+        o_slc = selected_attention_triton(q, k, v, blocks, cu, cu, TINY.slc_block)
+        o_win = window_attention_triton(q, k, v, cu, cu, TINY.window)
+        return gate_combine_triton(o, o_slc, o_win, g).square().sum()
+
+    leaves = [c[n].clone().requires_grad_() for n in ("q", "k", "v", "cmp_k", "cmp_v", "gates")]
+    want = f(*leaves)
+    want_grads = torch.autograd.grad(want, leaves)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    assert torch.allclose(got, want, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
