@@ -7,14 +7,28 @@ Documents are cut into pieces of at most --seq-len tokens; each batch is packed 
 `DataCollatorWithFlattening` with `cu_seq_lens` so NSA never attends across documents. With
 --nsa-only-steps N the first N steps train only the new NSA modules (compressors, gates), then all
 weights train. --resume continues from the last checkpoint in --output-dir.
+
+Multi-GPU: the same script under `accelerate launch` (FSDP: see docs/multi_gpu.md and
+examples/fsdp.yaml). --log-file writes every logged step's loss as JSON (main process), and
+--sequential makes the data order independent of the number of processes: the pieces are shuffled
+once with --seed and read in order, so `--batch-size 1 --grad-accum 2` on one GPU and `--batch-size 1`
+on each of two GPUs train on the same two pieces in every optimizer step.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorWithFlattening,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 import nsa_hf  # noqa: F401  (registers NSA-Llama and attn_implementation="nsa")
@@ -40,7 +54,37 @@ def parse_args(argv=None):
     ap.add_argument("--save-steps", type=int, default=500)
     ap.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-file", default=None, help="write the logged losses (every --logging-steps) as JSON here")
+    ap.add_argument("--sequential", action="store_true",
+                    help="shuffle the pieces once with --seed and read them in order (same order for any process count)")
+    ap.add_argument("--no-save", action="store_true", help="do not save the final model")
     return ap.parse_args(argv)
+
+
+class LossLogCallback(TrainerCallback):
+    """Appends ``{phase, step, loss, grad_norm, learning_rate}`` for every log with a loss and rewrites
+    ``path`` as a JSON list each time (main process only), so a crash later keeps the losses so far."""
+
+    def __init__(self, path, phase, records):
+        self.path, self.phase, self.records = path, phase, records
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return
+        self.records.append({"phase": self.phase, "step": state.global_step, "loss": logs["loss"],
+                             "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
+                             "world_size": args.world_size})
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "w") as f:
+            json.dump(self.records, f, indent=1)
+
+
+class SequentialTrainer(Trainer):
+    """A Trainer that reads the training set in order (no sampler shuffling)."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        dataset = args[0] if args and args[0] is not None else kwargs.get("train_dataset") or self.train_dataset
+        return torch.utils.data.SequentialSampler(dataset)
 
 
 def training_args(args, output_dir, max_steps, lr):
@@ -57,6 +101,7 @@ def training_args(args, output_dir, max_steps, lr):
         lr_scheduler_type="cosine",
         warmup_steps=min(100, max_steps // 10),
         include_num_input_tokens_seen=True,
+        average_tokens_across_devices=True,  # loss = mean over all tokens of the global batch, any process count
         report_to=[],
         seed=args.seed,
         remove_unused_columns=False,
@@ -70,7 +115,14 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="nsa")
     model.config.use_cache = False  # packed training: the nsa backend reads cu_seq_lens, no cache
-    pieces = chunk_documents(load_text_dataset(args.data), tokenizer, args.seq_len, args.text_column)
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():  # under accelerate launch: tokenise once, the others read the cache
+        pieces = chunk_documents(load_text_dataset(args.data), tokenizer, args.seq_len, args.text_column)
+    if args.sequential:
+        pieces = pieces.shuffle(seed=args.seed).flatten_indices()
+    trainer_cls = SequentialTrainer if args.sequential else Trainer
+    records = []
     collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
     history = []
 
@@ -81,14 +133,24 @@ def main(argv=None):
     for which, out, steps, lr in phases:
         n = set_trainable(model, which)
         print(f"[train] phase '{which}': {n:,} trainable parameters, {steps} steps, lr {lr}")
-        trainer = Trainer(model=model, args=training_args(args, out, steps, lr), train_dataset=pieces,
-                          data_collator=collator, callbacks=[ThroughputCallback()])
+        callbacks = [ThroughputCallback()]
+        if args.log_file:
+            callbacks.append(LossLogCallback(args.log_file, which, records))
+        trainer = trainer_cls(model=model, args=training_args(args, out, steps, lr), train_dataset=pieces,
+                              data_collator=collator, callbacks=callbacks)
         resume = get_last_checkpoint(out) if args.resume and os.path.isdir(out) else None
         trainer.train(resume_from_checkpoint=resume)
         history += [h for h in trainer.state.log_history if "loss" in h]
+    if args.no_save:
+        return history
     final = os.path.join(args.output_dir, "final")
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+    if trainer.args.world_size > 1:  # FSDP/DDP: the Trainer gathers the weights and writes once
+        trainer.save_model(final)
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(final)
+    else:
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
     print(f"[train] saved {final}")
     return history
 

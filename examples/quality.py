@@ -1,0 +1,734 @@
+"""Quality experiment: does a dense Llama converted to NSA and trained on keep the dense model's loss,
+and can it retrieve what its sliding window cannot see?
+
+Real text that ships with Python (the standard library's sources; held-out files for evaluation), a
+byte-level BPE tokenizer trained on it (``examples/data.py``), then:
+
+1. **Pretrain** a small dense ``LlamaForCausalLM`` (about 27M parameters by default) for
+   ``--pretrain-steps`` steps.
+2. **Continue** it two ways on the *same* batches (same order) for ``--continue-steps`` steps:
+   (a) dense, (b) converted to NSA-Llama (``convert_llama_to_nsa``) and trained as NSA.
+   Held-out loss of: dense pretrained, converted untrained NSA, dense continued, NSA continued; the
+   relative gap NSA vs dense (target: within 1 %), also over the later half of the positions, where
+   the sparsity bites most.
+3. **Needle in a haystack.** A line ``PASSKEY = 48213`` planted at several depths of a context of
+   ``--seq-len`` tokens of held-out stdlib text (>= 4x the window), and the line ``PASSKEY = `` again
+   at the end, to be completed with the digits; accuracy = every answer digit right (teacher-forced argmax, which equals greedy decoding's
+   exact match). The key is always further from the question than the window reaches. Each model is
+   fine-tuned for ``--needle-steps`` steps on freshly planted needles in training text (loss on the
+   answer digits only), then evaluated on ``--needle-eval`` held-out needles per depth:
+
+   * the NSA model (continued from step 2),
+   * a *window-only* variant: the same NSA model with its gate modules replaced by constant logits
+     ``(-1e4, -1e4, +1e4)``, i.e. gates exactly ``(0, 0, 1)`` after the sigmoid, so the compressed and
+     selected branches contribute exactly nothing (their outputs are multiplied by 0.0, their weights
+     get zero gradients) and the layer computes sliding-window attention only; the script checks
+     this against an independent banded-mask SDPA implementation (``window_only_check``);
+   * the dense model (continued from step 2), as a reference (``--no-dense-needle`` skips it).
+
+Precision: float32 master weights (AdamW) and a bfloat16 working copy for the forward/backward on
+CUDA (the NSA Triton kernels are used automatically there); float32 everywhere on CPU (the PyTorch
+reference). Every phase uses linear warm-up and cosine decay.
+
+Run on one H100 (about 6 minutes with the defaults; ``--budget SECONDS`` shrinks the step counts
+after timing a few steps of each model so the whole run fits, and prints the explicit command that
+reproduces the run)::
+
+    python examples/quality.py --out $OUT/quality --budget 330
+
+``--tiny`` is a CPU smoke run of the whole pipeline in well under a minute (tests).
+Writes ``results.json`` and ``results.md`` (the tables) under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from data import EOS, stdlib_documents, token_blocks, train_tokenizer  # noqa: E402
+
+DEFAULT_STEPS = {"pretrain_steps": 450, "continue_steps": 150, "needle_steps": 300}
+TINY = dict(
+    vocab_size=512, hidden_size=64, layers=2, heads=4, kv_heads=2, seq_len=128, batch_size=2,
+    max_chars=300_000, eval_blocks=4, pretrain_steps=10, continue_steps=3, needle_steps=3,
+    needle_eval=4, needle_batch_size=4, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16,
+)
+NEEDLE_KEY_TEXT = "\nPASSKEY = "
+NEEDLE_END_TEXT = "\n"
+NEEDLE_QUERY_TEXT = NEEDLE_KEY_TEXT  # the question repeats the key line: "PASSKEY = " -> the digits
+WINDOW_ONLY_GATE_LOGITS = (-1.0e4, -1.0e4, 1.0e4)  # sigmoid -> exactly (0, 0, 1) in fp32 and bf16
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/quality", help="output directory (results.json, results.md)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, few steps, short context")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for the whole run: time a few steps of each model, then scale the step counts "
+                         "down (never up) so that the run fits")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--fp32", action="store_true", help="train in float32 on CUDA too (default: bf16 working copy)")
+    s = ap.add_argument_group("steps and learning rates")
+    s.add_argument("--pretrain-steps", type=int, default=None, help=f"default {DEFAULT_STEPS['pretrain_steps']}")
+    s.add_argument("--continue-steps", type=int, default=None, help=f"default {DEFAULT_STEPS['continue_steps']}")
+    s.add_argument("--needle-steps", type=int, default=None, help=f"default {DEFAULT_STEPS['needle_steps']}")
+    s.add_argument("--batch-size", type=int, default=8, help="sequences of --seq-len tokens per step")
+    s.add_argument("--needle-batch-size", type=int, default=None, help="default --batch-size")
+    s.add_argument("--lr", type=float, default=1.5e-3, help="pretraining peak learning rate")
+    s.add_argument("--continue-lr", type=float, default=5e-4, help="continued training peak learning rate")
+    s.add_argument("--needle-lr", type=float, default=5e-4, help="needle fine-tune peak learning rate")
+    s.add_argument("--nsa-lr-mult", type=float, default=10.0,
+                   help="learning-rate multiplier of the new NSA modules (compressors, gates)")
+    s.add_argument("--weight-decay", type=float, default=0.1)
+    s.add_argument("--warmup-frac", type=float, default=0.1)
+    m = ap.add_argument_group("model and data")
+    m.add_argument("--vocab-size", type=int, default=8192)
+    m.add_argument("--hidden-size", type=int, default=512)
+    m.add_argument("--layers", type=int, default=8)
+    m.add_argument("--heads", type=int, default=8)
+    m.add_argument("--kv-heads", type=int, default=2)
+    m.add_argument("--seq-len", type=int, default=2048)
+    m.add_argument("--max-chars", type=int, default=1_000_000_000, help="characters of stdlib source to read")
+    m.add_argument("--extra-code", nargs="*", default=[],
+                   help="directories whose .py files are added to the training text (held-out text stays stdlib)")
+    m.add_argument("--eval-blocks", type=int, default=128, help="held-out blocks of --seq-len tokens")
+    n = ap.add_argument_group("NSA sizes (tokens)")
+    n.add_argument("--cmp-block", type=int, default=32)
+    n.add_argument("--cmp-stride", type=int, default=16)
+    n.add_argument("--slc-block", type=int, default=64)
+    n.add_argument("--slc-count", type=int, default=8)
+    n.add_argument("--init-blocks", type=int, default=1)
+    n.add_argument("--local-blocks", type=int, default=2)
+    n.add_argument("--window", type=int, default=128)
+    k = ap.add_argument_group("needle probe")
+    k.add_argument("--depths", default="0.1,0.3,0.5,0.7", help="needle depths as fractions of the context")
+    k.add_argument("--needle-digits", type=int, default=5)
+    k.add_argument("--needle-eval", type=int, default=128, help="held-out needles per depth")
+    k.add_argument("--no-dense-needle", action="store_true", help="skip the dense reference in the needle probe")
+    args = ap.parse_args(argv)
+    explicit = {a.dest for a in ap._actions if any(o in (argv if argv is not None else sys.argv[1:])
+                                                      for o in a.option_strings)}
+    if args.tiny:
+        for key, value in TINY.items():
+            if key not in explicit:
+                setattr(args, key, value)
+    for key, value in DEFAULT_STEPS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.needle_batch_size is None:
+        args.needle_batch_size = args.batch_size
+    args.depths = [float(d) for d in str(args.depths).split(",")] if isinstance(args.depths, str) else args.depths
+    for name in ("pretrain_steps", "continue_steps", "needle_steps", "batch_size", "needle_batch_size",
+                 "seq_len", "eval_blocks", "needle_eval", "needle_digits"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not all(0.0 <= d <= 1.0 for d in args.depths):
+        ap.error(f"--depths {args.depths}: each must be in [0, 1]")
+    if args.seq_len < 4 * args.window:
+        ap.error(f"--seq-len {args.seq_len} must be >= 4 x --window {args.window} (the probe's context)")
+    return args
+
+
+def log(msg: str) -> None:
+    print(f"[quality] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _extra_documents(dirs, min_chars: int = 2000) -> list[str]:
+    docs = []
+    for d in dirs:
+        for path in sorted(Path(d).rglob("*.py")):
+            if path.is_file() and path.stat().st_size >= min_chars:
+                docs.append(path.read_text(encoding="utf-8", errors="replace"))
+    return docs
+
+
+def load_data(args):
+    """Tokenizer, training blocks ``(N, L)`` (documents joined with EOS and cut into blocks: every
+    token is used) and held-out blocks (whole blocks of single held-out files, data.token_blocks)."""
+    train_docs, eval_docs = stdlib_documents(min_chars=2000, max_chars=args.max_chars)
+    extra = _extra_documents(args.extra_code) if args.extra_code else []
+    tokenizer = train_tokenizer(train_docs, args.vocab_size)
+    ids = tokenizer(train_docs + extra, add_special_tokens=False)["input_ids"]
+    stream = torch.tensor([t for doc in ids for t in doc + [tokenizer.eos_token_id]], dtype=torch.long)
+    n = len(stream) // args.seq_len
+    if n < 2:
+        raise RuntimeError(f"only {len(stream)} training tokens: fewer than 2 blocks of {args.seq_len}")
+    train_blocks = stream[: n * args.seq_len].view(n, args.seq_len)
+    eval_blocks = token_blocks(tokenizer, eval_docs, args.seq_len, max_blocks=args.eval_blocks)
+    info = {
+        "train_documents": len(train_docs), "extra_documents": len(extra), "held_out_documents": len(eval_docs),
+        "train_characters": sum(map(len, train_docs)) + sum(map(len, extra)),
+        "train_tokens": int(len(stream)), "train_blocks": n, "eval_blocks": len(eval_blocks),
+        "vocab": len(tokenizer), "python": sys.version.split()[0],
+    }
+    return tokenizer, train_blocks, eval_blocks, info
+
+
+class BatchStream:
+    """Deterministic batches of training blocks: batch ``i`` depends only on ``i`` and the seed (each
+    epoch a fresh permutation), so two runs (dense and NSA) can train on exactly the same batches."""
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int):
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms[epoch] = torch.randperm(len(self.blocks), generator=g)
+        return self._perms[epoch]
+
+    def batch(self, i: int) -> torch.Tensor:
+        n = len(self.blocks)
+        idx = [self._perm(j // n)[j % n] for j in range(i * self.batch_size, (i + 1) * self.batch_size)]
+        return self.blocks[torch.stack(idx)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def build_dense(args, vocab_size: int, eos_id: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=args.hidden_size,
+        intermediate_size=int(args.hidden_size * 8 / 3 / 16 + 0.5) * 16,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=True,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def nsa_settings(args) -> dict:
+    return dict(cmp_block=args.cmp_block, cmp_stride=args.cmp_stride, slc_block=args.slc_block,
+                slc_count=args.slc_count, init_blocks=args.init_blocks, local_blocks=args.local_blocks,
+                window=args.window)
+
+
+def convert(dense, args):
+    """NSA-Llama (float32, same device) from a dense float32 model; ``nsa-hf``'s own conversion."""
+    from nsa_hf.convert import convert_llama_to_nsa
+
+    nsa, _ = convert_llama_to_nsa(dense, None, evaluate=False, progress=False, **nsa_settings(args))
+    if nsa.config._attn_implementation != "nsa":
+        set_attn_implementation(nsa, "nsa")
+    nsa.config.use_cache = False
+    return nsa
+
+
+def set_attn_implementation(model, name: str) -> None:
+    """Switch the attention function of every layer (they all read the shared config)."""
+    try:
+        model.set_attn_implementation(name)
+    except Exception:  # older/newer API differences: set the field the layers read
+        model.config._attn_implementation = name
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation = name
+
+
+class ConstantGate(nn.Module):
+    """Replaces ``nsa_gate``: the same logits for every token, ``(cmp, slc, win)`` repeated per head."""
+
+    def __init__(self, num_heads: int, logits=WINDOW_ONLY_GATE_LOGITS):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits, dtype=torch.float32).repeat(num_heads), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.to(x.dtype).expand(*x.shape[:-1], self.logits.numel())
+
+
+def window_only(nsa_model):
+    """A copy of ``nsa_model`` whose gates are exactly (0, 0, 1): sliding-window attention only."""
+    model = copy.deepcopy(nsa_model)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.nsa_gate = ConstantGate(attn.num_heads).to(next(attn.parameters()).device)
+    return model
+
+
+def window_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Independent sliding-window attention (banded causal mask, SDPA) for checking the window-only
+    variant: query ``(B, Hq, Q, D)``, key/value ``(B, Hkv, K, D)``, no padding; ``nsa_*`` kwargs ignored."""
+    window = module.config.nsa_window
+    rep = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    q_pos = torch.arange(key.shape[2] - query.shape[2], key.shape[2], device=query.device)
+    k_pos = torch.arange(key.shape[2], device=query.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_window_sdpa() -> str:
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    from nsa_hf.attention import nsa_padding_mask
+
+    AttentionInterface.register("quality_window_sdpa", window_sdpa_attention)
+    AttentionMaskInterface.register("quality_window_sdpa", nsa_padding_mask)
+    return "quality_window_sdpa"
+
+
+@torch.no_grad()
+def check_window_only(model, ids: torch.Tensor) -> dict:
+    """Window-only NSA model vs banded-mask SDPA on the same weights: logit differences and gates."""
+    model.eval()
+    gates = torch.sigmoid(model.model.layers[0].self_attn.nsa_gate(model.model.embed_tokens(ids[:, :4]))).float()
+    gate_values = gates.view(-1, 3)[0].tolist()
+    nsa_logits = model(input_ids=ids, use_cache=False).logits.float()
+    ref = copy.deepcopy(model)
+    set_attn_implementation(ref, _register_window_sdpa())
+    ref_logits = ref(input_ids=ids, use_cache=False).logits.float()
+    diff = (nsa_logits - ref_logits).abs()
+    return {"gates": gate_values, "gates_exact": gate_values == [0.0, 0.0, 1.0],
+            "max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
+            "logit_scale": ref_logits.abs().mean().item(), "tokens": int(ids.numel())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+class Run:
+    """AdamW on float32 master weights (``self.master``) with a working copy in ``dtype``
+    (``self.model``; the same object in float32), warm-up + cosine schedule, gradient clipping 1.0."""
+
+    def __init__(self, master, dtype, lr: float, steps: int, args):
+        from nsa_hf.training import is_nsa_parameter
+
+        self.master = master
+        self.model = master if dtype == torch.float32 else copy.deepcopy(master).to(dtype)
+        self.pairs = [(mp, wp) for (_, mp), wp in zip(master.named_parameters(), self.model.parameters())]
+        groups = {}
+        for name, p in master.named_parameters():
+            nsa = is_nsa_parameter(name)
+            decay = p.dim() >= 2 and not nsa
+            groups.setdefault((nsa, decay), []).append(p)
+        self.opt = torch.optim.AdamW(
+            [{"params": ps, "lr_mult": args.nsa_lr_mult if nsa else 1.0,
+              "weight_decay": args.weight_decay if decay else 0.0} for (nsa, decay), ps in groups.items()],
+            lr=lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+        self.lr, self.steps, self.warmup = lr, steps, max(1, int(args.warmup_frac * steps))
+        self.step_count = 0
+        self.losses: list[float] = []
+        self.seconds = 0.0
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+    def step(self, loss_fn) -> float:
+        start = time.perf_counter()
+        self.model.train()
+        loss = loss_fn(self.model)
+        loss.backward()
+        if self.model is not self.master:
+            for mp, wp in self.pairs:
+                mp.grad = None if wp.grad is None else wp.grad.float()
+                wp.grad = None
+        torch.nn.utils.clip_grad_norm_(self.master.parameters(), 1.0)
+        lr = self.lr_at(self.step_count)
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.model is not self.master:
+            with torch.no_grad():
+                for mp, wp in self.pairs:
+                    wp.copy_(mp)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss is {value} at step {self.step_count}")
+        self.step_count += 1
+        self.losses.append(value)
+        self.seconds += time.perf_counter() - start
+        return value
+
+    def summary(self) -> dict:
+        k = max(1, len(self.losses) // 10)
+        return {"steps": self.step_count, "seconds": round(self.seconds, 2), "lr": self.lr,
+                "first_losses": self.losses[:k], "last_losses": self.losses[-k:],
+                "seconds_per_step": self.seconds / max(1, self.step_count)}
+
+
+def lm_loss(ids: torch.Tensor):
+    def fn(model):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    return fn
+
+
+def train_lm(run: Run, stream: BatchStream, first_batch: int, device, name: str) -> dict:
+    log_every = max(1, run.steps // 10)
+    for i in range(run.steps):
+        loss = run.step(lm_loss(stream.batch(first_batch + i).to(device)))
+        if i % log_every == 0 or i == run.steps - 1:
+            log(f"  {name} step {i + 1}/{run.steps}: loss {loss:.4f} ({run.seconds:.1f} s)")
+    return run.summary()
+
+
+@torch.no_grad()
+def held_out_loss(model, blocks: torch.Tensor, batch_size: int, device) -> dict:
+    """Mean next-token loss (nats) over all positions and over the later half of the positions."""
+    model.eval()
+    total = late = 0.0
+    n_all = n_late = 0
+    half = blocks.shape[1] // 2
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i : i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, L-1)
+        total += ce.sum().item()
+        late += ce[:, half - 1 :].sum().item()
+        n_all += ce.numel()
+        n_late += ce[:, half - 1 :].numel()
+    return {"all": total / n_all, "late_half": late / n_late}
+
+
+# ---------------------------------------------------------------------------------------------
+# Needle in a haystack
+
+
+class Needles:
+    """``PASSKEY = <digits>`` planted in filler text, ``PASSKEY = <digits>`` again at the end (the answer)."""
+
+    def __init__(self, tokenizer, seq_len: int, digits: int, window: int):
+        enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.key, self.end, self.query = enc(NEEDLE_KEY_TEXT), enc(NEEDLE_END_TEXT), enc(NEEDLE_QUERY_TEXT)
+        self.digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
+        if len(set(self.digit_ids.tolist())) != 10 or tokenizer.unk_token_id in self.digit_ids.tolist():
+            raise RuntimeError("the tokenizer has no single token per digit")
+        self.seq_len, self.digits, self.window = seq_len, digits, window
+        self.needle_len = len(self.key) + digits + len(self.end)
+        self.tail_len = len(self.query) + digits
+        self.filler_len = seq_len - self.needle_len - self.tail_len
+        if self.filler_len < 1:
+            raise ValueError(f"seq_len={seq_len} is too short for the needle and the question")
+
+    def start(self, depth: float) -> int:
+        """Position of the needle's first token at ``depth`` (0 = start of the context, 1 = just before the question)."""
+        return int(round(depth * self.filler_len))
+
+    def distance(self, depth: float) -> int:
+        """Tokens from the needle's last digit to the position that predicts the first answer digit."""
+        last_digit = self.start(depth) + len(self.key) + self.digits - 1
+        return (self.seq_len - self.digits - 1) - last_digit
+
+    def outside_window(self, depth: float) -> bool:
+        return self.distance(depth) >= self.window
+
+    def batch(self, fillers: torch.Tensor, depths, gen: torch.Generator):
+        """``(B, seq_len)`` ids and ``(B, digits)`` answers, one needle per filler row."""
+        rows, answers = [], []
+        for filler, depth in zip(fillers, depths):
+            answer = self.digit_ids[torch.randint(0, 10, (self.digits,), generator=gen)]
+            p = self.start(float(depth))
+            f = filler[: self.filler_len]
+            rows.append(torch.cat([f[:p], torch.tensor(self.key), answer, torch.tensor(self.end), f[p:],
+                                   torch.tensor(self.query), answer]))
+            answers.append(answer)
+        return torch.stack(rows), torch.stack(answers)
+
+    def logits(self, model, ids: torch.Tensor) -> torch.Tensor:
+        """Logits predicting the answer digits ``(B, digits, V)`` (teacher forcing)."""
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=self.digits + 1).logits
+        return out[:, :-1].float()
+
+
+def needle_loss(needles: Needles, ids, answers):
+    def fn(model):
+        logits = needles.logits(model, ids)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
+    return fn
+
+
+def needle_train_batch(needles: Needles, train_blocks, step: int, batch_size: int, seed: int):
+    """Freshly planted needles for fine-tune step ``step`` (uniform depths; same for every model)."""
+    g = torch.Generator().manual_seed(seed * 7919 + 1_000_003 + step)
+    fillers = train_blocks[torch.randint(0, len(train_blocks), (batch_size,), generator=g)]
+    depths = torch.rand(batch_size, generator=g).tolist()
+    return needles.batch(fillers, depths, g)
+
+
+@torch.no_grad()
+def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, batch_size: int, seed: int, device):
+    """Per depth: exact-match accuracy (all digits) and per-digit accuracy on ``count`` held-out needles."""
+    model.eval()
+    out = {}
+    for d_i, depth in enumerate(depths):
+        g = torch.Generator().manual_seed(seed * 31 + 17 + d_i)
+        exact = digit = 0
+        for start in range(0, count, batch_size):
+            n = min(batch_size, count - start)
+            fillers = eval_blocks[torch.arange(start, start + n) % len(eval_blocks)]
+            ids, answers = needles.batch(fillers, [depth] * n, g)
+            pred = needles.logits(model, ids.to(device)).argmax(-1).cpu()
+            exact += (pred == answers).all(-1).sum().item()
+            digit += (pred == answers).sum().item()
+        out[f"{depth:g}"] = {"exact": exact / count, "digit": digit / (count * needles.digits)}
+    return out
+
+
+def finetune_needles(run: Run, needles: Needles, train_blocks, args, device, name: str) -> dict:
+    log_every = max(1, run.steps // 5)
+    for i in range(run.steps):
+        ids, answers = needle_train_batch(needles, train_blocks, i, args.needle_batch_size, args.seed)
+        loss = run.step(needle_loss(needles, ids.to(device), answers.to(device)))
+        if i % log_every == 0 or i == run.steps - 1:
+            log(f"  {name} needle step {i + 1}/{run.steps}: answer loss {loss:.4f}")
+    return run.summary()
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget
+
+
+def plan_steps(args, dense, stream, needles, train_blocks, device, dtype, elapsed: float) -> dict:
+    """Time a few steps of the dense and the NSA model, then scale the step counts down so the run
+    fits ``--budget`` (the first NSA steps also compile the Triton kernels)."""
+    probe = {}
+    for name in ("dense", "nsa"):
+        model = copy.deepcopy(dense) if name == "dense" else convert(dense, args)
+        run = Run(model, dtype, 1e-6, 100, args)
+        times = []
+        for i in range(4):
+            t = time.perf_counter()
+            run.step(lm_loss(stream.batch(i).to(device)))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        ids, answers = needle_train_batch(needles, train_blocks, 0, args.needle_batch_size, args.seed)
+        t = time.perf_counter()
+        run.step(needle_loss(needles, ids.to(device), answers.to(device)))
+        run.step(needle_loss(needles, ids.to(device), answers.to(device)))
+        probe[name] = {"lm_step": min(times[1:]), "first_step": times[0],
+                       "needle_step": (time.perf_counter() - t) / 2}
+        del run, model
+    td, tn = probe["dense"]["lm_step"], probe["nsa"]["lm_step"]
+    nd, nn_ = probe["dense"]["needle_step"], probe["nsa"]["needle_step"]
+    evals = 4 * math.ceil(args.eval_blocks / args.batch_size) * tn / 2  # forward ~ 1/3 of a step, rounded up
+    evals += 3 * len(args.depths) * math.ceil(args.needle_eval / args.needle_batch_size) * nn_ / 2 * 2
+    fixed = elapsed + evals + 20.0  # conversions, copies, checks, writing results
+    per_unit = (args.pretrain_steps * td + args.continue_steps * (td + tn)
+                + args.needle_steps * (2 * nn_ + (0 if args.no_dense_needle else nd)))
+    available = 0.9 * args.budget - fixed - sum(p["first_step"] for p in probe.values())
+    scale = min(1.0, max(0.02, available / per_unit)) if per_unit > 0 else 1.0
+    planned = {k: max(1, int(getattr(args, k) * scale)) for k in DEFAULT_STEPS}
+    log(f"budget {args.budget:.0f} s: step times dense {td * 1e3:.0f} ms, NSA {tn * 1e3:.0f} ms "
+        f"(needle steps {nd * 1e3:.0f} / {nn_ * 1e3:.0f} ms); scale {scale:.2f} -> {planned}")
+    return {"probe": probe, "scale": scale, "steps": planned}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def reproduce_command(args) -> str:
+    parts = ["python", "examples/quality.py"]
+    skip = {"budget", "tiny", "depths", "extra_code", "fp32", "no_dense_needle", "device"}
+    for key, value in vars(args).items():
+        if key in skip or value is None:
+            continue
+        parts += [f"--{key.replace('_', '-')}", str(value)]
+    parts += ["--depths", ",".join(f"{d:g}" for d in args.depths)]
+    if args.extra_code:
+        parts += ["--extra-code", *args.extra_code]
+    parts += [flag for flag, on in (("--fp32", args.fp32), ("--no-dense-needle", args.no_dense_needle)) if on]
+    if args.device:
+        parts += ["--device", args.device]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def markdown(results: dict) -> str:
+    loss, gaps = results["loss"], results["gaps"]
+    lines = [
+        "| model | held-out loss (all positions) | later half of positions |",
+        "|---|---|---|",
+    ]
+    for key, label in (("dense_pretrained", "dense, pretrained"), ("nsa_converted", "NSA, converted (untrained)"),
+                       ("dense_continued", "dense, continued"), ("nsa_continued", "NSA, converted + continued")):
+        lines.append(f"| {label} | {loss[key]['all']:.4f} | {loss[key]['late_half']:.4f} |")
+    lines += [
+        "",
+        f"NSA vs dense after the same continued training: {100 * gaps['nsa_vs_dense_continued']:+.2f} % "
+        f"(later half {100 * gaps['nsa_vs_dense_continued_late']:+.2f} %; target within 1 %: "
+        f"{'PASS' if results['pass']['loss_within_1pct'] else 'FAIL'}); converted untrained vs dense pretrained: "
+        f"{100 * gaps['converted_vs_dense_pretrained']:+.2f} %.",
+        "",
+    ]
+    nd = results["needle"]
+    depths = list(nd["geometry"])
+    lines.append("| needle accuracy (exact match) | " + " | ".join(
+        f"depth {d} (distance {nd['geometry'][d]['distance']})" for d in depths) + " |")
+    lines.append("|---|" + "---|" * len(depths))
+    for variant, label in (("nsa", "NSA"), ("window_only", "window-only"), ("dense", "dense")):
+        if variant not in nd["results"]:
+            continue
+        for when in ("before", "after"):
+            acc = nd["results"][variant][when]
+            lines.append(f"| {label}, {when} fine-tune | " + " | ".join(f"{acc[d]['exact']:.3f}" for d in depths) + " |")
+    lines += ["", f"Reproduce: `{results['reproduce']}`", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import nsa_hf  # noqa: F401  (registers NSA-Llama and attn_implementation="nsa")
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" and not args.fp32 else torch.float32
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)
+
+    tokenizer, train_blocks, eval_blocks, data_info = load_data(args)
+    log(f"data: {data_info['train_tokens']:,} training tokens ({data_info['train_blocks']} blocks of {args.seq_len}), "
+        f"{data_info['eval_blocks']} held-out blocks; vocab {data_info['vocab']} ({time.perf_counter() - t0:.1f} s)")
+    stream = BatchStream(train_blocks, args.batch_size, args.seed)
+    needles = Needles(tokenizer, args.seq_len, args.needle_digits, args.window)
+    geometry = {f"{d:g}": {"needle_start": needles.start(d), "distance": needles.distance(d),
+                           "outside_window": needles.outside_window(d),
+                           "outside_stacked_windows": needles.distance(d) >= args.layers * (args.window - 1)}
+                for d in args.depths}
+    inside = [d for d, g in geometry.items() if not g["outside_window"]]
+    if inside:
+        raise ValueError(f"needle depths {inside} put the key within the window ({args.window}) of the question: "
+                         "use smaller depths or a longer --seq-len")
+
+    dense = build_dense(args, len(tokenizer), tokenizer.eos_token_id).to(device)
+    n_params = sum(p.numel() for p in dense.parameters())
+    log(f"dense Llama: {n_params / 1e6:.1f}M parameters on {device} ({dtype}); NSA {nsa_settings(args)}")
+    results = {"args": {k: v for k, v in vars(args).items()}, "data": data_info, "device": str(device),
+               "dtype": str(dtype).replace("torch.", ""), "parameters_dense": n_params,
+               "nsa_settings": nsa_settings(args), "versions": {"torch": torch.__version__}}
+    import transformers
+
+    results["versions"]["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
+
+    if args.budget:
+        results["budget"] = plan_steps(args, dense, stream, needles, train_blocks, device, dtype,
+                                       time.perf_counter() - t0)
+        for key, value in results["budget"]["steps"].items():
+            setattr(args, key, value)
+        set_seed(args.seed)
+    results["steps"] = {k: getattr(args, k) for k in DEFAULT_STEPS}
+    results["reproduce"] = reproduce_command(args)
+    results["tokens"] = {k: getattr(args, k) * args.batch_size * args.seq_len for k in ("pretrain_steps", "continue_steps")}
+    loss, training = {}, {}
+
+    # 1. Pretrain dense.
+    log(f"pretraining dense for {args.pretrain_steps} steps of {args.batch_size} x {args.seq_len} tokens")
+    run = Run(dense, dtype, args.lr, args.pretrain_steps, args)
+    training["dense_pretrain"] = train_lm(run, stream, 0, device, "dense pretrain")
+    loss["dense_pretrained"] = held_out_loss(run.model, eval_blocks, args.batch_size, device)
+    log(f"held-out loss, dense pretrained: {loss['dense_pretrained']['all']:.4f}")
+    dense = run.master
+    del run
+
+    # 2. Continue dense and NSA on the same batches.
+    nsa = convert(dense, args)
+    nsa_eval = nsa if dtype == torch.float32 else copy.deepcopy(nsa).to(dtype)
+    loss["nsa_converted"] = held_out_loss(nsa_eval, eval_blocks, args.batch_size, device)
+    del nsa_eval
+    log(f"held-out loss, NSA converted (untrained): {loss['nsa_converted']['all']:.4f}")
+    first = args.pretrain_steps
+    log(f"continued training, NSA then dense, {args.continue_steps} steps each on the same batches")
+    run = Run(nsa, dtype, args.continue_lr, args.continue_steps, args)
+    training["nsa_continue"] = train_lm(run, stream, first, device, "NSA continue")
+    loss["nsa_continued"] = held_out_loss(run.model, eval_blocks, args.batch_size, device)
+    nsa = run.master
+    del run
+    run = Run(copy.deepcopy(dense), dtype, args.continue_lr, args.continue_steps, args)
+    training["dense_continue"] = train_lm(run, stream, first, device, "dense continue")
+    loss["dense_continued"] = held_out_loss(run.model, eval_blocks, args.batch_size, device)
+    dense = run.master
+    del run
+    for key in ("nsa_continued", "dense_continued"):
+        log(f"held-out loss, {key.replace('_', ' ')}: {loss[key]['all']:.4f}")
+    rel = lambda a, b: (loss[a][k] - loss[b][k]) / loss[b][k]  # noqa: E731
+    k = "all"
+    gaps = {"nsa_vs_dense_continued": rel("nsa_continued", "dense_continued"),
+            "converted_vs_dense_pretrained": rel("nsa_converted", "dense_pretrained")}
+    k = "late_half"
+    gaps["nsa_vs_dense_continued_late"] = rel("nsa_continued", "dense_continued")
+    gaps["converted_vs_dense_pretrained_late"] = rel("nsa_converted", "dense_pretrained")
+    results["loss"], results["gaps"] = loss, gaps
+    log(f"NSA vs dense continued: {100 * gaps['nsa_vs_dense_continued']:+.2f} %; converted untrained vs dense "
+        f"pretrained: {100 * gaps['converted_vs_dense_pretrained']:+.2f} %")
+
+    # 3. Needle in a haystack.
+    variants = {"nsa": nsa, "window_only": window_only(nsa)}
+    if not args.no_dense_needle:
+        variants["dense"] = dense
+    check_ids, _ = needles.batch(eval_blocks[:2], [args.depths[0]] * min(2, len(eval_blocks)),
+                                 torch.Generator().manual_seed(0))
+    try:
+        wo_check_model = variants["window_only"] if dtype == torch.float32 else copy.deepcopy(variants["window_only"]).to(dtype)
+        results["window_only_check"] = check_window_only(wo_check_model, check_ids.to(device))
+        del wo_check_model
+    except Exception as err:  # reported, not fatal on the one-shot GPU run
+        results["window_only_check"] = {"error": repr(err)}
+    log(f"window-only check: {results['window_only_check']}")
+    needle_results = {}
+    for name, master in variants.items():
+        run = Run(master, dtype, args.needle_lr, args.needle_steps, args)
+        before = needle_accuracy(run.model, needles, eval_blocks, args.depths, args.needle_eval,
+                                 args.needle_batch_size, args.seed, device)
+        log(f"{name}: needle accuracy before fine-tune {[v['exact'] for v in before.values()]}")
+        summary = finetune_needles(run, needles, train_blocks, args, device, name)
+        after = needle_accuracy(run.model, needles, eval_blocks, args.depths, args.needle_eval,
+                                args.needle_batch_size, args.seed, device)
+        log(f"{name}: needle accuracy after fine-tune {[v['exact'] for v in after.values()]}")
+        needle_results[name] = {"before": before, "after": after, "finetune": summary}
+        del run
+    results["needle"] = {"geometry": geometry, "digits": args.needle_digits, "per_depth": args.needle_eval,
+                         "context": args.seq_len, "window": args.window,
+                         "stacked_window_reach": args.layers * (args.window - 1), "results": needle_results}
+    results["training"] = training
+    after = lambda v: [x["exact"] for x in needle_results[v]["after"].values()]  # noqa: E731
+    results["pass"] = {
+        "loss_within_1pct": gaps["nsa_vs_dense_continued"] <= 0.01,
+        "nsa_needle_ge_95pct": min(after("nsa")) >= 0.95,
+        "window_only_needle_le_10pct": max(after("window_only")) <= 0.10,
+    }
+    results["seconds"] = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    table = markdown(results)
+    (out / "results.md").write_text(table)
+    print(table, flush=True)
+    log(f"done in {results['seconds']:.0f} s; results in {out / 'results.json'} and {out / 'results.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""examples/quality.py end to end in its --tiny CPU mode, and the pieces its claims rest on: the
+window-only variant really is sliding-window attention, needles lie outside the window, batches are
+the same for the dense and the NSA run."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    import quality
+
+    out = tmp_path_factory.mktemp("quality")
+    results = quality.main(["--tiny", "--out", str(out)])
+    return out, results
+
+
+def test_tiny_run_writes_results(tiny_run):
+    out, results = tiny_run
+    saved = json.loads((out / "results.json").read_text())
+    assert "| NSA, converted + continued |" in (out / "results.md").read_text()
+    for key in ("dense_pretrained", "nsa_converted", "dense_continued", "nsa_continued"):
+        for part in ("all", "late_half"):
+            assert math.isfinite(saved["loss"][key][part]) and 0 < saved["loss"][key][part] < 10
+    # Training did something: continued models beat the pretrained one (same data, more steps).
+    assert saved["loss"]["dense_continued"]["all"] < saved["loss"]["dense_pretrained"]["all"]
+    assert saved["loss"]["nsa_continued"]["all"] < saved["loss"]["nsa_converted"]["all"]
+    gaps = saved["gaps"]
+    expect = (saved["loss"]["nsa_continued"]["all"] - saved["loss"]["dense_continued"]["all"]) / \
+        saved["loss"]["dense_continued"]["all"]
+    assert gaps["nsa_vs_dense_continued"] == pytest.approx(expect)
+    assert saved["steps"] == {"pretrain_steps": 10, "continue_steps": 3, "needle_steps": 3}
+    assert set(saved["pass"]) == {"loss_within_1pct", "nsa_needle_ge_95pct", "window_only_needle_le_10pct"}
+    needle = saved["needle"]
+    assert set(needle["results"]) == {"nsa", "window_only", "dense"}
+    for variant in needle["results"].values():
+        for when in ("before", "after"):
+            assert set(variant[when]) == set(needle["geometry"])
+            for acc in variant[when].values():
+                assert 0.0 <= acc["exact"] <= acc["digit"] <= 1.0
+    # Every planted key is further from the question than the window reaches.
+    for geo in needle["geometry"].values():
+        assert geo["outside_window"] and geo["distance"] >= saved["args"]["window"]
+    assert "--pretrain-steps 10" in saved["reproduce"]
+
+
+def test_window_only_variant_is_sliding_window_attention(tiny_run):
+    _, results = tiny_run
+    check = results["window_only_check"]
+    assert "error" not in check, check
+    assert check["gates"] == [0.0, 0.0, 1.0]
+    assert check["max_abs_logit_diff"] < 1e-4 * max(1.0, check["logit_scale"])
+
+
+def test_window_only_differs_from_nsa_and_ignores_far_tokens():
+    """On a fresh converted model: the window-only output at the last position does not change when a
+    token outside the window changes, the NSA output does (cmp/slc see it); inside the window both do."""
+    import quality
+
+    args = quality.parse_args(["--tiny"])
+    dense = quality.build_dense(args, 512, 0)
+    nsa = quality.convert(dense, args)
+    with torch.no_grad():  # non-trivial gates and compressors, as after training
+        for layer in nsa.model.layers:
+            layer.self_attn.nsa_gate.bias.normal_()
+            layer.self_attn.nsa_cmp_k.down.weight.normal_(std=0.1)
+    wo = quality.window_only(nsa)
+    n, w, layers = args.seq_len, args.window, args.layers
+    ids = torch.randint(1, 512, (1, n))
+    far = ids.clone()
+    far[0, n - 1 - layers * w - 5] = (far[0, n - 1 - layers * w - 5] + 1) % 512  # beyond the stacked windows
+    near = ids.clone()
+    near[0, n - 3] = (near[0, n - 3] + 1) % 512
+
+    def last(model, x):
+        model.eval()
+        with torch.no_grad():
+            return model(input_ids=x, use_cache=False).logits[0, -1]
+
+    base = last(wo, ids)
+    assert (last(wo, far) - base).abs().max() < 1e-6
+    assert (last(wo, near) - base).abs().max() > 1e-3
+    assert (last(nsa, far) - last(nsa, ids)).abs().max() > 1e-3
+    assert not any("nsa_gate" in name for name, _ in wo.named_parameters())  # frozen: nothing to train
+    assert any("nsa_gate" in name for name, _ in nsa.named_parameters())  # the original is untouched
+
+
+def test_needles_layout_and_depth_check():
+    import quality
+    from data import train_tokenizer
+
+    tok = train_tokenizer(["x = 1\nprint(x)\n" * 200, "def f(a):\n    return a + 0123456789\n" * 50], 300)
+    needles = quality.Needles(tok, 128, 5, 16)
+    fillers = torch.randint(100, 200, (3, 128))
+    ids, answers = needles.batch(fillers, [0.0, 0.5, 1.0], torch.Generator().manual_seed(0))
+    assert ids.shape == (3, 128) and answers.shape == (3, 5)
+    assert torch.equal(ids[:, -5:], answers)  # the answer ends the sequence
+    digits = set(needles.digit_ids.tolist())
+    for row, depth, ans in zip(ids, [0.0, 0.5, 1.0], answers):
+        s = needles.start(depth) + len(needles.key)
+        assert row[s : s + 5].tolist() == ans.tolist() and set(ans.tolist()) <= digits
+    assert needles.distance(0.0) > needles.distance(1.0)
+    assert needles.distance(1.0) == len(needles.end) + len(needles.query)  # right before the question
+    with pytest.raises(SystemExit):  # context shorter than 4 windows
+        quality.parse_args(["--tiny", "--seq-len", "32"])
+
+
+def test_batch_stream_is_deterministic_and_covers_epochs():
+    import quality
+
+    blocks = torch.arange(10 * 4).view(10, 4)
+    a, b = quality.BatchStream(blocks, 3, seed=1), quality.BatchStream(blocks, 3, seed=1)
+    assert all(torch.equal(a.batch(i), b.batch(i)) for i in (5, 0, 2))
+    first_epoch = torch.cat([a.batch(i) for i in range(3)])[:, 0].tolist() + a.batch(3)[:1, 0].tolist()
+    assert sorted(first_epoch) == list(range(0, 40, 4))  # each block once per epoch
