@@ -4,7 +4,7 @@ and can it retrieve what its sliding window cannot see?
 Real text that ships with Python (the standard library's sources; held-out files for evaluation), a
 byte-level BPE tokenizer trained on it (``examples/data.py``), then:
 
-1. **Pretrain** a small dense ``LlamaForCausalLM`` (about 27M parameters by default) for
+1. **Pretrain** a small dense ``LlamaForCausalLM`` (26.2M parameters by default) for
    ``--pretrain-steps`` steps.
 2. **Continue** it two ways on the *same* batches (same order) for ``--continue-steps`` steps:
    (a) dense, (b) converted to NSA-Llama (``convert_llama_to_nsa``) and trained as NSA.
@@ -25,6 +25,10 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
      get zero gradients) and the layer computes sliding-window attention only; the script checks
      this against an independent banded-mask SDPA implementation (``window_only_check``);
    * the dense model (continued from step 2), as a reference (``--no-dense-needle`` skips it).
+
+   ``--needle-mix`` (default 1/8) plants a needle in that fraction of the sequences of every
+   pretraining and continued-training batch (ordinary LM loss; the same batches for dense and NSA),
+   so the models meet the copy task before the short fine-tune; the held-out text has no needles.
 
 Precision: float32 master weights (AdamW) and a bfloat16 working copy for the forward/backward on
 CUDA (the NSA Triton kernels are used automatically there); float32 everywhere on CPU (the PyTorch
@@ -117,6 +121,10 @@ def parse_args(argv=None):
     k.add_argument("--needle-digits", type=int, default=5)
     k.add_argument("--needle-eval", type=int, default=128, help="held-out needles per depth")
     k.add_argument("--no-dense-needle", action="store_true", help="skip the dense reference in the needle probe")
+    k.add_argument("--needle-mix", type=float, default=0.125,
+                   help="fraction of the sequences of every pretraining / continued-training batch that carry a planted "
+                        "needle (LM loss as on any text), so that the models can learn to copy before the short "
+                        "fine-tune; 0 = plain text only")
     args = ap.parse_args(argv)
     explicit = {a.dest for a in ap._actions if any(o in (argv if argv is not None else sys.argv[1:])
                                                       for o in a.option_strings)}
@@ -134,6 +142,8 @@ def parse_args(argv=None):
                  "seq_len", "eval_blocks", "needle_eval", "needle_digits"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0.0 <= args.needle_mix <= 1.0:
+        ap.error(f"--needle-mix {args.needle_mix}: must be in [0, 1]")
     if not all(0.0 <= d <= 1.0 for d in args.depths):
         ap.error(f"--depths {args.depths}: each must be in [0, 1]")
     if args.seq_len < 4 * args.window:
@@ -378,10 +388,23 @@ def lm_loss(ids: torch.Tensor):
     return fn
 
 
-def train_lm(run: Run, stream: BatchStream, first_batch: int, device, name: str) -> dict:
+def lm_batch(stream: BatchStream, i: int, needles=None, mix: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """Training batch ``i``; its first ``round(mix * batch)`` rows carry a needle at a random depth
+    (the same for every model: depends only on ``i`` and the seed)."""
+    ids = stream.batch(i)
+    k = int(round(mix * len(ids))) if needles is not None else 0
+    if k:
+        g = torch.Generator().manual_seed(seed * 104_729 + 7 + i)
+        ids = ids.clone()
+        ids[:k] = needles.batch(ids[:k], torch.rand(k, generator=g).tolist(), g)[0]
+    return ids
+
+
+def train_lm(run: Run, stream: BatchStream, first_batch: int, device, name: str, needles=None, mix: float = 0.0,
+             seed: int = 0) -> dict:
     log_every = max(1, run.steps // 10)
     for i in range(run.steps):
-        loss = run.step(lm_loss(stream.batch(first_batch + i).to(device)))
+        loss = run.step(lm_loss(lm_batch(stream, first_batch + i, needles, mix, seed).to(device)))
         if i % log_every == 0 or i == run.steps - 1:
             log(f"  {name} step {i + 1}/{run.steps}: loss {loss:.4f} ({run.seconds:.1f} s)")
     return run.summary()
@@ -649,7 +672,7 @@ def main(argv=None) -> dict:
     # 1. Pretrain dense.
     log(f"pretraining dense for {args.pretrain_steps} steps of {args.batch_size} x {args.seq_len} tokens")
     run = Run(dense, dtype, args.lr, args.pretrain_steps, args)
-    training["dense_pretrain"] = train_lm(run, stream, 0, device, "dense pretrain")
+    training["dense_pretrain"] = train_lm(run, stream, 0, device, "dense pretrain", needles, args.needle_mix, args.seed)
     loss["dense_pretrained"] = held_out_loss(run.model, eval_blocks, args.batch_size, device)
     log(f"held-out loss, dense pretrained: {loss['dense_pretrained']['all']:.4f}")
     dense = run.master
@@ -664,12 +687,13 @@ def main(argv=None) -> dict:
     first = args.pretrain_steps
     log(f"continued training, NSA then dense, {args.continue_steps} steps each on the same batches")
     run = Run(nsa, dtype, args.continue_lr, args.continue_steps, args)
-    training["nsa_continue"] = train_lm(run, stream, first, device, "NSA continue")
+    training["nsa_continue"] = train_lm(run, stream, first, device, "NSA continue", needles, args.needle_mix, args.seed)
     loss["nsa_continued"] = held_out_loss(run.model, eval_blocks, args.batch_size, device)
     nsa = run.master
     del run
     run = Run(copy.deepcopy(dense), dtype, args.continue_lr, args.continue_steps, args)
-    training["dense_continue"] = train_lm(run, stream, first, device, "dense continue")
+    training["dense_continue"] = train_lm(run, stream, first, device, "dense continue", needles, args.needle_mix,
+                                         args.seed)
     loss["dense_continued"] = held_out_loss(run.model, eval_blocks, args.batch_size, device)
     dense = run.master
     del run

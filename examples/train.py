@@ -119,8 +119,8 @@ def main(argv=None):
 
     with PartialState().main_process_first():  # under accelerate launch: tokenise once, the others read the cache
         pieces = chunk_documents(load_text_dataset(args.data), tokenizer, args.seq_len, args.text_column)
-    if args.sequential:
-        pieces = pieces.shuffle(seed=args.seed).flatten_indices()
+        if args.sequential:
+            pieces = pieces.shuffle(seed=args.seed).flatten_indices()
     trainer_cls = SequentialTrainer if args.sequential else Trainer
     records = []
     collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True)

@@ -119,3 +119,20 @@ def test_batch_stream_is_deterministic_and_covers_epochs():
     assert all(torch.equal(a.batch(i), b.batch(i)) for i in (5, 0, 2))
     first_epoch = torch.cat([a.batch(i) for i in range(3)])[:, 0].tolist() + a.batch(3)[:1, 0].tolist()
     assert sorted(first_epoch) == list(range(0, 40, 4))  # each block once per epoch
+
+
+def test_needle_mix_batches_are_shared_and_marked():
+    import quality
+    from data import train_tokenizer
+
+    tok = train_tokenizer(["x = 1\nprint(x)\n" * 200, "def f(a):\n    return a + 0123456789\n" * 50], 300)
+    needles = quality.Needles(tok, 128, 5, 16)
+    stream = quality.BatchStream(torch.randint(100, 200, (20, 128)), 8, seed=0)
+    a = quality.lm_batch(stream, 3, needles, 0.25, seed=1)
+    assert torch.equal(a, quality.lm_batch(stream, 3, needles, 0.25, seed=1))  # same for dense and NSA
+    plain = stream.batch(3)
+    assert torch.equal(a[2:], plain[2:]) and not torch.equal(a[:2], plain[:2])
+    for row in a[:2]:  # the row ends with the key line and its digits, which also appear earlier
+        assert set(row[-5:].tolist()) <= set(needles.digit_ids.tolist())
+        assert torch.equal(row[-5 - len(needles.query) : -5], torch.tensor(needles.query))
+    assert torch.equal(quality.lm_batch(stream, 3, needles, 0.0, seed=1), plain)
