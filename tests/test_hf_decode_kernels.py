@@ -2,6 +2,8 @@
 with the decode path forced on, cached decoding equals the varlen/reference path and uncached forwards
 across block boundaries, GQA groups, left padding, multi-token steps, beam search and cache edits; each
 test also checks that the decode kernels were actually called."""
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,11 @@ from nsa_kernels import num_cmp_blocks
 from test_hf_generate import full_logits, tiny_model
 
 TOL = dict(atol=5e-5, rtol=1e-5)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The tiny CPU models below force the decode kernels onto CPU tensors: that needs the interpreter. On a
+# CUDA machine (no TRITON_INTERPRET) those tests are skipped; the `gpu` test covers the CUDA path.
+cpu_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                     reason="needs TRITON_INTERPRET=1 (Triton kernels on CPU tensors)")
 
 
 def positions(mask):
@@ -41,6 +48,7 @@ def _generate(model, ids, decode, monkeypatch, **kwargs):
     return out
 
 
+@cpu_interpreter
 @pytest.mark.parametrize("heads, kv_heads, prompt", [(2, 2, 33), (4, 2, 40), (4, 1, 31), (6, 2, 45)])
 def test_greedy_decode_kernels_equal_reference_and_uncached(heads, kv_heads, prompt, decode_calls, monkeypatch):
     # prompt + 18 tokens crosses cmp (stride 4) and slc (16) boundaries and the window (24); from
@@ -60,6 +68,7 @@ def test_greedy_decode_kernels_equal_reference_and_uncached(heads, kv_heads, pro
     assert layer.cmp_len.tolist() == layer.compressed_length()
 
 
+@cpu_interpreter
 def test_left_padded_batch_decode_equals_reference(decode_calls, monkeypatch):
     model = tiny_model(2, 1, layers=1)
     prompts = [torch.randint(3, 100, (n,)) for n in (37, 12, 26)]
@@ -82,6 +91,7 @@ def test_left_padded_batch_decode_equals_reference(decode_calls, monkeypatch):
     assert fast.past_key_values.layers[0].compressed_length() == [num_cmp_blocks(n, 8, 4) for n in total]
 
 
+@cpu_interpreter
 def test_multi_token_steps_on_a_cache(decode_calls):
     # Chunks of Q = 3, 1, 5, 16 query tokens on an unpadded cache, then Q = 3, 2 on a left-padded batch.
     model = tiny_model(4, 2, layers=1)
@@ -106,6 +116,7 @@ def test_multi_token_steps_on_a_cache(decode_calls):
             torch.testing.assert_close(logits, full_logits(model, ids[:1]), **TOL)
 
 
+@cpu_interpreter
 def test_prompt_lookup_decoding_equals_greedy(decode_calls, monkeypatch):
     # Candidate chunks of up to 4 tokens are verified with the decode kernels, rejected ones cropped.
     model = tiny_model(4, 2, layers=1)
@@ -118,6 +129,7 @@ def test_prompt_lookup_decoding_equals_greedy(decode_calls, monkeypatch):
     assert decode_calls and max(decode_calls) > 1
 
 
+@cpu_interpreter
 def test_beam_search_decode_equals_reference(decode_calls, monkeypatch):
     model = tiny_model(2, 1, layers=1)
     prompt = torch.randint(3, 100, (1, 30))
@@ -129,6 +141,7 @@ def test_beam_search_decode_equals_reference(decode_calls, monkeypatch):
     torch.testing.assert_close(fast.sequences_scores, slow.sequences_scores, atol=1e-4, rtol=1e-4)
 
 
+@cpu_interpreter
 def test_compressed_state_in_decode_steps(decode_calls):
     # Blocks appear exactly when they complete, the past is never rewritten, capacity grows by doubling.
     model = tiny_model(2, 1, layers=1)
@@ -150,6 +163,7 @@ def test_compressed_state_in_decode_steps(decode_calls):
     torch.testing.assert_close(out.logits[0, -1], full_logits(model, ids)[0, -1], **TOL)
 
 
+@cpu_interpreter
 def test_fallbacks_to_the_varlen_path(decode_calls):
     model = tiny_model(4, 2, layers=1)
     ids = torch.randint(3, 100, (2, 40))
@@ -199,12 +213,12 @@ def test_decode_kernel_cmp_cache_exactly_full():
     from nsa_kernels.reference import nsa_sequence
 
     params = NSAParams(cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, init_blocks=1, local_blocks=2, window=24)
-    for length in (68, 132):  # 16 and 32 compressed tokens
+    for length in (68, 132, 260):  # 16, 32 and 64 compressed tokens (split sizes: 16 on CPU, 64 on GPU)
         n = num_cmp_blocks(length, 8, 4)
-        q, k, v = torch.randn(1, 1, 3, 16), torch.randn(1, 1, length, 16), torch.randn(1, 1, length, 16)
-        ck, cv = torch.randn(1, 1, n, 16), torch.randn(1, 1, n, 16)
-        gates = torch.rand(1, 1, 3, 3)
-        lens = lambda x: torch.tensor([x], dtype=torch.int32)  # noqa: E731
+        rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
+        q, k, v, ck, cv = rand(1, 1, 3, 16), rand(1, 1, length, 16), rand(1, 1, length, 16), rand(1, 1, n, 16), rand(1, 1, n, 16)
+        gates = torch.rand(1, 1, 3, 3, device=DEVICE)
+        lens = lambda x: torch.tensor([x], dtype=torch.int32, device=DEVICE)  # noqa: E731
         out = nsa_decode(q, k, v, ck, cv, gates, lens(0), lens(length), lens(0), lens(n), params)
         t = lambda x: x[0].transpose(0, 1)  # noqa: E731
         expect = nsa_sequence(q[0], t(k), t(v), t(ck), t(cv), gates[0], params, 16 ** -0.5)
