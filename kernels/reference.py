@@ -170,6 +170,9 @@ def nsa_attention_varlen(
     cu_seqlens_cmp: torch.Tensor,
     params: NSAParams,
     scale: float | None = None,
+    *,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     """NSA over packed sequences (see the module docstring). Returns ``(Nq, Hq, Dv)`` in ``q.dtype``.
 
@@ -180,6 +183,8 @@ def nsa_attention_varlen(
         gates: ``(Nq, Hq, 3)`` gate values in [0, 1], ordered (cmp, slc, win).
         cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp: ``(B + 1,)`` offsets of each sequence.
         scale: softmax scale, ``D ** -0.5`` by default.
+        max_seqlen_q, max_seqlen_k: accepted for the Triton path's signature (there they spare a host
+            copy of the offsets); unused here.
     """
     check_nsa_inputs(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params)
     scale = q.shape[-1] ** -0.5 if scale is None else scale

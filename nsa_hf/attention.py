@@ -149,6 +149,21 @@ def _restart_lengths(position_ids: torch.Tensor, batch: int, length: int) -> lis
     return [b - a for a, b in zip(first[:-1], first[1:])]
 
 
+_last_offsets: list[tuple | None] = [None]
+
+
+def _host_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor) -> tuple[list[int], list[int]]:
+    """``cu_seq_lens_q/k`` as host lists: one device-to-host copy per forward, not per layer (every
+    layer of a forward gets the same tensor objects; identity is the key, the tensors are kept alive)."""
+    last = _last_offsets[0]
+    if last is not None and last[0] is cu_q and last[1] is cu_k:
+        return last[2], last[3]
+    both = torch.cat([cu_q.reshape(-1), cu_k.reshape(-1)]).tolist()
+    bq, bk = both[: cu_q.numel()], both[cu_q.numel():]
+    _last_offsets[0] = (cu_q, cu_k, bq, bk)
+    return bq, bk
+
+
 def _layout(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -> _Layout:
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
@@ -162,7 +177,7 @@ def _layout(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs) -> _
             )
         cu_q = cu_k if cu_q is None else cu_q
         cu_k = cu_q if cu_k is None else cu_k
-        bq, bk = cu_q.tolist(), cu_k.tolist()
+        bq, bk = _host_offsets(cu_q, cu_k)
         if bq[-1] != q_len or bk[-1] != kv_len or bq[0] != 0 or bk[0] != 0:
             raise ValueError(
                 f"cu_seq_lens_q={bq} / cu_seq_lens_k={bk} must run from 0 to the query length {q_len} / "
@@ -415,11 +430,14 @@ def _nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len
 # -- the backend --------------------------------------------------------------------------------------
 
 
-def _nsa_varlen(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale):
+def _nsa_varlen(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale,
+                max_seqlen_q, max_seqlen_k):
     """The one place where NSA attention itself is computed (packed layout, see
-    :func:`nsa_kernels.nsa_attention_varlen`)."""
+    :func:`nsa_kernels.nsa_attention_varlen`). The offsets are built here from host-side lengths, so
+    the maximum lengths are passed along and the Triton path needs no device-to-host copy."""
     return nsa_attention_varlen(
-        q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale
+        q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )
 
 
@@ -485,7 +503,7 @@ def nsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     out = _nsa_varlen(
         q, k, v, cmp_k, cmp_v, g,
         _cu(layout.lens_q, device), _cu(layout.lens_k, device), _cu(cmp_counts, device),
-        params, scaling,
+        params, scaling, max(layout.lens_q, default=0), max(layout.lens_k, default=0),
     )
     if layout.q_keep is not None:
         full = out.new_zeros(batch * q_len, hq, out.shape[-1])
