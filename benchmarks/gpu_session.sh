@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# One device lease: install, run the GPU tests, run the benchmarks; logs under $OUT.
-#   device run (carry .whl):  bash benchmarks/gpu_session.sh [tests|bench|all] [extra bench args...]
+# One device call: install, then run the named stages in order; logs and tables under $OUT.
+#   device run (carry .whl):  bash benchmarks/gpu_session.sh STAGE [STAGE...]
+# Stages:
+#   tests     pytest -m gpu tests                      (GPU tests; CI skips them)
+#   bench     benchmarks/bench_training.py             (one layer vs SDPA flash/cuDNN and fla-core; $BENCH_SEQLENS)
+#   model     benchmarks/bench_model_training.py       (~1B NSA-Llama training step vs sdpa, 32k tokens)
+#   generate  benchmarks/bench_generate.py             (~1B NSA-Llama prefill + decode vs sdpa; $GEN_PROMPTS)
+#   decode    benchmarks/bench_decode.py               (per-layer decode kernels vs dense and fla-core)
+#   quality   examples/quality.py                      (dense vs NSA continued training, needle probe; $QUALITY_BUDGET s)
 # .whl holds the wheels the GPU image lacks (../shared/gpu-wheels/get-wheels .whl): fla-core, datasets.
 set -uo pipefail
-what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -13,11 +19,29 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 rc=0
-if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -x -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
-  rc=${PIPESTATUS[0]}
-fi
-if [[ $what == bench || $what == all ]]; then
-  python3 benchmarks/bench_training.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_training.log"
-fi
+t0=$(date +%s)
+stamp() { echo "[gpu_session $(( $(date +%s) - t0 ))s] $*"; }
+for stage in "${@:-tests}"; do
+  stamp "stage $stage"
+  case $stage in
+    tests)
+      python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
+    bench)
+      # shellcheck disable=SC2086
+      python3 benchmarks/bench_training.py --out "$OUT" --seqlens ${BENCH_SEQLENS:-8192 16384 32768 65536} 2>&1 | tee "$OUT/bench_training.log" | tail -30 ;;
+    model)
+      python3 benchmarks/bench_model_training.py --out "$OUT/bench_model_training.md" 2>&1 | tee "$OUT/bench_model_training.log" | tail -12 ;;
+    generate)
+      # shellcheck disable=SC2086
+      python3 benchmarks/bench_generate.py --prompt-lens ${GEN_PROMPTS:-32768 65536} --new-tokens 64 \
+          --variants nsa,nsa-varlen,sdpa --out "$OUT/bench_generate.md" 2>&1 | tee "$OUT/bench_generate.log" | tail -20 ;;
+    decode)
+      python3 benchmarks/bench_decode.py --graph --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -30 ;;
+    quality)
+      python3 examples/quality.py --out "$OUT/quality" --budget "${QUALITY_BUDGET:-330}" 2>&1 | tee "$OUT/quality.log" | tail -40 ;;
+    *) echo "unknown stage $stage"; rc=2 ;;
+  esac
+done
+stamp "done rc=$rc"
 exit $rc
