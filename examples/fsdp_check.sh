@@ -12,6 +12,7 @@
 #    (FSDP_CHECK_TOL_BF16, default 3e-2): one GPU keeps bf16 weights, FSDP keeps float32 master
 #    shards and computes in bf16, so the two round differently. This run also saves the final model
 #    through FSDP and reloads it.
+# The two single-GPU runs share the machine (GPU 0 and GPU 1 at once); the FSDP runs follow.
 # Logs, loss files and comparisons land in OUT_DIR; the exit status is non-zero if a check failed.
 set -uo pipefail
 OUT=${1:?usage: bash examples/fsdp_check.sh OUT_DIR [STEPS]}
@@ -23,7 +24,6 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export HF_DATASETS_CACHE="$OUT/datasets-cache"
 status=0
 t0=$(date +%s)
 say() { echo "[fsdp_check $(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -60,32 +60,49 @@ print("ok", sum(p.numel() for p in llama.parameters()))
 EOF
 if [ $? -ne 0 ]; then say "setup FAILED (see setup.log)"; tail -20 "$OUT/setup.log"; exit 3; fi
 
-COMMON=(--model "$OUT/nsa" --data "$OUT"/data/*.txt --seq-len 1024 --max-steps "$STEPS" --logging-steps 1
+COMMON=(--model "$OUT/nsa" --data "$OUT"/data/*.txt --seq-len "${FSDP_CHECK_SEQ_LEN:-1024}" --max-steps "$STEPS" --logging-steps 1
         --save-steps 1000000 --lr 1e-3 --sequential --seed 0)
 
-run_pair() {  # $1 = fp32|bf16, $2 = tolerance, $3.. = extra train.py args
-  local prec=$1 tol=$2; shift 2
+single() {  # $1 = fp32|bf16, $2 = GPU index, $3.. = extra train.py args
+  local prec=$1 gpu=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu HF_DATASETS_CACHE="$OUT/datasets-cache-1gpu-$prec" python examples/train.py "${COMMON[@]}" "$@" --no-save \
+      --batch-size 1 --grad-accum "$NPROC" --output-dir "$OUT/run-1gpu-$prec" --log-file "$OUT/loss-1gpu-$prec.json" \
+      > "$OUT/train-1gpu-$prec.log" 2>&1
+}
+
+fsdp() {  # $1 = fp32|bf16, $2.. = extra train.py args
+  local prec=$1; shift
   local mp=no save=(--no-save)
   if [ "$prec" = bf16 ]; then mp=bf16; save=(); fi
-  say "$prec: 1 GPU, --batch-size 1 --grad-accum $NPROC"
-  CUDA_VISIBLE_DEVICES=${FSDP_CHECK_SINGLE_GPU:-0} python examples/train.py "${COMMON[@]}" "$@" --no-save \
-      --batch-size 1 --grad-accum "$NPROC" --output-dir "$OUT/run-1gpu-$prec" --log-file "$OUT/loss-1gpu-$prec.json" \
-      > "$OUT/train-1gpu-$prec.log" 2>&1 || { say "$prec single-GPU run FAILED"; tail -30 "$OUT/train-1gpu-$prec.log"; status=1; }
-  say "$prec: FSDP on $NPROC GPUs, --batch-size 1 each"
   # shellcheck disable=SC2086
-  accelerate launch --config_file examples/fsdp.yaml --num_processes "$NPROC" --mixed_precision "$mp" ${FSDP_CHECK_LAUNCH_ARGS:-} \
-      examples/train.py "${COMMON[@]}" "$@" "${save[@]}" --batch-size 1 --grad-accum 1 \
+  HF_DATASETS_CACHE="$OUT/datasets-cache-fsdp-$prec" accelerate launch --config_file examples/fsdp.yaml --num_processes "$NPROC" --mixed_precision "$mp" ${FSDP_CHECK_LAUNCH_ARGS:-} \
+      examples/train.py "${COMMON[@]}" "$@" ${save[@]+"${save[@]}"} --batch-size 1 --grad-accum 1 \
       --output-dir "$OUT/run-fsdp-$prec" --log-file "$OUT/loss-fsdp-$prec.json" \
-      > "$OUT/train-fsdp-$prec.log" 2>&1 || { say "$prec FSDP run FAILED"; tail -40 "$OUT/train-fsdp-$prec.log"; status=1; }
+      > "$OUT/train-fsdp-$prec.log" 2>&1
+}
+
+compare() {  # $1 = fp32|bf16, $2 = tolerance
+  local prec=$1 tol=$2
   python examples/compare_losses.py "$OUT/loss-1gpu-$prec.json" "$OUT/loss-fsdp-$prec.json" --tolerance "$tol" \
-      --json "$OUT/compare-$prec.json" 2>&1 | tee "$OUT/compare-$prec.txt"
-  local rc=${PIPESTATUS[0]}
+      --json "$OUT/compare-$prec.json" > "$OUT/compare-$prec.txt" 2>&1
+  local rc=$?
+  cat "$OUT/compare-$prec.txt"
   say "$prec: compare_losses exit $rc ($(tail -1 "$OUT/compare-$prec.txt"))"
   [ "$rc" -eq 0 ] || status=1
 }
 
-run_pair fp32 "$TOL_FP32"
-run_pair bf16 "$TOL_BF16" --bf16
+# The two single-GPU runs (float32, bf16) at the same time on two GPUs; then the FSDP runs.
+say "1 GPU each, --batch-size 1 --grad-accum $NPROC: float32 on GPU ${FSDP_CHECK_GPU_A:-0}, bf16 on GPU ${FSDP_CHECK_GPU_B:-1}"
+single fp32 "${FSDP_CHECK_GPU_A:-0}" & pid_a=$!
+single bf16 "${FSDP_CHECK_GPU_B:-1}" --bf16 & pid_b=$!
+wait $pid_a || { say "fp32 single-GPU run FAILED"; tail -30 "$OUT/train-1gpu-fp32.log"; status=1; }
+wait $pid_b || { say "bf16 single-GPU run FAILED"; tail -30 "$OUT/train-1gpu-bf16.log"; status=1; }
+say "fp32: FSDP on $NPROC GPUs (--mixed_precision no), --batch-size 1 each"
+fsdp fp32 || { say "fp32 FSDP run FAILED"; tail -40 "$OUT/train-fsdp-fp32.log"; status=1; }
+compare fp32 "$TOL_FP32"
+say "bf16: FSDP on $NPROC GPUs (--mixed_precision bf16, --bf16), --batch-size 1 each, saving the final model"
+fsdp bf16 --bf16 || { say "bf16 FSDP run FAILED"; tail -40 "$OUT/train-fsdp-bf16.log"; status=1; }
+compare bf16 "$TOL_BF16"
 
 if [ -f "$OUT/run-fsdp-bf16/final/config.json" ]; then
   python - "$OUT" >> "$OUT/summary.txt" 2>&1 <<'EOF'

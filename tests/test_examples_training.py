@@ -138,3 +138,35 @@ def test_fsdp_config_gives_fsdp2_wrapping_nsa_layers(monkeypatch):
     assert list(plugin.transformer_cls_names_to_wrap) == ["NSALlamaDecoderLayer"]
     assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
     assert subprocess.run(["bash", "-n", str(repo / "examples" / "fsdp_check.sh")]).returncode == 0
+
+
+def test_two_processes_match_one_process_with_grad_accum(nsa_dir_and_data):
+    """torchrun with 2 CPU processes (gloo, DDP) and --batch-size 1 vs one process with --grad-accum 2:
+    with --sequential the per-step losses agree (same pieces per step, token-mean loss over the global
+    batch), which is what the FSDP check relies on; FSDP itself needs GPUs (examples/fsdp_check.sh)."""
+    import json
+    import os
+    import subprocess
+
+    import train
+
+    root, data = nsa_dir_and_data
+    repo = Path(__file__).resolve().parents[1]
+    common = ["--model", str(root / "nsa"), "--data", *data, "--seq-len", "64", "--max-steps", "2",
+              "--logging-steps", "1", "--save-steps", "100", "--lr", "3e-3", "--sequential", "--no-save"]
+    train.main(common + ["--batch-size", "1", "--grad-accum", "2", "--output-dir", str(root / "run-1proc"),
+                         "--log-file", str(root / "loss-1proc.json")])
+    env = dict(os.environ, HF_DATASETS_CACHE=str(root / "datasets-2proc"), OMP_NUM_THREADS="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "examples" / "train.py"), *common, "--batch-size", "1", "--grad-accum", "1",
+           "--output-dir", str(root / "run-2proc"), "--log-file", str(root / "loss-2proc.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = json.loads((root / "loss-1proc.json").read_text())
+    two = json.loads((root / "loss-2proc.json").read_text())
+    assert [r["world_size"] for r in two] == [2, 2] and [r["world_size"] for r in one] == [1, 1]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
