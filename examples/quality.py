@@ -26,7 +26,7 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
      this against an independent banded-mask SDPA implementation (``window_only_check``);
    * the dense model (continued from step 2), as a reference (``--no-dense-needle`` skips it).
 
-   ``--needle-mix`` (default 1/8) plants a needle in that fraction of the sequences of every
+   ``--needle-mix`` (default 0.5) plants a needle in that fraction of the sequences of every
    pretraining and continued-training batch (ordinary LM loss; the same batches for dense and NSA),
    so the models meet the copy task before the short fine-tune; the held-out text has no needles.
 
@@ -92,7 +92,7 @@ def parse_args(argv=None):
     s.add_argument("--needle-batch-size", type=int, default=None, help="default --batch-size")
     s.add_argument("--lr", type=float, default=1.5e-3, help="pretraining peak learning rate")
     s.add_argument("--continue-lr", type=float, default=5e-4, help="continued training peak learning rate")
-    s.add_argument("--needle-lr", type=float, default=5e-4, help="needle fine-tune peak learning rate")
+    s.add_argument("--needle-lr", type=float, default=1e-3, help="needle fine-tune peak learning rate")
     s.add_argument("--nsa-lr-mult", type=float, default=10.0,
                    help="learning-rate multiplier of the new NSA modules (compressors, gates)")
     s.add_argument("--weight-decay", type=float, default=0.1)
@@ -121,7 +121,7 @@ def parse_args(argv=None):
     k.add_argument("--needle-digits", type=int, default=5)
     k.add_argument("--needle-eval", type=int, default=128, help="held-out needles per depth")
     k.add_argument("--no-dense-needle", action="store_true", help="skip the dense reference in the needle probe")
-    k.add_argument("--needle-mix", type=float, default=0.125,
+    k.add_argument("--needle-mix", type=float, default=0.5,
                    help="fraction of the sequences of every pretraining / continued-training batch that carry a planted "
                         "needle (LM loss as on any text), so that the models can learn to copy before the short "
                         "fine-tune; 0 = plain text only")
