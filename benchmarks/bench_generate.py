@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny model and prompt: CPU smoke test")
     p.add_argument("--out", default=None, help="write the markdown table to this .md file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="after each measurement, profile 8 decode steps and print the top operators")
     args = p.parse_args(argv)
     args.prompt_lens = args.prompt_lens or ([40] if args.tiny else [32768, 65536])
     args.new_tokens = args.new_tokens or (4 if args.tiny else 64)
@@ -95,10 +97,12 @@ def llama_from_nsa(nsa_model, device, dtype):
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:
         raise RuntimeError(f"weight copy NSA -> Llama: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model = model.to(device=device, dtype=dtype).eval()
+    # compared after the cast: .to(dtype) rounds the inv_freq buffer of both models alike
     ours, theirs = nsa_model.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq
     if not torch.allclose(ours.float().cpu(), theirs.float().cpu()):
         raise RuntimeError("the Llama copy has different rotary frequencies than the NSA model")
-    return model.to(device=device, dtype=dtype).eval()
+    return model
 
 
 def _sync(device):
@@ -130,6 +134,27 @@ def run_once(model, ids, new_tokens, device):
     return t1 - t0, t2 - t1, torch.cat(tokens, dim=1)
 
 
+@torch.no_grad()
+def profile_steps(model, ids, device, steps: int = 8):
+    """Print the operators that take the most host (CPU) and device time over ``steps`` decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nsa_hf import NSACache
+    from transformers import DynamicCache
+
+    cache = NSACache(config=model.config) if hasattr(model.config, "nsa_params") else DynamicCache()
+    token = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15), flush=True)
+
+
 def measure(model, variant, length, args, device):
     import nsa_hf.attention as nsa_attention
 
@@ -146,12 +171,16 @@ def measure(model, variant, length, args, device):
     try:
         gen = torch.Generator().manual_seed(args.seed + length)
         ids = torch.randint(3, model.config.vocab_size, (args.batch, length), generator=gen).to(device)
-        run_once(model, ids, min(2, args.new_tokens), device)  # warm-up (kernel compilation, allocator)
+        # Warm-up over the same lengths as the measured run: the Triton kernels specialise on some
+        # integer arguments, so the first pass over new cache lengths also compiles kernel variants.
+        run_once(model, ids, args.new_tokens, device)
         calls[0] = 0
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         prefill, decode, _ = run_once(model, ids, args.new_tokens, device)
+        if args.profile:
+            profile_steps(model, ids, device)
         row.update(prefill_ms=prefill * 1e3, decode_tok_s=args.batch * args.new_tokens / decode,
                    step_ms=decode / args.new_tokens * 1e3, decode_calls=calls[0])
         if device.type == "cuda":
