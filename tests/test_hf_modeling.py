@@ -384,3 +384,24 @@ def test_remote_code_files_import_only_torch_transformers_and_siblings(tmp_path)
     import json
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_nsa_llama.NSALlamaForCausalLM"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_every_parameter_gets_a_gradient_on_batches_too_short_to_compress(packed, device):
+    """FSDP/DDP reduce every parameter's gradient on every rank: a rank whose batch holds no complete
+    compression block must still give the compressors a (zero) gradient, or the collective hangs
+    (seen: FSDP on 2 GPUs stalled at the step where one rank got a 7-token document tail)."""
+    model = tiny_model().train().to(device)
+    short = 7  # < nsa_cmp_block = 8: no compressed token anywhere
+    ids = torch.randint(3, 100, (1, short), device=device)
+    kwargs = {}
+    if packed:  # two documents of 4 and 3 tokens in one row, as DataCollatorWithFlattening packs them
+        cu = torch.tensor([0, 4, short], dtype=torch.int32, device=device)
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4, max_length_k=4,
+                      position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device))
+    model(ids, labels=ids, use_cache=False, **kwargs).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    cmp_grads = [p.grad for name, p in model.named_parameters() if ".nsa_cmp_" in name]
+    assert cmp_grads and all(float(g.abs().max()) == 0.0 for g in cmp_grads)
