@@ -66,11 +66,8 @@ DEFAULT_STEPS = {"pretrain_steps": 450, "continue_steps": 150, "needle_steps": 3
 TINY = dict(
     vocab_size=512, hidden_size=64, layers=2, heads=4, kv_heads=2, seq_len=128, batch_size=2,
     max_chars=300_000, eval_blocks=4, pretrain_steps=10, continue_steps=3, needle_steps=3,
-    needle_eval=4, needle_batch_size=4, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16,
+    needle_eval=4, needle_batch_size=4, needle_pairs=2, needle_digits=3, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16,
 )
-NEEDLE_KEY_TEXT = "\nPASSKEY = "
-NEEDLE_END_TEXT = "\n"
-NEEDLE_QUERY_TEXT = NEEDLE_KEY_TEXT  # the question repeats the key line: "PASSKEY = " -> the digits
 WINDOW_ONLY_GATE_LOGITS = (-1.0e4, -1.0e4, 1.0e4)  # sigmoid -> exactly (0, 0, 1) in fp32 and bf16
 
 
@@ -119,6 +116,8 @@ def parse_args(argv=None):
     k = ap.add_argument_group("needle probe")
     k.add_argument("--depths", default="0.1,0.3,0.5,0.7", help="needle depths as fractions of the context")
     k.add_argument("--needle-digits", type=int, default=5)
+    k.add_argument("--needle-pairs", type=int, default=8,
+                   help="key/value lines planted per sequence (the questions ask all of them, the target first)")
     k.add_argument("--needle-eval", type=int, default=128, help="held-out needles per depth")
     k.add_argument("--no-dense-needle", action="store_true", help="skip the dense reference in the needle probe")
     k.add_argument("--needle-mix", type=float, default=0.5,
@@ -139,7 +138,7 @@ def parse_args(argv=None):
         args.needle_batch_size = args.batch_size
     args.depths = [float(d) for d in str(args.depths).split(",")] if isinstance(args.depths, str) else args.depths
     for name in ("pretrain_steps", "continue_steps", "needle_steps", "batch_size", "needle_batch_size",
-                 "seq_len", "eval_blocks", "needle_eval", "needle_digits"):
+                 "seq_len", "eval_blocks", "needle_eval", "needle_digits", "needle_pairs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0.0 <= args.needle_mix <= 1.0:
@@ -433,52 +432,97 @@ def held_out_loss(model, blocks: torch.Tensor, batch_size: int, device) -> dict:
 
 
 class Needles:
-    """``PASSKEY = <digits>`` planted in filler text, ``PASSKEY = <digits>`` again at the end (the answer)."""
+    """Key/value recall planted in filler text, built from token ids (no tokenizer merges can differ).
 
-    def __init__(self, tokenizer, seq_len: int, digits: int, window: int):
-        enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        self.key, self.end, self.query = enc(NEEDLE_KEY_TEXT), enc(NEEDLE_END_TEXT), enc(NEEDLE_QUERY_TEXT)
+    ``pairs`` lines ``\\n K = d1 .. dn\\n`` (``K`` one distinct capital-letter token per line, ``di`` one
+    digit token each) are planted in the first part of a context of ``seq_len`` tokens, and the context
+    ends with the questions ``\\n K = `` for every planted key (the target first, the others in random
+    order), each followed by its digits. Training puts the loss on every answer digit; evaluation scores
+    the first question only, whose key (the *target*) sits at the requested depth. Every planted line is
+    further from every question than ``window`` tokens, and no key is asked twice, so nothing a
+    question needs is inside the window."""
+
+    def __init__(self, tokenizer, seq_len: int, digits: int, window: int, pairs: int = 1):
+        ids = lambda s: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(s))  # noqa: E731
+        self.newline, self.equals = ids("\n"), ids(" =")
+        if len(self.newline) != 1 or len(self.equals) != 1:
+            raise RuntimeError("the tokenizer has no single token for '\\n' or ' ='")
         self.digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
-        if len(set(self.digit_ids.tolist())) != 10 or tokenizer.unk_token_id in self.digit_ids.tolist():
-            raise RuntimeError("the tokenizer has no single token per digit")
-        self.seq_len, self.digits, self.window = seq_len, digits, window
-        self.needle_len = len(self.key) + digits + len(self.end)
-        self.tail_len = len(self.query) + digits
-        self.filler_len = seq_len - self.needle_len - self.tail_len
-        if self.filler_len < 1:
-            raise ValueError(f"seq_len={seq_len} is too short for the needle and the question")
+        self.key_ids = torch.tensor([tokenizer.convert_tokens_to_ids(c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"])
+        for name, t in (("digit", self.digit_ids), ("capital letter", self.key_ids)):
+            if len(set(t.tolist())) != len(t) or tokenizer.unk_token_id in t.tolist():
+                raise RuntimeError(f"the tokenizer has no single token per {name}")
+        if not 1 <= pairs <= len(self.key_ids):
+            raise ValueError(f"pairs={pairs}: must be in [1, {len(self.key_ids)}] (one capital letter per key)")
+        self.seq_len, self.digits, self.window, self.pairs = seq_len, digits, window, pairs
+        self.query_len = 2 + len(self.equals)  # \n K =
+        self.needle_len = self.query_len + digits + 1  # \n K = digits \n
+        self.tail_len = pairs * (self.query_len + digits)
+        self.body_len = seq_len - self.tail_len  # filler + planted lines
+        # last start of a planted line whose digits are >= window tokens from the first question
+        self.max_start = self.body_len + self.query_len - 1 - window - (self.query_len + digits - 1)
+        if self.max_start + 1 < 2 * pairs * self.needle_len:  # room to scatter the lines
+            raise ValueError(f"seq_len={seq_len} is too short for {pairs} needles of {digits} digits beyond a "
+                             f"window of {window}")
+        # positions of the answer digits in the tail, and of the logits that predict them
+        q = torch.arange(pairs)[:, None] * (self.query_len + digits) + self.query_len + torch.arange(digits)[None]
+        self.answer_pos = (self.body_len + q).reshape(-1)  # (pairs * digits,), the target's first
 
     def start(self, depth: float) -> int:
-        """Position of the needle's first token at ``depth`` (0 = start of the context, 1 = just before the question)."""
-        return int(round(depth * self.filler_len))
+        """Position of the target line's first token at ``depth`` (0 = start of the context, 1 = the last
+        position that keeps it outside the window of the first question)."""
+        return int(round(depth * self.max_start))
 
     def distance(self, depth: float) -> int:
-        """Tokens from the needle's last digit to the position that predicts the first answer digit."""
-        last_digit = self.start(depth) + len(self.key) + self.digits - 1
-        return (self.seq_len - self.digits - 1) - last_digit
+        """Tokens from the target's last digit to the position that predicts the first answer digit."""
+        last_digit = self.start(depth) + self.query_len + self.digits - 1
+        return (self.body_len + self.query_len - 1) - last_digit
 
     def outside_window(self, depth: float) -> bool:
         return self.distance(depth) >= self.window
 
+    def _line(self, key, value):
+        return torch.cat([torch.tensor(self.newline, dtype=torch.long), key.view(1), torch.tensor(self.equals, dtype=torch.long), value,
+                          torch.tensor(self.newline, dtype=torch.long)])
+
     def batch(self, fillers: torch.Tensor, depths, gen: torch.Generator):
-        """``(B, seq_len)`` ids and ``(B, digits)`` answers, one needle per filler row."""
+        """``(B, seq_len)`` ids and ``(B, pairs, digits)`` answers (the target's first); the target line at
+        ``depth``, the other lines at random non-overlapping places that are also outside the window."""
         rows, answers = [], []
+        L = self.needle_len
         for filler, depth in zip(fillers, depths):
-            answer = self.digit_ids[torch.randint(0, 10, (self.digits,), generator=gen)]
-            p = self.start(float(depth))
-            f = filler[: self.filler_len]
-            rows.append(torch.cat([f[:p], torch.tensor(self.key), answer, torch.tensor(self.end), f[p:],
-                                   torch.tensor(self.query), answer]))
-            answers.append(answer)
+            keys = self.key_ids[torch.randperm(len(self.key_ids), generator=gen)[: self.pairs]]
+            values = self.digit_ids[torch.randint(0, 10, (self.pairs, self.digits), generator=gen)]
+            starts = [self.start(float(depth))]
+            while len(starts) < self.pairs:
+                s = int(torch.randint(0, self.max_start + 1, (1,), generator=gen))
+                if all(abs(s - o) >= L for o in starts):
+                    starts.append(s)
+            body = torch.empty(self.body_len, dtype=torch.long)
+            free = torch.ones(self.body_len, dtype=torch.bool)
+            for s, k, v in zip(starts, keys, values):
+                body[s : s + L] = self._line(k, v)
+                free[s : s + L] = False
+            body[free] = filler[: int(free.sum())]
+            order = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(self.pairs - 1, generator=gen)])
+            tail = [torch.cat([torch.tensor(self.newline, dtype=torch.long), keys[j].view(1), torch.tensor(self.equals, dtype=torch.long), values[j]])
+                    for j in order.tolist()]
+            rows.append(torch.cat([body] + tail))
+            answers.append(values[order])
         return torch.stack(rows), torch.stack(answers)
 
-    def logits(self, model, ids: torch.Tensor) -> torch.Tensor:
-        """Logits predicting the answer digits ``(B, digits, V)`` (teacher forcing)."""
-        out = model(input_ids=ids, use_cache=False, logits_to_keep=self.digits + 1).logits
-        return out[:, :-1].float()
+    def logits(self, model, ids: torch.Tensor, target_only: bool = False) -> torch.Tensor:
+        """Logits predicting the answer digits (teacher forcing): ``(B, pairs, digits, V)``, or
+        ``(B, 1, digits, V)`` for the target's question only."""
+        keep = self.tail_len + 1
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits  # positions seq_len-keep ..
+        pos = self.answer_pos[: self.digits] if target_only else self.answer_pos
+        idx = (pos - 1 - (self.seq_len - keep)).to(out.device)
+        return out[:, idx].float().view(ids.shape[0], -1, self.digits, out.shape[-1])
 
 
 def needle_loss(needles: Needles, ids, answers):
+    """Cross-entropy over every answer digit of every question."""
     def fn(model):
         logits = needles.logits(model, ids)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
@@ -505,9 +549,10 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
             n = min(batch_size, count - start)
             fillers = eval_blocks[torch.arange(start, start + n) % len(eval_blocks)]
             ids, answers = needles.batch(fillers, [depth] * n, g)
-            pred = needles.logits(model, ids.to(device)).argmax(-1).cpu()
-            exact += (pred == answers).all(-1).sum().item()
-            digit += (pred == answers).sum().item()
+            pred = needles.logits(model, ids.to(device), target_only=True)[:, 0].argmax(-1).cpu()
+            target = answers[:, 0]
+            exact += (pred == target).all(-1).sum().item()
+            digit += (pred == target).sum().item()
         out[f"{depth:g}"] = {"exact": exact / count, "digit": digit / (count * needles.digits)}
     return out
 
@@ -636,7 +681,7 @@ def main(argv=None) -> dict:
     log(f"data: {data_info['train_tokens']:,} training tokens ({data_info['train_blocks']} blocks of {args.seq_len}), "
         f"{data_info['eval_blocks']} held-out blocks; vocab {data_info['vocab']} ({time.perf_counter() - t0:.1f} s)")
     stream = BatchStream(train_blocks, args.batch_size, args.seed)
-    needles = Needles(tokenizer, args.seq_len, args.needle_digits, args.window)
+    needles = Needles(tokenizer, args.seq_len, args.needle_digits, args.window, args.needle_pairs)
     geometry = {f"{d:g}": {"needle_start": needles.start(d), "distance": needles.distance(d),
                            "outside_window": needles.outside_window(d),
                            "outside_stacked_windows": needles.distance(d) >= args.layers * (args.window - 1)}

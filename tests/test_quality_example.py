@@ -91,24 +91,59 @@ def test_window_only_differs_from_nsa_and_ignores_far_tokens():
     assert any("nsa_gate" in name for name, _ in nsa.named_parameters())  # the original is untouched
 
 
-def test_needles_layout_and_depth_check():
-    import quality
+def _tiny_tokenizer():
     from data import train_tokenizer
 
-    tok = train_tokenizer(["x = 1\nprint(x)\n" * 200, "def f(a):\n    return a + 0123456789\n" * 50], 300)
-    needles = quality.Needles(tok, 128, 5, 16)
-    fillers = torch.randint(100, 200, (3, 128))
-    ids, answers = needles.batch(fillers, [0.0, 0.5, 1.0], torch.Generator().manual_seed(0))
-    assert ids.shape == (3, 128) and answers.shape == (3, 5)
-    assert torch.equal(ids[:, -5:], answers)  # the answer ends the sequence
-    digits = set(needles.digit_ids.tolist())
-    for row, depth, ans in zip(ids, [0.0, 0.5, 1.0], answers):
-        s = needles.start(depth) + len(needles.key)
-        assert row[s : s + 5].tolist() == ans.tolist() and set(ans.tolist()) <= digits
-    assert needles.distance(0.0) > needles.distance(1.0)
-    assert needles.distance(1.0) == len(needles.end) + len(needles.query)  # right before the question
+    return train_tokenizer(["x = 1\nprint(x)\n" * 200, "def f(a):\n    return a + 0123456789\n" * 50], 300)
+
+
+def test_needles_layout_and_depth_check():
+    import quality
+
+    tok = _tiny_tokenizer()
+    seq, digits, window, pairs = 160, 3, 16, 3
+    needles = quality.Needles(tok, seq, digits, window, pairs)
+    fillers = torch.randint(100, 200, (3, seq))
+    depths = [0.0, 0.5, 1.0]
+    ids, answers = needles.batch(fillers, depths, torch.Generator().manual_seed(0))
+    assert ids.shape == (3, seq) and answers.shape == (3, pairs, digits)
+    digit_ids, key_ids = set(needles.digit_ids.tolist()), set(needles.key_ids.tolist())
+    nl, eq = tok("\n")["input_ids"], tok(" =")["input_ids"]
+    assert len(nl) == 1 and len(eq) == 1
+    q_len = 3 + digits
+    for row, depth, ans in zip(ids, depths, answers):
+        assert set(ans.reshape(-1).tolist()) <= digit_ids
+        assert row[needles.answer_pos].tolist() == ans.reshape(-1).tolist()  # the answers end the sequence
+        tail = row[seq - pairs * q_len :].view(pairs, q_len)
+        keys = tail[:, 1].tolist()
+        assert len(set(keys)) == pairs and set(keys) <= key_ids  # every key asked once
+        assert (tail[:, 0] == nl[0]).all() and (tail[:, 2] == eq[0]).all()
+        body = row[: seq - pairs * q_len].tolist()
+        first_question = seq - pairs * q_len + 2  # predicts the target's first digit
+        for j, key in enumerate(keys):
+            s = body.index(key) - 1  # capital-letter tokens occur nowhere else in this filler
+            assert body.count(key) == 1
+            assert body[s : s + 3] == [nl[0], key, eq[0]] and body[s + 3 : s + 3 + digits] == ans[j].tolist()
+            assert first_question - (s + 2 + digits) >= window  # outside the window of every question
+            if j == 0:  # the target sits at the requested depth
+                assert s == needles.start(depth)
+                assert first_question - (s + 2 + digits) == needles.distance(depth)
+    assert needles.distance(0.0) > needles.distance(1.0) >= window
+    assert needles.distance(1.0) < window + needles.needle_len  # depth 1: as close as the window allows
+    # the logits that score the target are those that predict its digits
+    args = quality.parse_args(["--tiny"])
+    model = quality.build_dense(args, len(tok), 0).eval()
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        target = needles.logits(model, ids, target_only=True)
+        every = needles.logits(model, ids)
+    pos = needles.answer_pos
+    assert torch.allclose(target[:, 0], full[:, pos[:digits] - 1], atol=1e-5)
+    assert torch.allclose(every.reshape(3, -1, full.shape[-1]), full[:, pos - 1], atol=1e-5)
     with pytest.raises(SystemExit):  # context shorter than 4 windows
         quality.parse_args(["--tiny", "--seq-len", "32"])
+    with pytest.raises(ValueError):  # no room for the lines outside the window
+        quality.Needles(tok, 64, digits, window, 4)
 
 
 def test_batch_stream_is_deterministic_and_covers_epochs():
@@ -123,16 +158,14 @@ def test_batch_stream_is_deterministic_and_covers_epochs():
 
 def test_needle_mix_batches_are_shared_and_marked():
     import quality
-    from data import train_tokenizer
 
-    tok = train_tokenizer(["x = 1\nprint(x)\n" * 200, "def f(a):\n    return a + 0123456789\n" * 50], 300)
-    needles = quality.Needles(tok, 128, 5, 16)
+    needles = quality.Needles(_tiny_tokenizer(), 128, 3, 16, 2)
     stream = quality.BatchStream(torch.randint(100, 200, (20, 128)), 8, seed=0)
     a = quality.lm_batch(stream, 3, needles, 0.25, seed=1)
     assert torch.equal(a, quality.lm_batch(stream, 3, needles, 0.25, seed=1))  # same for dense and NSA
     plain = stream.batch(3)
     assert torch.equal(a[2:], plain[2:]) and not torch.equal(a[:2], plain[:2])
-    for row in a[:2]:  # the row ends with the key line and its digits, which also appear earlier
-        assert set(row[-5:].tolist()) <= set(needles.digit_ids.tolist())
-        assert torch.equal(row[-5 - len(needles.query) : -5], torch.tensor(needles.query))
+    for row in a[:2]:  # the row ends with the questions and their digits, which also appear earlier
+        assert set(row[needles.answer_pos].tolist()) <= set(needles.digit_ids.tolist())
+        assert set(row[needles.answer_pos[0] - 2 : needles.answer_pos[0] - 1].tolist()) <= set(needles.key_ids.tolist())
     assert torch.equal(quality.lm_batch(stream, 3, needles, 0.0, seed=1), plain)
