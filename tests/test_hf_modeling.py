@@ -391,7 +391,7 @@ def test_remote_code_files_import_only_torch_transformers_and_siblings(tmp_path)
 def test_every_parameter_gets_a_gradient_on_batches_too_short_to_compress(packed, device):
     """FSDP/DDP reduce every parameter's gradient on every rank: a rank whose batch holds no complete
     compression block must still give the compressors a (zero) gradient, or the collective hangs
-    (an FSDP run on 2 GPUs stalled after 15 matching steps; a short document tail is the likely cause)."""
+    (an FSDP run on 2 GPUs stalled at step 16, where one rank got a 12-token piece, cmp_block 16)."""
     model = tiny_model().train().to(device)
     short = 7  # < nsa_cmp_block = 8: no compressed token anywhere
     ids = torch.randint(3, 100, (1, short), device=device)
