@@ -11,12 +11,16 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
    Held-out loss of: dense pretrained, converted untrained NSA, dense continued, NSA continued; the
    relative gap NSA vs dense (target: within 1 %), also over the later half of the positions, where
    the sparsity bites most.
-3. **Needle in a haystack.** A line ``PASSKEY = 48213`` planted at several depths of a context of
-   ``--seq-len`` tokens of held-out stdlib text (>= 4x the window), and the line ``PASSKEY = `` again
-   at the end, to be completed with the digits; accuracy = every answer digit right (teacher-forced argmax, which equals greedy decoding's
-   exact match). The key is always further from the question than the window reaches. Each model is
-   fine-tuned for ``--needle-steps`` steps on freshly planted needles in training text (loss on the
-   answer digits only), then evaluated on ``--needle-eval`` held-out needles per depth:
+3. **Needle in a haystack (multi-key recall).** ``--needle-pairs`` lines ``\n K = ddd\n`` (``K`` a
+   capital-letter token, distinct per line; ``--needle-digits`` digit tokens; built from token ids, so
+   no BPE merge can make the planted digits differ from the answer) planted in held-out stdlib text,
+   and the context of ``--seq-len`` tokens (>= 4x the window) ends with the questions ``\n K = `` for
+   every planted key, each followed by its digits: the target key first (its line at the probe's
+   depth), the others in random order, none asked twice. Every planted line is further from every
+   question than the window reaches. Accuracy = the target's digits all right (teacher-forced argmax,
+   which equals greedy decoding's exact match). Each model is fine-tuned for ``--needle-steps`` steps
+   on freshly planted sequences of training text (loss on every answer digit of every question), then
+   evaluated on ``--needle-eval`` held-out sequences per depth:
 
    * the NSA model (continued from step 2),
    * a *window-only* variant: the same NSA model with its gate modules replaced by constant logits
@@ -26,7 +30,7 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
      this against an independent banded-mask SDPA implementation (``window_only_check``);
    * the dense model (continued from step 2), as a reference (``--no-dense-needle`` skips it).
 
-   ``--needle-mix`` (default 0.5) plants a needle in that fraction of the sequences of every
+   ``--needle-mix`` (default 0.5) plants the lines and questions in that fraction of the sequences of every
    pretraining and continued-training batch (ordinary LM loss; the same batches for dense and NSA),
    so the models meet the copy task before the short fine-tune; the held-out text has no needles.
 
@@ -34,11 +38,11 @@ Precision: float32 master weights (AdamW) and a bfloat16 working copy for the fo
 CUDA (the NSA Triton kernels are used automatically there); float32 everywhere on CPU (the PyTorch
 reference). Every phase uses linear warm-up and cosine decay.
 
-Run on one H100 (about 6 minutes with the defaults; ``--budget SECONDS`` shrinks the step counts
+Run on one H100 (about 4-5 minutes with the defaults; ``--budget SECONDS`` shrinks the step counts
 after timing a few steps of each model so the whole run fits, and prints the explicit command that
 reproduces the run)::
 
-    python examples/quality.py --out $OUT/quality --budget 330
+    python examples/quality.py --out $OUT/quality --budget 300
 
 ``--tiny`` is a CPU smoke run of the whole pipeline in well under a minute (tests).
 Writes ``results.json`` and ``results.md`` (the tables) under ``--out``.
@@ -89,7 +93,7 @@ def parse_args(argv=None):
     s.add_argument("--needle-batch-size", type=int, default=None, help="default --batch-size")
     s.add_argument("--lr", type=float, default=1.5e-3, help="pretraining peak learning rate")
     s.add_argument("--continue-lr", type=float, default=5e-4, help="continued training peak learning rate")
-    s.add_argument("--needle-lr", type=float, default=1e-3, help="needle fine-tune peak learning rate")
+    s.add_argument("--needle-lr", type=float, default=2e-3, help="needle fine-tune peak learning rate")
     s.add_argument("--nsa-lr-mult", type=float, default=10.0,
                    help="learning-rate multiplier of the new NSA modules (compressors, gates)")
     s.add_argument("--weight-decay", type=float, default=0.1)
@@ -115,8 +119,8 @@ def parse_args(argv=None):
     n.add_argument("--window", type=int, default=128)
     k = ap.add_argument_group("needle probe")
     k.add_argument("--depths", default="0.1,0.3,0.5,0.7", help="needle depths as fractions of the context")
-    k.add_argument("--needle-digits", type=int, default=5)
-    k.add_argument("--needle-pairs", type=int, default=8,
+    k.add_argument("--needle-digits", type=int, default=3)
+    k.add_argument("--needle-pairs", type=int, default=16,
                    help="key/value lines planted per sequence (the questions ask all of them, the target first)")
     k.add_argument("--needle-eval", type=int, default=128, help="held-out needles per depth")
     k.add_argument("--no-dense-needle", action="store_true", help="skip the dense reference in the needle probe")
