@@ -156,4 +156,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # under torchrun/accelerate: leave the process group cleanly (gloo aborts at exit otherwise)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

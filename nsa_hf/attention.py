@@ -224,6 +224,12 @@ def _cu(lengths: list[int], device) -> torch.Tensor:
 # -- compression --------------------------------------------------------------------------------------
 
 
+def _needs_grad(modules) -> bool:
+    return torch.is_grad_enabled() and any(
+        p.requires_grad for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters()
+    )
+
+
 def _compress_blocks(k, v, lens_k, first, compressors, params):
     """Compress blocks ``first[s]`` .. last complete of each packed sequence ``s``.
 
@@ -237,9 +243,11 @@ def _compress_blocks(k, v, lens_k, first, compressors, params):
         if last > f:
             starts.append(torch.arange(f, last, device=k.device) * d + offset)
         offset += n
-    # With no complete block the compressors still run, on zero blocks: their parameters then stay in
-    # the autograd graph (zero gradients), which FSDP and DDP need on every rank; a rank whose batch is
-    # too short to compress must not skip the gradient reduction of these parameters (it hangs).
+    if not starts and not _needs_grad(compressors):
+        return [k.new_empty(0, k.shape[1], k.shape[2])] * len(lens_k), [k.new_empty(0, v.shape[1], v.shape[2])] * len(lens_k)
+    # When training, the compressors run even on zero blocks: their parameters then stay in the autograd
+    # graph (zero gradients), which FSDP and DDP need on every rank; a rank whose batch is too short to
+    # compress must not skip the gradient reduction of these parameters (it hangs).
     first_tokens = torch.cat(starts) if starts else torch.zeros(0, dtype=torch.long, device=k.device)
     idx = first_tokens[:, None] + torch.arange(l, device=k.device)  # (n_blocks, l)
     ck = cmp_k_fn(k[idx].transpose(1, 2))  # (n_blocks, Hkv, l, D) -> (n_blocks, Hkv, D)
