@@ -55,6 +55,21 @@ def test_triton_layer_matches_reference_interpreter(hq, hkv):
     _compare(params, [67, 30], hq, hkv, 16, 16, "cpu", torch.float32, 2e-4)
 
 
+@pytest.mark.parametrize("dtype", [
+    torch.float16,
+    # Under TRITON_INTERPRET the whole bf16 layer returns garbage (every row, ~1e9), while the same
+    # kernels pass in bf16 on the GPU (test_triton_layer_matches_reference_gpu) and the cmp/selection
+    # interpreter tests pass in bf16: an interpreter problem in one of the slc/win paths, not found yet.
+    pytest.param(torch.bfloat16, marks=pytest.mark.xfail(strict=True, reason="bf16 under the Triton interpreter")),
+])
+def test_triton_layer_half_precision_inputs_interpreter(dtype):
+    """fp16 and bf16 in, fp32 accumulation inside: forward and gradients against the float64 reference."""
+    if torch.cuda.is_available():
+        pytest.skip("covered at realistic shapes by the gpu test")
+    params = NSAParams(cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, init_blocks=1, local_blocks=2, window=24)
+    _compare(params, [67, 30], 4, 2, 16, 16, "cpu", dtype, 2e-2 if dtype == torch.float16 else 5e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq,hkv", [(64, 4), (32, 8), (12, 2)])
 def test_triton_layer_matches_reference_gpu(hq, hkv):
