@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .params import num_cmp_blocks
 
 _LOG2E = 1.4426950408889634
 
@@ -414,25 +413,8 @@ def _bwd(q, cmp_k, cmp_v, o, lse, do, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd and the public function
+# Input checks and the public function (autograd: the custom ops in ops.py)
 # ------------------------------------------------------------------------------------------------
-
-
-class _CompressedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, cmp_k, cmp_v, cu_q, cu_k, cu_c, max_q, max_c, cmp_block, cmp_stride, scale):
-        o, lse = _fwd(q, cmp_k, cmp_v, cu_q, cu_k, cu_c, max_q, cmp_block, cmp_stride, scale)
-        ctx.save_for_backward(q, cmp_k, cmp_v, o, lse, cu_q, cu_k, cu_c)
-        ctx.sizes = (max_q, max_c, cmp_block, cmp_stride, scale)
-        ctx.mark_non_differentiable(lse)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, cmp_k, cmp_v, o, lse, cu_q, cu_k, cu_c = ctx.saved_tensors
-        max_q, max_c, cmp_block, cmp_stride, scale = ctx.sizes
-        dq, dk, dv = _bwd(q, cmp_k, cmp_v, o, lse, do, cu_q, cu_k, cu_c, max_q, max_c, cmp_block, cmp_stride, scale)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride,
@@ -465,18 +447,11 @@ def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp
         raise ValueError(f"dtypes differ: q {q.dtype}, cmp_k {cmp_k.dtype}, cmp_v {cmp_v.dtype}")
     if q.device != cmp_k.device or q.device != cmp_v.device:
         raise ValueError(f"devices differ: q {q.device}, cmp_k {cmp_k.device}, cmp_v {cmp_v.device}")
-    from .ops import check_cu_seqlens_meta, varlen_plan
+    from .ops import check_cu_seqlens_meta, max_lengths
 
     check_cu_seqlens_meta(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.device)
-    if max_seqlen_k is not None:
-        max_q = max_seqlen_k if max_seqlen_q is None else max_seqlen_q
-        return max_q, num_cmp_blocks(max_seqlen_k, cmp_block, cmp_stride)
-    if torch.compiler.is_compiling():
-        return -1, -1
-    max_q, _, max_c = varlen_plan(
-        cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.shape[0], -1, cmp_k.shape[0], cmp_block, cmp_stride
-    )
-    return max_q, max_c
+    return max_lengths(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.shape[0], -1, cmp_k.shape[0], cmp_block,
+                       cmp_stride, max_seqlen_q, max_seqlen_k)
 
 
 def compressed_attention(

@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from . import reference
-from .params import NSAParams, num_cmp_blocks
+from .params import NSAParams
 
 _BACKENDS = ("auto", "triton", "reference")
 _warned_no_triton = False
@@ -78,29 +78,6 @@ def _check_shapes(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_s
         )
 
 
-def _max_lengths(q, k, cmp_k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, max_seqlen_q, max_seqlen_k):
-    """``(max_seqlen_q, max_seqlen_cmp)`` for the launch grids, with at most one device-to-host copy.
-
-    * ``max_seqlen_k`` given: no copy, the offsets are trusted (``max_seqlen_q`` defaults to it: queries
-      never outnumber keys; the maxima may be upper bounds, never underestimates);
-    * otherwise, eagerly: one copy of the three offsets, validated (``ValueError`` naming the values);
-    * otherwise, while ``torch.compile`` traces: ``(-1, -1)``, and the cmp custom op does that copy
-      and those checks when it runs (its backward once more, as it cannot see the forward's sizes).
-    """
-    if max_seqlen_k is not None:
-        max_q = max_seqlen_k if max_seqlen_q is None else max_seqlen_q
-        return max_q, num_cmp_blocks(max_seqlen_k, params.cmp_block, params.cmp_stride)
-    if torch.compiler.is_compiling():
-        return -1, -1
-    from .ops import varlen_plan
-
-    max_q, _, max_c = varlen_plan(
-        cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.shape[0], k.shape[0], cmp_k.shape[0],
-        params.cmp_block, params.cmp_stride,
-    )
-    return max_q, max_c
-
-
 def nsa_attention_triton(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale,
                          max_seqlen_q: int = -1, max_seqlen_cmp: int = -1):
     """The three branches with the Triton kernels, combined by the fused gate kernel: five
@@ -156,8 +133,11 @@ def nsa_attention_varlen(
             q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale
         )
     _check_shapes(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params)
-    max_q, max_c = _max_lengths(
-        q, k, cmp_k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, max_seqlen_q, max_seqlen_k
+    from .ops import max_lengths
+
+    max_q, max_c = max_lengths(
+        cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.shape[0], k.shape[0], cmp_k.shape[0],
+        params.cmp_block, params.cmp_stride, max_seqlen_q, max_seqlen_k,
     )
     return nsa_attention_triton(
         q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, float(scale), max_q, max_c

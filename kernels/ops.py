@@ -86,6 +86,28 @@ def varlen_plan(
     return max(lq), max(lk), max(lc)
 
 
+def max_lengths(
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, cu_seqlens_cmp: Tensor, nq: int, nk: int, nc: int,
+    cmp_block: int, cmp_stride: int, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+) -> tuple[int, int]:
+    """``(max_seqlen_q, max_seqlen_cmp)`` for the launch grids, with at most one device-to-host copy.
+
+    * ``max_seqlen_k`` given: no copy, the offsets are trusted (``max_seqlen_q`` defaults to it: queries
+      never outnumber keys; the maxima may be upper bounds, never underestimates);
+    * otherwise, eagerly: :func:`varlen_plan` (one copy of the three offsets, validated against the
+      token counts ``nq``/``nk``/``nc``; ``nk < 0``: key total unchecked);
+    * otherwise, while ``torch.compile`` traces: ``(-1, -1)``, and the cmp custom op does that copy
+      and those checks when it runs (its backward once more, as it cannot see the forward's sizes).
+    """
+    if max_seqlen_k is not None:
+        max_q = max_seqlen_k if max_seqlen_q is None else max_seqlen_q
+        return max_q, num_cmp_blocks(max_seqlen_k, cmp_block, cmp_stride)
+    if torch.compiler.is_compiling():
+        return -1, -1
+    max_q, _, max_c = varlen_plan(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, nq, nk, nc, cmp_block, cmp_stride)
+    return max_q, max_c
+
+
 def _sizes(q, cmp_k, cu_q, cu_k, cu_c, max_q, max_c, cmp_block, cmp_stride):
     if max_q >= 0 and max_c >= 0:
         return max_q, max_c

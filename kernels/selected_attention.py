@@ -562,30 +562,8 @@ def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_blo
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd and public API
+# Input checks and the public function (autograd: the custom ops in ops.py)
 # ------------------------------------------------------------------------------------------------
-
-
-class SelectedAttentionFunction(torch.autograd.Function):
-    """Differentiable w.r.t. q, k, v; ``block_indices`` is an index set (no gradient)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale):
-        tok = default_tokens_per_program(q.shape[1] // k.shape[1])
-        prep = _prepare(block_indices, cu_seqlens_q, cu_seqlens_k, q.shape[0], slc_block, tok)
-        o, lse = _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale, prep=prep)
-        ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, *prep)
-        ctx.slc_block = slc_block
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, *prep = ctx.saved_tensors
-        dq, dk, dv = _bwd(
-            do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, ctx.slc_block, ctx.scale, prep=tuple(prep)
-        )
-        return dq, dk, dv, None, None, None, None, None
 
 
 def _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):

@@ -329,26 +329,8 @@ def _bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, window: int, scale: fl
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd and public API
+# Input checks and the public function (autograd: the custom ops in ops.py)
 # ------------------------------------------------------------------------------------------------
-
-
-class WindowAttentionFunction(torch.autograd.Function):
-    """Differentiable w.r.t. q, k, v."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, window, scale):
-        o, lse = _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, window, scale)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.window = window
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dq, dk, dv = _bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, ctx.window, ctx.scale)
-        return dq, dk, dv, None, None, None, None
 
 
 def window_attention(
