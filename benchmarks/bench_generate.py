@@ -110,24 +110,31 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def run_once(model, ids, new_tokens, device):
-    """Prefill then ``new_tokens`` greedy steps; returns (prefill s, decode s, tokens)."""
+def new_cache(model):
+    """An empty cache of the kind ``generate()`` would make: :class:`NSACache` for NSA-Llama."""
     from nsa_hf import NSACache
     from transformers import DynamicCache
 
-    is_nsa = hasattr(model.config, "nsa_params")
-    cache = NSACache(config=model.config) if is_nsa else DynamicCache()
+    return NSACache(config=model.config) if hasattr(model.config, "nsa_params") else DynamicCache()
+
+
+def greedy_step(model, ids, cache):
+    """One cached forward over ``ids``; the greedy next token ``(B, 1)``."""
+    return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def run_once(model, ids, new_tokens, device):
+    """Prefill then ``new_tokens`` greedy steps; returns (prefill s, decode s, tokens)."""
+    cache = new_cache(model)
     _sync(device)
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    token = greedy_step(model, ids, cache)
     _sync(device)
     t1 = time.perf_counter()
     tokens = [token]
     for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token = greedy_step(model, token, cache)
         tokens.append(token)
     _sync(device)
     t2 = time.perf_counter()
@@ -139,16 +146,13 @@ def profile_steps(model, ids, device, steps: int = 8):
     """Print the operators that take the most host (CPU) and device time over ``steps`` decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    from nsa_hf import NSACache
-    from transformers import DynamicCache
-
-    cache = NSACache(config=model.config) if hasattr(model.config, "nsa_params") else DynamicCache()
-    token = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    cache = new_cache(model)
+    token = greedy_step(model, ids, cache)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _sync(device)
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            token = greedy_step(model, token, cache)
         _sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
