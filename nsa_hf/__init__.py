@@ -10,8 +10,9 @@ Importing the package registers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .attention import nsa_attention_forward, nsa_padding_mask, nsa_params_from_config
-from .cache import NSACache, NSACacheLayer
+from .cache import NSACache, NSACacheLayer, NSAStaticCache, NSAStaticCacheLayer
 from .configuration_nsa_llama import NSALlamaConfig
+from .generation import static_greedy_generate
 from .modeling_nsa_llama import NSALlamaForCausalLM, NSALlamaModel, NSALlamaPreTrainedModel
 
 AutoConfig.register(NSALlamaConfig.model_type, NSALlamaConfig, exist_ok=True)
@@ -28,7 +29,10 @@ __all__ = [
     "NSALlamaForCausalLM",
     "NSALlamaModel",
     "NSALlamaPreTrainedModel",
+    "NSAStaticCache",
+    "NSAStaticCacheLayer",
     "nsa_attention_forward",
     "nsa_padding_mask",
     "nsa_params_from_config",
+    "static_greedy_generate",
 ]

@@ -57,7 +57,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from nsa_kernels import MLPCompressor, MeanPoolCompressor, NSAParams, num_cmp_blocks, validate_nsa_params
 from nsa_kernels import nsa_attention_varlen
 
-from .cache import NSACacheLayer
+from .cache import NSACompressedState, NSAStaticCacheLayer
 
 __all__ = [
     "MLPCompressor",
@@ -108,15 +108,16 @@ def nsa_params_from_config(config) -> NSAParams:
 def nsa_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                      attention_mask=None, **kwargs):
     """Mask function of the ``"nsa"`` backend: the 2D ``(B, KV)`` bool padding mask (True = real
-    token) sliced to the keys, or ``None`` when no mask was given. NSA applies causality itself."""
+    token) sliced to the keys, or ``None`` when no mask was given. NSA applies causality itself. With a
+    static cache (``KV`` = its fixed length) the mask covers the positions written so far and is padded
+    with ``False``."""
     if attention_mask is None:
         return None
-    if attention_mask.shape[-1] < kv_length:
-        raise ValueError(
-            f"the nsa backend needs a padding mask covering every key: got {attention_mask.shape[-1]} "
-            f"positions for {kv_length} keys (static caches are not supported)"
-        )
-    return attention_mask[:, -kv_length:].to(torch.bool)
+    mask = attention_mask.to(torch.bool)
+    if mask.shape[-1] < kv_length:
+        # A static cache: keys are its max_cache_len slots, the mask covers the positions written so far.
+        mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[-1]), value=False)
+    return mask[:, -kv_length:]
 
 
 # -- layout -------------------------------------------------------------------------------------------
@@ -430,6 +431,70 @@ def _compress_candidates(key, value, plan, compressors, params, cache_layer) -> 
     cache_layer.write_compressed(plan.slots, ck.to(key.dtype), cv.to(value.dtype), plan.capacity)
 
 
+# -- static caches -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _StaticCandidates:
+    """The candidate compressed blocks of one static decoding step (what :func:`_compress_candidates` reads)."""
+
+    slots: torch.Tensor  # (B, J) int64
+    gather: torch.Tensor  # (B, J*l) int64 key positions of their tokens (clamped into the cache)
+    capacity: int
+
+
+def _try_static_decode(query, key, value, gates, compressors, params, cache_layer, scaling, kwargs):
+    """A decoding step on an :class:`~.cache.NSAStaticCacheLayer` with no host synchronisation (so it can
+    be captured in a CUDA graph), or ``None`` when the step is not one (then the varlen path runs).
+
+    Row ``b`` is ``[left_pad[b], cumulative_length)`` of the cache, as recorded by the last varlen step
+    (``static_ready``: rows were left-aligned); the attention mask is not read. Every step compresses the
+    ``ceil(Q / d)`` candidate blocks that may end among the new positions and writes them at their slots;
+    ``cmp_len`` is recomputed from the length, so the state also survives ``crop``."""
+    batch, hq, q_len, _ = query.shape
+    if (
+        not cache_layer.static_ready
+        or not 1 <= q_len <= min(MAX_DECODE_QUERIES, cache_layer.max_decode_queries)
+        or kwargs.get("cu_seq_lens_q") is not None
+        or kwargs.get("cu_seq_lens_k") is not None
+        or (cache_layer.cmp_block, cache_layer.cmp_stride) != (params.cmp_block, params.cmp_stride)
+        or cache_layer.left_pad is None
+        or cache_layer.left_pad.shape[0] != batch
+        or cache_layer.cmp_k is None
+        or not _decode_enabled(query.device)
+    ):
+        return None
+    l, d = params.cmp_block, params.cmp_stride
+    device = query.device
+    k_start = cache_layer.left_pad
+    k_len = (cache_layer.cumulative_length.to(device) - k_start).to(torch.int32)
+    n_new = _device_cmp_blocks(k_len, l, d)
+    n_old = _device_cmp_blocks(k_len - q_len, l, d)
+    j = -(-q_len // d)
+    slots = n_old[:, None].long() + torch.arange(j, device=device)
+    first = k_start[:, None].long() + slots * d
+    gather = (first[:, :, None] + torch.arange(l, device=device)).clamp_(0, key.shape[2] - 1).reshape(batch, j * l)
+    _compress_candidates(key, value, _StaticCandidates(slots, gather, cache_layer.static_capacity()), compressors,
+                         params, cache_layer)
+    cache_layer.cmp_len.copy_(n_new)
+    if gates is None:
+        gates = query.new_tensor(FALLBACK_GATES).expand(batch, q_len, hq, 3)
+    return _nsa_decode(
+        query.transpose(1, 2), key, value, cache_layer.cmp_k, cache_layer.cmp_v, gates,
+        k_start, k_len, torch.zeros_like(k_start), cache_layer.cmp_len, params, scaling,
+    )
+
+
+def _static_prefix(key, value, attention_mask, cache_layer):
+    """The written part ``[0, cumulative_length)`` of a static cache's keys, values and mask, for the varlen
+    path (one host synchronisation: the length)."""
+    end = int(cache_layer.cumulative_length)
+    key, value = key[:, :, :end], value[:, :, :end]
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :end]
+    return key, value, attention_mask
+
+
 def _nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len, params, scale):
     """The decode kernels (lengths consistent by construction: no host-side check)."""
     return _decode_module().nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len, params, scale,
@@ -489,12 +554,20 @@ def nsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
         _warn_fallback_once()
     if compressors is None:
         compressors = _fallback_compressors(params)
-    if cache_layer is not None and not isinstance(cache_layer, NSACacheLayer):
+    if cache_layer is not None and not isinstance(cache_layer, NSACompressedState):
         cache_layer = None
+    static = isinstance(cache_layer, NSAStaticCacheLayer)
 
-    decoded = _try_decode(query, key, value, attention_mask, gates, compressors, params, cache_layer, scaling, kwargs)
-    if decoded is not None:
-        return decoded, None
+    if static:
+        decoded = _try_static_decode(query, key, value, gates, compressors, params, cache_layer, scaling, kwargs)
+        if decoded is not None:
+            return decoded, None
+        key, value, attention_mask = _static_prefix(key, value, attention_mask, cache_layer)
+    else:
+        decoded = _try_decode(query, key, value, attention_mask, gates, compressors, params, cache_layer, scaling,
+                              kwargs)
+        if decoded is not None:
+            return decoded, None
 
     batch, hq, q_len, head_dim = query.shape
     layout = _layout(query, key, attention_mask, kwargs)
@@ -508,6 +581,10 @@ def nsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
         g = g if layout.q_keep is None else g[layout.q_keep]
 
     cmp_k, cmp_v, cmp_counts = _compressed(k, v, layout, compressors, params, cache_layer)
+    if static:
+        ready = layout.per_row and layout.left_aligned
+        left_pad = (key.shape[2] - layout.valid.sum(1)).to(torch.int32) if ready else None
+        cache_layer.set_static_rows(left_pad, ready)
     device = q.device
     out = _nsa_varlen(
         q, k, v, cmp_k, cmp_v, g,

@@ -33,15 +33,16 @@ methods keep the compressed state in step with the dense one.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
 from nsa_kernels import num_cmp_blocks
 
 _MIN_CAPACITY = 16
 
 
-class NSACacheLayer(DynamicLayer):
-    """A :class:`DynamicLayer` that also keeps each row's compressed keys/values.
+class NSACompressedState:
+    """The compressed keys/values of each batch row, kept beside a cache layer's dense keys/values
+    (mixed into :class:`NSACacheLayer` and :class:`NSAStaticCacheLayer`).
 
     Attributes:
         cmp_k, cmp_v: ``(B, Hkv, capacity, D)`` / ``(B, Hkv, capacity, Dv)`` compressed keys/values (row
@@ -210,8 +211,6 @@ class NSACacheLayer(DynamicLayer):
         self.real_lens = list(real_lens)
         self.left_aligned, self._aligned_valid = True, valid
 
-    # -- cache manipulations used by generate() -------------------------------------------------------
-
     def _select_rows(self, rows: list[int]) -> None:
         if self.cmp_k is not None:
             index = torch.tensor(rows, dtype=torch.long, device=self.cmp_k.device)
@@ -226,9 +225,7 @@ class NSACacheLayer(DynamicLayer):
             self.valid = self.valid[torch.tensor(rows, dtype=torch.long, device=self.valid.device)]
             self._aligned_valid = self.valid if tracked else None
 
-    def reset(self) -> None:
-        super().reset()
-        self.clear_compressed()
+    # -- cache manipulations used by generate() (beam search, contrastive search, assisted decoding) ---
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -245,6 +242,15 @@ class NSACacheLayer(DynamicLayer):
             rows = torch.arange(self.cmp_k.shape[0])[torch.as_tensor(indices).cpu()].tolist()
             self._select_rows(rows)
 
+
+class NSACacheLayer(NSACompressedState, DynamicLayer):
+    """A :class:`DynamicLayer` that also keeps each row's compressed keys/values (see
+    :class:`NSACompressedState`)."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.clear_compressed()
+
     def crop(self, tokens_to_remove: int) -> None:
         """Crop the dense cache as :class:`DynamicLayer` does (any transformers version's convention),
         then drop the compressed blocks that are no longer complete."""
@@ -259,6 +265,102 @@ class NSACacheLayer(DynamicLayer):
         keep = [min(c, num_cmp_blocks(int(n), self.cmp_block, self.cmp_stride))
                 for c, n in zip(self.cmp_counts, self.real_lens)]
         self._set_counts(keep)
+
+
+class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
+    """A :class:`StaticLayer` (dense keys/values of a fixed ``max_cache_len``, written in place at
+    ``cumulative_length``) whose compressed state also has a fixed size and fixed addresses, so that a
+    decoding step can run without any host synchronisation and be captured in a CUDA graph.
+
+    The compressed buffers hold ``static_capacity()`` tokens per row: every block of ``max_cache_len``
+    positions plus the candidate slots of a ``max_decode_queries``-token step. They are allocated once
+    (per batch shape) and reused after :meth:`reset`.
+
+    Extra attributes:
+        left_pad: ``(B,)`` int32, padding positions before each row's first real token, recorded by the
+            varlen path (prefill); a decoding step reads row ``b`` as positions
+            ``[left_pad[b], cumulative_length)``.
+        static_ready: the compressed state and ``left_pad`` cover every cached position and the rows
+            are left-aligned (padding, then real tokens): decoding steps may take the graph-safe path,
+            which trusts them and ignores the attention mask.
+    """
+
+    max_decode_queries = 16
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        self._static_bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._len_buf: torch.Tensor | None = None
+        self.left_pad: torch.Tensor | None = None
+        self.static_ready = False
+        super().__init__(max_cache_len=max_cache_len, **kwargs)
+
+    def static_capacity(self) -> int:
+        """Compressed slots per row: all blocks of ``max_cache_len`` positions plus one step's candidates."""
+        l, d = self.cmp_block or 1, self.cmp_stride or 1
+        return num_cmp_blocks(self.max_cache_len, l, d) + -(-self.max_decode_queries // d)
+
+    def clear_compressed(self) -> None:
+        super().clear_compressed()
+        self.static_ready = False
+
+    def ensure_capacity(self, needed: int, batch: int, heads: int, dim_k: int, dim_v: int, dtype, device) -> None:
+        """Point ``cmp_k``/``cmp_v`` at the fixed buffers (allocated on first use or when the batch shape,
+        dtype or device changes; never grown)."""
+        cap = self.static_capacity()
+        if needed > cap:
+            raise ValueError(
+                f"{needed} compressed tokens per row exceed the static cache's capacity {cap} "
+                f"(max_cache_len={self.max_cache_len}); build the cache with a larger max_cache_len"
+            )
+        bufs = self._static_bufs
+        shape_k, shape_v = (batch, heads, cap, dim_k), (batch, heads, cap, dim_v)
+        if (
+            bufs is None
+            or tuple(bufs[0].shape) != shape_k
+            or tuple(bufs[1].shape) != shape_v
+            or bufs[0].dtype != dtype
+            or bufs[0].device != torch.device(device)
+        ):
+            bufs = (torch.zeros(shape_k, dtype=dtype, device=device), torch.zeros(shape_v, dtype=dtype, device=device))
+            self._static_bufs = bufs
+        self.cmp_k, self.cmp_v = bufs
+
+    def _set_counts(self, counts: list[int], device_counts: torch.Tensor | None = None) -> None:
+        self.cmp_counts = list(counts)
+        src = device_counts if device_counts is not None else torch.tensor(counts, dtype=torch.int32)
+        buf = self._len_buf
+        if buf is None or buf.shape[0] != len(counts) or buf.device != self.cmp_k.device:
+            buf = self._len_buf = torch.zeros(len(counts), dtype=torch.int32, device=self.cmp_k.device)
+        buf.copy_(src)
+        self.cmp_len = buf
+
+    def set_static_rows(self, left_pad: torch.Tensor | None, ready: bool) -> None:
+        """Record, after a varlen step, each row's left padding and whether decoding steps may take the
+        graph-safe path (``ready``: one left-aligned sequence per row)."""
+        self.static_ready = bool(ready and left_pad is not None)
+        if left_pad is None:
+            return
+        if self.left_pad is None or self.left_pad.shape != left_pad.shape or self.left_pad.device != left_pad.device:
+            self.left_pad = torch.zeros(left_pad.shape, dtype=torch.int32, device=left_pad.device)
+        self.left_pad.copy_(left_pad)
+
+    def _select_rows(self, rows: list[int]) -> None:
+        super()._select_rows(rows)
+        if self.cmp_k is not None:
+            self._static_bufs, self._len_buf = (self.cmp_k, self.cmp_v), self.cmp_len
+        if self.left_pad is not None:
+            self.left_pad = self.left_pad[torch.tensor(rows, dtype=torch.long, device=self.left_pad.device)]
+
+    def reset(self) -> None:
+        super().reset()
+        self.clear_compressed()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Crop as :class:`StaticLayer` does. The decoding path recomputes the block counts from the
+        length at every step, so its state stays valid; the host-side bookkeeping of the varlen path is
+        dropped (its next step recompresses)."""
+        super().crop(tokens_to_remove)
+        self.valid = None
 
 
 class NSACache(DynamicCache):
@@ -293,11 +395,32 @@ class NSACache(DynamicCache):
                 layer.update(keys, values)
 
 
-def nsa_cache_layer(past_key_values, layer_idx: int) -> NSACacheLayer | None:
-    """The :class:`NSACacheLayer` of ``layer_idx`` in ``past_key_values``, or ``None`` when the cache is
-    absent or of another kind (the backend then recompresses from the dense keys)."""
+class NSAStaticCache(StaticCache):
+    """A :class:`StaticCache` whose layers are :class:`NSAStaticCacheLayer`: fixed-size dense and
+    compressed keys/values, for decoding loops captured in CUDA graphs (see
+    :func:`nsa_hf.generation.static_greedy_generate`) and ``generate(cache_implementation="static")``.
+
+    Args:
+        config: the model config (one layer per hidden layer).
+        max_cache_len: positions per row (prompt, padding included, plus new tokens).
+        offloading, offload_only_non_sliding: as for :class:`StaticCache`.
+    """
+
+    def __init__(self, config, max_cache_len: int, offloading: bool = False, offload_only_non_sliding: bool = True,
+                 **kwargs):
+        if int(max_cache_len) <= 0:
+            raise ValueError(f"max_cache_len must be a positive number of positions; got {max_cache_len}")
+        num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        layers = [NSAStaticCacheLayer(max_cache_len=int(max_cache_len)) for _ in range(num_layers)]
+        Cache.__init__(self, layers=layers, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
+
+
+def nsa_cache_layer(past_key_values, layer_idx: int) -> NSACompressedState | None:
+    """The :class:`NSACacheLayer` or :class:`NSAStaticCacheLayer` of ``layer_idx`` in ``past_key_values``,
+    or ``None`` when the cache is absent or of another kind (the backend then recompresses from the
+    dense keys)."""
     layers = getattr(past_key_values, "layers", None)
     if layers is None or layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
-    return layer if isinstance(layer, NSACacheLayer) else None
+    return layer if isinstance(layer, NSACompressedState) else None

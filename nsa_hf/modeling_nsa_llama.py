@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -41,7 +41,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .attention import MLPCompressor
-from .cache import NSACache, nsa_cache_layer
+from .cache import NSACache, NSAStaticCache, nsa_cache_layer
 from .configuration_nsa_llama import NSALlamaConfig
 
 
@@ -309,15 +309,23 @@ class NSALlamaForCausalLM(NSALlamaPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Build the default generation cache as an :class:`NSACache`, so that the compressed keys/values
-        are kept between decoding steps instead of being recomputed."""
+        """Build the generation cache as an :class:`NSACache` (default) or an :class:`NSAStaticCache`
+        (``cache_implementation="static"``), so that the compressed keys/values are kept between decoding
+        steps instead of being recomputed."""
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+        if getattr(cache, "_is_user_defined", False):
+            return out
+        if type(cache) is DynamicCache:
             nsa_cache = NSACache(config=self.config, offloading=getattr(cache, "offloading", False))
             if getattr(generation_config, "is_assistant", False):
                 nsa_cache.activate_past_recording()
             model_kwargs["past_key_values"] = nsa_cache
+        elif type(cache) is StaticCache:
+            model_kwargs["past_key_values"] = NSAStaticCache(
+                config=self.config, max_cache_len=cache.layers[0].max_cache_len,
+                offloading=getattr(cache, "offloading", False),
+            )
         return out
 
     @can_return_tuple
