@@ -10,7 +10,11 @@ Smoke test on CPU (tiny model, seconds):
 Variants (``--variants``, comma separated):
 * ``nsa``: NSA-Llama, decode steps through the Triton decode kernels (``NSA_DECODE_BACKEND=auto``);
 * ``nsa-varlen``: NSA-Llama, decode steps through the varlen training kernels (``NSA_DECODE_BACKEND=off``);
-* ``sdpa``: ``LlamaForCausalLM`` (the NSA checkpoint without its ``nsa_*`` modules), ``attn_implementation="sdpa"``.
+* ``sdpa``: ``LlamaForCausalLM`` (the NSA checkpoint without its ``nsa_*`` modules), ``attn_implementation="sdpa"``;
+* ``nsa-graph`` / ``sdpa-graph``: the same two models decoding on a static cache with one decoding step
+  captured in a CUDA graph and replayed (:class:`nsa_hf.generation.StaticGreedyDecoder`; NSA takes its
+  graph-safe static decode path). The decode time counts replays only (the eager warm-up steps and the
+  capture run first, untimed); speed-ups of a ``-graph`` variant are against ``sdpa-graph``.
 
 Each (variant, prompt length) runs once to warm up and once measured: prefill = one forward over the
 prompt into a fresh cache (logits of the last position only), decode = ``--new-tokens`` greedy steps
@@ -33,6 +37,7 @@ ONE_B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hid
              num_attention_heads=32, num_key_value_heads=8, head_dim=64)
 TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16)
+VARIANTS = ("nsa", "nsa-varlen", "sdpa", "nsa-graph", "sdpa-graph")
 TINY_NSA = dict(nsa_cmp_block=8, nsa_cmp_stride=4, nsa_slc_block=16, nsa_slc_count=4, nsa_init_blocks=1,
                 nsa_local_blocks=2, nsa_window=24)
 
@@ -42,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-lens", type=int, nargs="+", default=None, help="default 32768 65536 (--tiny: 40)")
     p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens to decode (default 64, --tiny: 4)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--variants", default="nsa,sdpa", help="comma separated: nsa, nsa-varlen, sdpa")
+    p.add_argument("--variants", default="nsa,sdpa", help="comma separated: " + ", ".join(VARIANTS))
     p.add_argument("--head-dim", type=int, default=None, help="override head_dim (default 64; hidden stays 2048)")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -57,8 +62,8 @@ def parse_args(argv=None):
     args.new_tokens = args.new_tokens or (4 if args.tiny else 64)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
-        if v not in ("nsa", "nsa-varlen", "sdpa"):
-            p.error(f"unknown variant {v!r} (choose from nsa, nsa-varlen, sdpa)")
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
     return args
 
 
@@ -142,6 +147,28 @@ def run_once(model, ids, new_tokens, device):
 
 
 @torch.no_grad()
+def run_once_static(model, ids, new_tokens, device):
+    """Prefill into a static cache, the eager warm-up steps and the capture (untimed), then ``new_tokens``
+    replayed steps (eager static steps off CUDA); returns (prefill s, decode s, tokens)."""
+    from nsa_hf.generation import StaticGreedyDecoder
+
+    graph = device.type == "cuda"
+    decoder = StaticGreedyDecoder(model, ids.shape[1] + new_tokens + 4, cuda_graph=graph, warmup_steps=2)
+    _sync(device)
+    t0 = time.perf_counter()
+    first = decoder.prefill(ids)
+    _sync(device)
+    t1 = time.perf_counter()
+    warm = decoder.decode(3)  # 2 eager warm-up steps + the capture's replay
+    _sync(device)
+    t2 = time.perf_counter()
+    rest = decoder.decode(new_tokens)
+    _sync(device)
+    t3 = time.perf_counter()
+    return t1 - t0, t3 - t2, torch.cat([first[:, None], warm, rest], dim=1)
+
+
+@torch.no_grad()
 def profile_steps(model, ids, device, steps: int = 8):
     """Print the operators that take the most host (CPU) and device time over ``steps`` decode steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -177,13 +204,14 @@ def measure(model, variant, length, args, device):
         ids = torch.randint(3, model.config.vocab_size, (args.batch, length), generator=gen).to(device)
         # Warm-up over the same lengths as the measured run: the Triton kernels specialise on some
         # integer arguments, so the first pass over new cache lengths also compiles kernel variants.
-        run_once(model, ids, args.new_tokens, device)
+        runner = run_once_static if variant.endswith("-graph") else run_once
+        runner(model, ids, args.new_tokens, device)
         calls[0] = 0
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        prefill, decode, _ = run_once(model, ids, args.new_tokens, device)
-        if args.profile:
+        prefill, decode, _ = runner(model, ids, args.new_tokens, device)
+        if args.profile and runner is run_once:
             profile_steps(model, ids, device)
         row.update(prefill_ms=prefill * 1e3, decode_tok_s=args.batch * args.new_tokens / decode,
                    step_ms=decode / args.new_tokens * 1e3, decode_calls=calls[0])
@@ -192,6 +220,13 @@ def measure(model, variant, length, args, device):
     except torch.cuda.OutOfMemoryError as e:
         row["error"] = "OOM"
         print(f"{variant} prompt {length}: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
+    except (RuntimeError, ValueError) as e:  # e.g. a model whose step cannot be captured in a CUDA graph
+        if not variant.endswith("-graph"):
+            raise
+        row["error"] = f"failed ({type(e).__name__})"
+        import traceback
+
+        traceback.print_exc()
     finally:
         nsa_attention._nsa_decode = original
         gc.collect()
@@ -220,12 +255,14 @@ def table(rows, args, device, dtype, shapes) -> str:
     ]
     lines = []
     for length in args.prompt_lens:
-        base = next((r for r in rows if r["prompt"] == length and r["variant"] == "sdpa" and "error" not in r), None)
         for r in (r for r in rows if r["prompt"] == length):
             if "error" in r:
                 lines.append(f"| {length} | {r['variant']} | {r['error']} | | | | | | | |")
                 continue
-            ratio = lambda a, b: None if base is None or r["variant"] == "sdpa" or not a or not b else a / b  # noqa: E731
+            base_name = "sdpa-graph" if r["variant"].endswith("-graph") else "sdpa"
+            base = next((b for b in rows if b["prompt"] == length and b["variant"] == base_name and "error" not in b),
+                        None)
+            ratio = lambda a, b: None if base is None or r is base or not a or not b else a / b  # noqa: E731
             lines.append(
                 f"| {length} | {r['variant']} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {r['step_ms']:.2f} | "
                 f"{fmt(r.get('peak_gib'), '.2f')} | {r['decode_calls']} | "
@@ -243,19 +280,21 @@ def main(argv=None):
     shapes = model_shapes(args)
     rows = []
     nsa_model = build_nsa(args, device, dtype)
-    for variant in (v for v in args.variants if v != "sdpa"):
+    for variant in (v for v in args.variants if not v.startswith("sdpa")):
         for length in args.prompt_lens:
             rows.append(measure(nsa_model, variant, length, args, device))
             print(rows[-1], flush=True)
-    if "sdpa" in args.variants:
+    dense = [v for v in args.variants if v.startswith("sdpa")]
+    if dense:
         llama = llama_from_nsa(nsa_model, device, dtype)
         del nsa_model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        for length in args.prompt_lens:
-            rows.append(measure(llama, "sdpa", length, args, device))
-            print(rows[-1], flush=True)
+        for variant in dense:
+            for length in args.prompt_lens:
+                rows.append(measure(llama, variant, length, args, device))
+                print(rows[-1], flush=True)
     text = table(rows, args, device, dtype, shapes)
     print(text)
     if args.out:

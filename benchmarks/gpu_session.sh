@@ -25,7 +25,7 @@ for stage in "${@:-tests}"; do
   stamp "stage $stage"
   case $stage in
     tests)
-      python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+      python3 -m pytest -q -m gpu tests -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
     bench)
       # shellcheck disable=SC2086
@@ -35,7 +35,7 @@ for stage in "${@:-tests}"; do
     generate)
       # shellcheck disable=SC2086
       python3 benchmarks/bench_generate.py --prompt-lens ${GEN_PROMPTS:-32768 65536} --new-tokens 64 \
-          --variants nsa,nsa-varlen,sdpa --out "$OUT/bench_generate.md" 2>&1 | tee "$OUT/bench_generate.log" | tail -20 ;;
+          --variants "${GEN_VARIANTS:-nsa,nsa-graph,sdpa,sdpa-graph}" --out "$OUT/bench_generate.md" 2>&1 | tee "$OUT/bench_generate.log" | tail -20 ;;
     decode)
       python3 benchmarks/bench_decode.py --graph --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -30 ;;
     quality)
