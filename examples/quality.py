@@ -11,16 +11,29 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
    Held-out loss of: dense pretrained, converted untrained NSA, dense continued, NSA continued; the
    relative gap NSA vs dense (target: within 1 %), also over the later half of the positions, where
    the sparsity bites most.
-3. **Needle in a haystack (multi-key recall).** ``--needle-pairs`` lines ``\n K = ddd\n`` (``K`` a
-   capital-letter token, distinct per line; ``--needle-digits`` digit tokens; built from token ids, so
-   no BPE merge can make the planted digits differ from the answer) planted in held-out stdlib text,
-   and the context of ``--seq-len`` tokens (>= 4x the window) ends with the questions ``\n K = `` for
-   every planted key, each followed by its digits: the target key first (its line at the probe's
-   depth), the others in random order, none asked twice. Every planted line is further from every
-   question than the window reaches. Accuracy = the target's digits all right (teacher-forced argmax,
-   which equals greedy decoding's exact match). Each model is fine-tuned for ``--needle-steps`` steps
-   on freshly planted sequences of training text (loss on every answer digit of every question), then
-   evaluated on ``--needle-eval`` held-out sequences per depth:
+3. **Needle in a haystack**, one of two probes (``--probe``), both built from token ids (so no BPE merge
+   can make the planted tokens differ from the answer), planted in held-out stdlib text, in a context
+   of ``--seq-len`` tokens (>= 4x the window), the target at each of ``--depths``; everything planted
+   is further from every scored position than the window reaches (``geometry`` in ``results.json``:
+   the distance per depth, and whether it also lies beyond the stacked windows, layers x (window - 1)).
+   Scoring is teacher-forced argmax over the answer positions (which equals greedy decoding's exact
+   match): exact match (the whole answer right) and per-token accuracy.
+
+   * ``span`` (default): **repeated random spans (induction copying)**, a task dense transformers
+     learn readily. A passage of ``--span-len`` random token ids (uniform over the vocabulary, special
+     tokens excluded) sits at the probe's depth, ``--span-distractors`` other random passages at random
+     non-overlapping places; the context ends with the target passage again: its first
+     ``--span-prefix`` tokens (the cue), then the rest, which is the answer (``span-len - span-prefix``
+     tokens). Chance per token is about 1 / vocabulary size.
+   * ``kv``: **multi-key recall**. ``--needle-pairs`` lines ``\n K = ddd\n`` (``K`` a capital-letter
+     token, distinct per line; ``--needle-digits`` digit tokens), and the context ends with the
+     questions ``\n K = `` for every planted key, each followed by its digits: the target key first
+     (its line at the probe's depth), the others in random order, none asked twice; the target's
+     digits are scored.
+
+   Each model is fine-tuned for ``--needle-steps`` steps on freshly planted sequences of training text
+   at uniform depths (loss on the answer tokens only: every answer digit of every question for ``kv``),
+   then evaluated on ``--needle-eval`` held-out sequences per depth:
 
    * the NSA model (continued from step 2),
    * a *window-only* variant: the same NSA model with its gate modules replaced by constant logits
@@ -30,9 +43,10 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
      this against an independent banded-mask SDPA implementation (``window_only_check``);
    * the dense model (continued from step 2), as a reference (``--no-dense-needle`` skips it).
 
-   ``--needle-mix`` (default 0.5) plants the lines and questions in that fraction of the sequences of every
-   pretraining and continued-training batch (ordinary LM loss; the same batches for dense and NSA),
-   so the models meet the copy task before the short fine-tune; the held-out text has no needles.
+   ``--needle-mix`` (default 0.5) plants the probe (``span``: passages + the repeated target;
+   ``kv``: lines + questions) in that fraction of the sequences of every pretraining and
+   continued-training batch (ordinary LM loss; the same batches for dense and NSA), so the models meet
+   the copy task before the short fine-tune; the held-out text has no needles.
 
 Precision: float32 master weights (AdamW) and a bfloat16 working copy for the forward/backward on
 CUDA (the NSA Triton kernels are used automatically there); float32 everywhere on CPU (the PyTorch
@@ -44,7 +58,7 @@ reproduces the run)::
 
     python examples/quality.py --out $OUT/quality --budget 300
 
-``--tiny`` is a CPU smoke run of the whole pipeline in well under a minute (tests).
+``--tiny`` is a CPU smoke run of the whole pipeline in well under a minute (tests), with either probe.
 Writes ``results.json`` and ``results.md`` (the tables) under ``--out``.
 """
 from __future__ import annotations
@@ -70,7 +84,8 @@ DEFAULT_STEPS = {"pretrain_steps": 450, "continue_steps": 150, "needle_steps": 3
 TINY = dict(
     vocab_size=512, hidden_size=64, layers=2, heads=4, kv_heads=2, seq_len=128, batch_size=2,
     max_chars=300_000, eval_blocks=4, pretrain_steps=10, continue_steps=3, needle_steps=3,
-    needle_eval=4, needle_batch_size=4, needle_pairs=2, needle_digits=3, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16,
+    needle_eval=4, needle_batch_size=4, needle_pairs=2, needle_digits=3, span_len=12, span_prefix=4,
+    span_distractors=2, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16,
 )
 WINDOW_ONLY_GATE_LOGITS = (-1.0e4, -1.0e4, 1.0e4)  # sigmoid -> exactly (0, 0, 1) in fp32 and bf16
 
@@ -118,15 +133,24 @@ def parse_args(argv=None):
     n.add_argument("--local-blocks", type=int, default=2)
     n.add_argument("--window", type=int, default=128)
     k = ap.add_argument_group("needle probe")
+    k.add_argument("--probe", choices=("span", "kv"), default="span",
+                   help="span: repeated random passages (induction copying; the default); kv: multi-key recall lines")
     k.add_argument("--depths", default="0.1,0.3,0.5,0.7", help="needle depths as fractions of the context")
-    k.add_argument("--needle-digits", type=int, default=3)
+    k.add_argument("--span-len", type=int, default=24, help="span probe: tokens per random passage")
+    k.add_argument("--span-prefix", type=int, default=8,
+                   help="span probe: tokens of the target passage repeated at the end as the cue; "
+                        "the answer is the rest")
+    k.add_argument("--span-distractors", type=int, default=7, help="span probe: other random passages per sequence")
+    k.add_argument("--needle-digits", type=int, default=3, help="kv probe: digit tokens per value")
     k.add_argument("--needle-pairs", type=int, default=16,
-                   help="key/value lines planted per sequence (the questions ask all of them, the target first)")
+                   help="kv probe: key/value lines planted per sequence "
+                        "(the questions ask all of them, the target first)")
     k.add_argument("--needle-eval", type=int, default=128, help="held-out needles per depth")
     k.add_argument("--no-dense-needle", action="store_true", help="skip the dense reference in the needle probe")
     k.add_argument("--needle-mix", type=float, default=0.5,
-                   help="fraction of the sequences of every pretraining / continued-training batch that carry a planted "
-                        "needle (LM loss as on any text), so that the models can learn to copy before the short "
+                   help="fraction of the sequences of every pretraining / continued-training batch that carry a "
+                        "planted probe in the --probe format (kv: lines + questions; span: passages + the repeated "
+                        "target; LM loss as on any text), so that the models can learn to copy before the short "
                         "fine-tune; 0 = plain text only")
     args = ap.parse_args(argv)
     explicit = {a.dest for a in ap._actions if any(o in (argv if argv is not None else sys.argv[1:])
@@ -145,6 +169,10 @@ def parse_args(argv=None):
                  "seq_len", "eval_blocks", "needle_eval", "needle_digits", "needle_pairs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 1 <= args.span_prefix < args.span_len:
+        ap.error(f"--span-prefix {args.span_prefix}, --span-len {args.span_len}: need 1 <= prefix < span length")
+    if args.span_distractors < 0:
+        ap.error(f"--span-distractors {args.span_distractors}: must be >= 0")
     if not 0.0 <= args.needle_mix <= 1.0:
         ap.error(f"--needle-mix {args.needle_mix}: must be in [0, 1]")
     if not all(0.0 <= d <= 1.0 for d in args.depths):
@@ -435,6 +463,18 @@ def held_out_loss(model, blocks: torch.Tensor, batch_size: int, device) -> dict:
 # Needle in a haystack
 
 
+def scatter_starts(first: int, count: int, max_start: int, length: int, gen: torch.Generator) -> list[int]:
+    """``count`` start positions of non-overlapping pieces of ``length`` tokens in ``[0, max_start]``:
+    ``first`` (the target's) and the others uniformly at random (rejection sampling; the probes leave
+    room for twice the pieces, so this ends quickly)."""
+    starts = [first]
+    while len(starts) < count:
+        s = int(torch.randint(0, max_start + 1, (1,), generator=gen))
+        if all(abs(s - o) >= length for o in starts):
+            starts.append(s)
+    return starts
+
+
 class Needles:
     """Key/value recall planted in filler text, built from token ids (no tokenizer merges can differ).
 
@@ -471,6 +511,7 @@ class Needles:
         # positions of the answer digits in the tail, and of the logits that predict them
         q = torch.arange(pairs)[:, None] * (self.query_len + digits) + self.query_len + torch.arange(digits)[None]
         self.answer_pos = (self.body_len + q).reshape(-1)  # (pairs * digits,), the target's first
+        self.answer_len, self.token_metric, self.kind = digits, "digit", "kv"
 
     def start(self, depth: float) -> int:
         """Position of the target line's first token at ``depth`` (0 = start of the context, 1 = the last
@@ -497,11 +538,7 @@ class Needles:
         for filler, depth in zip(fillers, depths):
             keys = self.key_ids[torch.randperm(len(self.key_ids), generator=gen)[: self.pairs]]
             values = self.digit_ids[torch.randint(0, 10, (self.pairs, self.digits), generator=gen)]
-            starts = [self.start(float(depth))]
-            while len(starts) < self.pairs:
-                s = int(torch.randint(0, self.max_start + 1, (1,), generator=gen))
-                if all(abs(s - o) >= L for o in starts):
-                    starts.append(s)
+            starts = scatter_starts(self.start(float(depth)), self.pairs, self.max_start, L, gen)
             body = torch.empty(self.body_len, dtype=torch.long)
             free = torch.ones(self.body_len, dtype=torch.bool)
             for s, k, v in zip(starts, keys, values):
@@ -525,6 +562,100 @@ class Needles:
         return out[:, idx].float().view(ids.shape[0], -1, self.digits, out.shape[-1])
 
 
+class Spans:
+    """Repeated random spans (induction copying), built from token ids.
+
+    A *passage* of ``span_len`` token ids drawn uniformly from the ordinary vocabulary (special tokens
+    such as EOS/pad excluded) is planted at the probe's depth in filler text, ``distractors`` other
+    random passages at random non-overlapping places; the context of ``seq_len`` tokens ends with the
+    target passage again: its first ``prefix`` tokens (the cue), then the remaining
+    ``span_len - prefix`` tokens, the *answer*, scored teacher-forced (and trained on) at their own
+    positions. Every planted passage ends ``window`` or more tokens before the position that predicts
+    the first answer token, so no answer position's sliding window reaches any planted token; a model
+    that answers must copy from beyond the window. Chance per token is ``1 / len(self.vocab_ids)``.
+
+    Same interface as :class:`Needles` (``start``, ``distance``, ``outside_window``, ``batch``,
+    ``logits``, ``answer_pos``, ``answer_len``), with one "question" (``answers`` is ``(B, 1, A)``)."""
+
+    def __init__(self, tokenizer, seq_len: int, span_len: int, prefix: int, window: int, distractors: int = 0):
+        if not 1 <= prefix < span_len:
+            raise ValueError(f"prefix={prefix}, span_len={span_len}: need 1 <= prefix < span_len")
+        if distractors < 0:
+            raise ValueError(f"distractors={distractors}: must be >= 0")
+        special = set(tokenizer.all_special_ids)
+        self.vocab_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special], dtype=torch.long)
+        self.seq_len, self.span_len, self.prefix, self.window = seq_len, span_len, prefix, window
+        self.distractors, self.pairs = distractors, 1
+        self.answer_len, self.token_metric, self.kind = span_len - prefix, "token", "span"
+        self.tail_len = span_len  # cue + answer
+        self.body_len = seq_len - self.tail_len  # filler + planted passages
+        self.first_answer_pos = self.body_len + prefix
+        # last start of a passage whose last token is >= window tokens before the position that predicts
+        # the first answer token (first_answer_pos - 1)
+        self.max_start = self.first_answer_pos - 1 - window - (span_len - 1)
+        if self.max_start + 1 < 2 * (1 + distractors) * span_len:  # room to scatter the passages
+            raise ValueError(f"seq_len={seq_len} is too short for {1 + distractors} passages of {span_len} tokens "
+                             f"beyond a window of {window}")
+        self.answer_pos = self.first_answer_pos + torch.arange(self.answer_len)
+
+    def start(self, depth: float) -> int:
+        """Position of the target passage's first token at ``depth`` (0 = start of the context, 1 = the
+        last position that keeps it outside the window of the first answer position)."""
+        return int(round(depth * self.max_start))
+
+    def distance(self, depth: float) -> int:
+        """Tokens from the target passage's last token to the position that predicts the first answer token."""
+        return (self.first_answer_pos - 1) - (self.start(depth) + self.span_len - 1)
+
+    def outside_window(self, depth: float) -> bool:
+        return self.distance(depth) >= self.window
+
+    def batch(self, fillers: torch.Tensor, depths, gen: torch.Generator):
+        """``(B, seq_len)`` ids and ``(B, 1, span_len - prefix)`` answers; the target passage at ``depth``,
+        the distractors at random non-overlapping places that are also outside the window."""
+        rows, answers = [], []
+        L, n = self.span_len, 1 + self.distractors
+        for filler, depth in zip(fillers, depths):
+            passages = self.vocab_ids[torch.randint(0, len(self.vocab_ids), (n, L), generator=gen)]
+            starts = scatter_starts(self.start(float(depth)), n, self.max_start, L, gen)
+            body = torch.empty(self.body_len, dtype=torch.long)
+            free = torch.ones(self.body_len, dtype=torch.bool)
+            for s, passage in zip(starts, passages):
+                body[s : s + L] = passage
+                free[s : s + L] = False
+            body[free] = filler[: int(free.sum())]
+            rows.append(torch.cat([body, passages[0]]))  # cue (first prefix tokens) + answer
+            answers.append(passages[0, self.prefix :].view(1, -1))
+        return torch.stack(rows), torch.stack(answers)
+
+    def logits(self, model, ids: torch.Tensor, target_only: bool = False) -> torch.Tensor:
+        """Logits predicting the answer tokens (teacher forcing): ``(B, 1, answer_len, V)``."""
+        keep = self.seq_len - self.first_answer_pos + 1
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits  # positions seq_len-keep ..
+        idx = (self.answer_pos - 1 - (self.seq_len - keep)).to(out.device)
+        return out[:, idx].float().view(ids.shape[0], 1, self.answer_len, out.shape[-1])
+
+
+def make_probe(args, tokenizer):
+    """The retrieval probe chosen by ``--probe``: :class:`Spans` or :class:`Needles`."""
+    if args.probe == "span":
+        return Spans(tokenizer, args.seq_len, args.span_len, args.span_prefix, args.window, args.span_distractors)
+    return Needles(tokenizer, args.seq_len, args.needle_digits, args.window, args.needle_pairs)
+
+
+def answer_hits(logits: torch.Tensor, answers: torch.Tensor) -> tuple[int, int]:
+    """Teacher-forced argmax scoring of ``(B, A, V)`` logits against ``(B, A)`` answer ids: the number of
+    rows with every token right (exact match) and the number of right tokens."""
+    right = logits.argmax(-1).to(answers.device) == answers
+    return int(right.all(-1).sum().item()), int(right.sum().item())
+
+
+def score_answers(logits: torch.Tensor, answers: torch.Tensor) -> dict:
+    """Exact-match rate (whole answer right) and mean per-token accuracy of ``(B, A, V)`` logits."""
+    exact, tokens = answer_hits(logits, answers)
+    return {"exact": exact / answers.shape[0], "token": tokens / answers.numel()}
+
+
 def needle_loss(needles: Needles, ids, answers):
     """Cross-entropy over every answer digit of every question."""
     def fn(model):
@@ -543,7 +674,8 @@ def needle_train_batch(needles: Needles, train_blocks, step: int, batch_size: in
 
 @torch.no_grad()
 def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, batch_size: int, seed: int, device):
-    """Per depth: exact-match accuracy (all digits) and per-digit accuracy on ``count`` held-out needles."""
+    """Per depth: exact-match accuracy (whole answer) and per-token accuracy (``"digit"`` for the kv probe,
+    ``"token"`` for the span probe) on ``count`` held-out probes, teacher-forced argmax (``answer_hits``)."""
     model.eval()
     out = {}
     for d_i, depth in enumerate(depths):
@@ -553,11 +685,10 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
             n = min(batch_size, count - start)
             fillers = eval_blocks[torch.arange(start, start + n) % len(eval_blocks)]
             ids, answers = needles.batch(fillers, [depth] * n, g)
-            pred = needles.logits(model, ids.to(device), target_only=True)[:, 0].argmax(-1).cpu()
-            target = answers[:, 0]
-            exact += (pred == target).all(-1).sum().item()
-            digit += (pred == target).sum().item()
-        out[f"{depth:g}"] = {"exact": exact / count, "digit": digit / (count * needles.digits)}
+            hits = answer_hits(needles.logits(model, ids.to(device), target_only=True)[:, 0].cpu(), answers[:, 0])
+            exact += hits[0]
+            digit += hits[1]
+        out[f"{depth:g}"] = {"exact": exact / count, needles.token_metric: digit / (count * needles.answer_len)}
     return out
 
 
@@ -650,15 +781,27 @@ def markdown(results: dict) -> str:
     ]
     nd = results["needle"]
     depths = list(nd["geometry"])
-    lines.append("| needle accuracy (exact match) | " + " | ".join(
-        f"depth {d} (distance {nd['geometry'][d]['distance']})" for d in depths) + " |")
-    lines.append("|---|" + "---|" * len(depths))
-    for variant, label in (("nsa", "NSA"), ("window_only", "window-only"), ("dense", "dense")):
-        if variant not in nd["results"]:
-            continue
-        for when in ("before", "after"):
-            acc = nd["results"][variant][when]
-            lines.append(f"| {label}, {when} fine-tune | " + " | ".join(f"{acc[d]['exact']:.3f}" for d in depths) + " |")
+    if nd.get("probe", "kv") == "kv":
+        tables = [("exact", "needle accuracy (exact match)")]
+    else:
+        n = nd["answer_tokens"]
+        tables = [("exact", f"span probe: exact match (all {n} answer tokens)"),
+                  ("token", f"span probe: per-token accuracy (chance {nd['chance_per_token']:.1e})")]
+    for metric, title in tables:
+        lines.append(f"| {title} | " + " | ".join(
+            f"depth {d} (distance {nd['geometry'][d]['distance']})" for d in depths) + " |")
+        lines.append("|---|" + "---|" * len(depths))
+        for variant, label in (("nsa", "NSA"), ("window_only", "window-only"), ("dense", "dense")):
+            if variant not in nd["results"]:
+                continue
+            for when in ("before", "after"):
+                acc = nd["results"][variant][when]
+                lines.append(f"| {label}, {when} fine-tune | " + " | ".join(f"{acc[d][metric]:.3f}" for d in depths)
+                             + " |")
+        lines.append("")
+    if nd.get("outside_stacked_windows") is not None:
+        lines.append(f"Depths outside the stacked windows ({nd['stacked_window_reach']} tokens): "
+                     f"{', '.join(nd['outside_stacked_windows']) or 'none'}.")
     lines += ["", f"Reproduce: `{results['reproduce']}`", ""]
     return "\n".join(lines)
 
@@ -685,15 +828,19 @@ def main(argv=None) -> dict:
     log(f"data: {data_info['train_tokens']:,} training tokens ({data_info['train_blocks']} blocks of {args.seq_len}), "
         f"{data_info['eval_blocks']} held-out blocks; vocab {data_info['vocab']} ({time.perf_counter() - t0:.1f} s)")
     stream = BatchStream(train_blocks, args.batch_size, args.seed)
-    needles = Needles(tokenizer, args.seq_len, args.needle_digits, args.window, args.needle_pairs)
-    geometry = {f"{d:g}": {"needle_start": needles.start(d), "distance": needles.distance(d),
+    needles = make_probe(args, tokenizer)
+    start_key = "needle_start" if args.probe == "kv" else "passage_start"
+    geometry = {f"{d:g}": {start_key: needles.start(d), "distance": needles.distance(d),
                            "outside_window": needles.outside_window(d),
                            "outside_stacked_windows": needles.distance(d) >= args.layers * (args.window - 1)}
                 for d in args.depths}
     inside = [d for d, g in geometry.items() if not g["outside_window"]]
     if inside:
-        raise ValueError(f"needle depths {inside} put the key within the window ({args.window}) of the question: "
-                         "use smaller depths or a longer --seq-len")
+        raise ValueError(f"needle depths {inside} put the {'key' if args.probe == 'kv' else 'passage'} within the "
+                         f"window ({args.window}) of the question: use smaller depths or a longer --seq-len")
+    log(f"probe {args.probe}: distance per depth {({d: g['distance'] for d, g in geometry.items()})}, outside the "
+        f"stacked windows ({args.layers} x ({args.window} - 1)): "
+        f"{[d for d, g in geometry.items() if g['outside_stacked_windows']]}")
 
     dense = build_dense(args, len(tokenizer), tokenizer.eos_token_id).to(device)
     n_params = sum(p.numel() for p in dense.parameters())
@@ -795,10 +942,17 @@ def main(argv=None) -> dict:
             needle_errors[name] = repr(err)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    results["needle"] = {"geometry": geometry, "digits": args.needle_digits, "per_depth": args.needle_eval,
+    results["needle"] = {"probe": args.probe, "geometry": geometry, "per_depth": args.needle_eval,
                          "context": args.seq_len, "window": args.window,
-                         "stacked_window_reach": args.layers * (args.window - 1), "results": needle_results,
-                         "errors": needle_errors}
+                         "stacked_window_reach": args.layers * (args.window - 1),
+                         "outside_stacked_windows": [d for d, g in geometry.items() if g["outside_stacked_windows"]],
+                         "results": needle_results, "errors": needle_errors}
+    if args.probe == "kv":
+        results["needle"]["digits"] = args.needle_digits
+    else:
+        results["needle"].update(span_len=args.span_len, span_prefix=args.span_prefix,
+                                 answer_tokens=needles.answer_len, distractors=args.span_distractors,
+                                 chance_per_token=1.0 / len(needles.vocab_ids))
     results["training"] = training
     after = lambda v: [x["exact"] for x in needle_results[v]["after"].values()] if v in needle_results else None  # noqa: E731
     results["pass"] = {

@@ -17,7 +17,16 @@ def tiny_run(tmp_path_factory):
     import quality
 
     out = tmp_path_factory.mktemp("quality")
-    results = quality.main(["--tiny", "--out", str(out)])
+    results = quality.main(["--tiny", "--probe", "kv", "--out", str(out)])
+    return out, results
+
+
+@pytest.fixture(scope="module")
+def tiny_span_run(tmp_path_factory):
+    import quality
+
+    out = tmp_path_factory.mktemp("quality_span")
+    results = quality.main(["--tiny", "--probe", "span", "--out", str(out)])
     return out, results
 
 
@@ -38,6 +47,7 @@ def test_tiny_run_writes_results(tiny_run):
     assert saved["steps"] == {"pretrain_steps": 10, "continue_steps": 3, "needle_steps": 3}
     assert set(saved["pass"]) == {"loss_within_1pct", "nsa_needle_ge_95pct", "window_only_needle_le_10pct"}
     needle = saved["needle"]
+    assert needle["probe"] == "kv" and needle["digits"] == 3
     assert set(needle["results"]) == {"nsa", "window_only", "dense"}
     for variant in needle["results"].values():
         for when in ("before", "after"):
@@ -169,3 +179,149 @@ def test_needle_mix_batches_are_shared_and_marked():
         assert set(row[needles.answer_pos].tolist()) <= set(needles.digit_ids.tolist())
         assert set(row[needles.answer_pos[0] - 2 : needles.answer_pos[0] - 1].tolist()) <= set(needles.key_ids.tolist())
     assert torch.equal(quality.lm_batch(stream, 3, needles, 0.0, seed=1), plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# Span probe (repeated random passages)
+
+
+def test_spans_layout_and_geometry():
+    """The planted target passage is the cue + the answer, the cue directly precedes the answer at the
+    end, every planted passage lies outside the window of the first answer position at every depth,
+    and no span token is special."""
+    import quality
+
+    tok = _tiny_tokenizer()
+    special = set(tok.all_special_ids)
+    assert tok.eos_token_id in special
+    seq, span_len, prefix, window, distractors = 160, 12, 4, 16, 3
+    spans = quality.Spans(tok, seq, span_len, prefix, window, distractors)
+    assert not special & set(spans.vocab_ids.tolist()) and len(spans.vocab_ids) == len(tok) - len(special)
+    n_rows = 60
+    depths = [0.0, 0.1, 0.3, 0.5, 0.7, 1.0] * (n_rows // 6)
+    fillers = torch.full((n_rows, seq), -1)  # sentinel: every other id in the body was planted
+    ids, answers = spans.batch(fillers, depths, torch.Generator().manual_seed(0))
+    n_answer = span_len - prefix
+    assert ids.shape == (n_rows, seq) and answers.shape == (n_rows, 1, n_answer)
+    body_len = seq - span_len
+    first_answer = body_len + prefix  # position of the first answer token
+    assert spans.answer_pos.tolist() == list(range(first_answer, seq))
+    for row, depth, ans in zip(ids, depths, answers[:, 0]):
+        assert row[spans.answer_pos].tolist() == ans.tolist()  # the answer ends the sequence
+        s = spans.start(depth)
+        target = row[s : s + span_len]
+        assert target[prefix:].tolist() == ans.tolist()  # planted passage and answer: the same ids
+        assert row[body_len:first_answer].tolist() == target[:prefix].tolist()  # the cue precedes the answer
+        planted = (row[:body_len] != -1).nonzero().view(-1)
+        assert len(planted) == (1 + distractors) * span_len  # non-overlapping passages
+        span_tokens = torch.cat([row[:body_len][planted], row[body_len:]])  # every passage, the cue, the answer
+        assert (span_tokens >= 0).all() and (span_tokens < len(tok)).all()
+        assert not special & set(span_tokens.tolist())  # no special token in any span
+        # every planted token is outside the window of the first answer position (and so of every later one)
+        assert (first_answer - 1) - planted.max().item() >= window
+        assert (first_answer - 1) - (s + span_len - 1) == spans.distance(depth) >= window
+        assert spans.outside_window(depth)
+    assert spans.distance(0.0) > spans.distance(1.0) >= window
+    assert spans.distance(1.0) == window  # depth 1: as close as the window allows
+    # the scored logits are those that predict the answer tokens
+    args = quality.parse_args(["--tiny"])
+    model = quality.build_dense(args, len(tok), 0).eval()
+    x = ids[:3].clamp(min=1)  # the -1 sentinels are no token ids
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        got = spans.logits(model, x, target_only=True)
+    assert got.shape == (3, 1, n_answer, len(tok))
+    assert torch.allclose(got[:, 0], full[:, spans.answer_pos - 1], atol=1e-5)
+    with pytest.raises(ValueError):  # no room for the passages outside the window
+        quality.Spans(tok, 64, span_len, prefix, window, 4)
+    with pytest.raises(ValueError):
+        quality.Spans(tok, seq, span_len, span_len, window, 1)
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--tiny", "--span-prefix", "12", "--span-len", "12"])
+
+
+def test_score_answers_exact_and_per_token():
+    import quality
+
+    g = torch.Generator().manual_seed(0)
+    vocab, n, a = 50, 3, 16
+    answers = torch.randint(1, vocab, (n, a), generator=g)
+    logits = torch.randn(n, a, vocab, generator=g)
+    logits.scatter_(-1, answers[..., None], 100.0)  # the max on every right answer id
+    assert quality.score_answers(logits, answers) == {"exact": 1.0, "token": 1.0}
+    assert quality.score_answers(logits[:1], answers[:1]) == {"exact": 1.0, "token": 1.0}
+    wrong = logits.clone()
+    wrong[0, 5, (answers[0, 5] + 1) % vocab] = 1000.0  # one answer token of the first row wrong
+    assert quality.score_answers(wrong[:1], answers[:1]) == {"exact": 0.0, "token": (a - 1) / a}
+    assert quality.score_answers(wrong, answers) == pytest.approx({"exact": 2 / 3, "token": (n * a - 1) / (n * a)})
+    assert quality.answer_hits(wrong, answers) == (2, n * a - 1)
+
+
+class _Oracle(torch.nn.Module):
+    """Logits that put the max on the next input token (what teacher-forced copying gets right)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, use_cache=False, logits_to_keep=0):
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+        logits = torch.nn.functional.one_hot(nxt, self.vocab).float()
+        return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
+
+
+def test_span_accuracy_of_an_oracle_and_a_blind_model():
+    import quality
+
+    tok = _tiny_tokenizer()
+    spans = quality.Spans(tok, 160, 12, 4, 16, 3)
+    blocks = torch.randint(1, len(tok), (5, 160))
+    kw = dict(depths=[0.1, 0.9], count=6, batch_size=4, seed=0, device=torch.device("cpu"))
+    acc = quality.needle_accuracy(_Oracle(len(tok)), spans, blocks, **kw)
+    assert acc == {"0.1": {"exact": 1.0, "token": 1.0}, "0.9": {"exact": 1.0, "token": 1.0}}
+
+    class Blind(_Oracle):  # predicts token 0 (EOS, never in a span) everywhere
+        def forward(self, input_ids, use_cache=False, logits_to_keep=0):
+            return super().forward(torch.zeros_like(input_ids), use_cache, logits_to_keep)
+
+    acc = quality.needle_accuracy(Blind(len(tok)), spans, blocks, **kw)
+    assert acc == {"0.1": {"exact": 0.0, "token": 0.0}, "0.9": {"exact": 0.0, "token": 0.0}}
+
+
+def test_span_mix_batches_carry_the_repeat():
+    import quality
+
+    spans = quality.Spans(_tiny_tokenizer(), 128, 12, 4, 16, 2)
+    stream = quality.BatchStream(torch.randint(100, 200, (20, 128)), 8, seed=0)
+    a = quality.lm_batch(stream, 3, spans, 0.25, seed=1)
+    assert torch.equal(a, quality.lm_batch(stream, 3, spans, 0.25, seed=1))  # same for dense and NSA
+    plain = stream.batch(3)
+    assert torch.equal(a[2:], plain[2:])
+    for row in a[:2]:  # ends with a passage that also occurs earlier
+        tail = row[-12:].tolist()
+        body = row[:-12].tolist()
+        assert any(body[i : i + 12] == tail for i in range(len(body) - 11))
+
+
+def test_tiny_span_run_writes_span_metrics(tiny_span_run):
+    out, _ = tiny_span_run
+    saved = json.loads((out / "results.json").read_text())
+    table = (out / "results.md").read_text()
+    assert "span probe: exact match" in table and "span probe: per-token accuracy" in table
+    needle = saved["needle"]
+    assert needle["probe"] == "span" and saved["args"]["probe"] == "span"
+    assert needle["span_len"] == 12 and needle["span_prefix"] == 4 and needle["answer_tokens"] == 8
+    assert needle["distractors"] == 2 and 0 < needle["chance_per_token"] < 0.01
+    assert set(needle["results"]) == {"nsa", "window_only", "dense"}
+    for variant in needle["results"].values():
+        for when in ("before", "after"):
+            assert set(variant[when]) == set(needle["geometry"])
+            for acc in variant[when].values():
+                assert set(acc) == {"exact", "token"} and 0.0 <= acc["exact"] <= acc["token"] <= 1.0
+        assert variant["finetune"]["steps"] == 3
+    for depth, geo in needle["geometry"].items():
+        assert geo["outside_window"] and geo["distance"] >= saved["args"]["window"]
+        assert geo["outside_stacked_windows"] == (geo["distance"] >= needle["stacked_window_reach"])
+        assert (depth in needle["outside_stacked_windows"]) == geo["outside_stacked_windows"]
+    assert "error" not in saved["window_only_check"], saved["window_only_check"]
+    assert "--probe span" in saved["reproduce"] and "--span-len 12" in saved["reproduce"]
