@@ -44,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="print per-kernel CUDA times of ours")
     ap.add_argument("--skip", nargs="*", default=[], help="methods to skip: ours dense fla")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time CUDA-graph replays of ours for other compressed-pass tilings (chunk, stages, warps)")
     args = ap.parse_args(argv)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -115,6 +117,20 @@ def main(argv=None):
                     res["ours_g"] = timeit(ours, True)
                     if "dense" in res:
                         res["dense_g"] = timeit(dense, True)
+                if args.sweep:
+                    for chunk in (64, 128, 256, 512, 1024):
+                        for stages, warps in ((2, 4), (3, 4), (4, 4), (3, 8)):
+                            def tuned():
+                                return nsa_decode(q, k, v, ck, cv, gates, zeros, k_len, zeros, c_len, params,
+                                                  check_lengths=False, _cmp_chunk=chunk, _cmp_stages=stages,
+                                                  _cmp_warps=warps)
+                            try:
+                                tuned()
+                                ms = timeit(tuned, True)
+                                print(f"sweep S={s} B={bsz} {hq}/{hkv} cmp_chunk={chunk} stages={stages} "
+                                      f"warps={warps}: {ms * 1e3:.1f} us", flush=True)
+                            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                                print(f"sweep chunk={chunk} stages={stages} warps={warps} failed: {exc}", flush=True)
                 if parallel_nsa is not None and g >= 16 and "fla" not in args.skip:
                     try:
                         kf, vf = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()

@@ -452,9 +452,14 @@ def _plan(bsz, hkv, tq, g, s, sc, d, dv, params: NSAParams, device, cmp_chunk=No
     if cmp_chunk is None:
         # Enough programs for ~2 waves, but splits of at least one tile and at most ~32 owned blocks
         # (the block-score tile costs (rows x tile) @ (tile x blocks) per tile).
+        # Measured on an H200 at 64k (bench_decode.py --sweep): splits of >= 128 compressed tokens (two
+        # 64-token tiles: 24 vs 27 us at B=1) and up to 64 owned blocks (256 tokens at d=16: 107 vs 116 us
+        # at B=16, 64/4) beat the smaller, more numerous splits.
         want_splits = max(1, triton.cdiv(2 * sms, bsz * hkv * m_blocks))
         chunk = base
-        while chunk * want_splits < sc and chunk // cpb < 32 and chunk < 4096:
+        while chunk < 128 and chunk // cpb < 64:
+            chunk *= 2
+        while chunk * want_splits < sc and chunk // cpb < 64 and chunk < 4096:
             chunk *= 2
         cmp_chunk = chunk
     else:
@@ -507,6 +512,8 @@ def nsa_decode(
     _cmp_chunk: int | None = None,
     _slc_per_unit: int | None = None,
     _win_per_unit: int | None = None,
+    _cmp_stages: int = 3,
+    _cmp_warps: int = 4,
 ):
     """NSA for the last ``Tq`` positions of every row of a KV cache (see :mod:`reference`).
 
@@ -565,7 +572,7 @@ def nsa_decode(
         CMP_L=params.cmp_block, CMP_D=params.cmp_stride, R=pl["r"], CPB=pl["cpb"], CHUNK=pl["chunk"],
         BLOCK_M=pl["block_m"], BLOCK_N=pl["block_n"], BLOCK_D=pl["block_d"], BLOCK_DV=pl["block_dv"],
         JPS_P=pl["jps_p"], PRE_P=_pow2(pl["r"] - 1), PREC=prec, BINS_PREC="tf32x3" if q.is_cuda else "ieee",
-        num_warps=4, num_stages=2,
+        num_warps=_cmp_warps, num_stages=_cmp_stages,
     )
     # 2. block selection
     idx = torch.empty(bsz, hkv, tq, params.slc_count, dtype=torch.int32, device=dev)
