@@ -234,10 +234,13 @@ def test_bench_generate_tiny_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "gen.md"
-    rows = bench.main(["--tiny", "--layers", "1", "--new-tokens", "3", "--out", str(out)])
-    assert [r["variant"] for r in rows] == ["nsa", "sdpa"] and all("error" not in r for r in rows)
+    rows = bench.main(["--tiny", "--layers", "1", "--new-tokens", "3", "--out", str(out),
+                       "--variants", "nsa,nsa-graph,sdpa,sdpa-graph"])
+    assert [r["variant"] for r in rows] == ["nsa", "nsa-graph", "sdpa", "sdpa-graph"]
+    assert all("error" not in r for r in rows)
     text = out.read_text()
-    assert "| 40 | nsa |" in text and "| 40 | sdpa |" in text
+    for variant in ("nsa", "nsa-graph", "sdpa", "sdpa-graph"):
+        assert f"| 40 | {variant} |" in text
 
 
 @pytest.mark.gpu
