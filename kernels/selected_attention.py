@@ -599,6 +599,29 @@ def _contiguous_heads(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _check_selected_inputs(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale) -> float:
+    """The argument checks of the selected-block attention entry points; returns the scale as a float."""
+    _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if isinstance(slc_block, bool) or not isinstance(slc_block, int) or slc_block < 1:
+        raise ValueError(f"slc_block={slc_block!r} is invalid: must be an integer >= 1")
+    if (
+        block_indices.dim() != 3
+        or block_indices.shape[:2] != (q.shape[0], k.shape[1])
+        or block_indices.shape[2] < 1
+        or block_indices.dtype != torch.int32
+    ):
+        raise ValueError(
+            f"block_indices must be int32 of shape (Nq, Hkv, n) = ({q.shape[0]}, {k.shape[1]}, n>=1); "
+            f"got {block_indices.dtype} {tuple(block_indices.shape)}"
+        )
+    if block_indices.device != q.device:
+        raise ValueError(f"block_indices is on {block_indices.device}, q on {q.device}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale={scale!r} must be a finite number")
+    return scale
+
+
 def selected_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -627,24 +650,7 @@ def selected_attention(
         selected blocks (fp32 accumulation). A query with no usable key gets zeros. Runs as the
         ``nsa_kernels::slc_fwd`` custom op (traceable by ``torch.compile``; never copies to the host).
     """
-    _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if isinstance(slc_block, bool) or not isinstance(slc_block, int) or slc_block < 1:
-        raise ValueError(f"slc_block={slc_block!r} is invalid: must be an integer >= 1")
-    if (
-        block_indices.dim() != 3
-        or block_indices.shape[:2] != (q.shape[0], k.shape[1])
-        or block_indices.shape[2] < 1
-        or block_indices.dtype != torch.int32
-    ):
-        raise ValueError(
-            f"block_indices must be int32 of shape (Nq, Hkv, n) = ({q.shape[0]}, {k.shape[1]}, n>=1); "
-            f"got {block_indices.dtype} {tuple(block_indices.shape)}"
-        )
-    if block_indices.device != q.device:
-        raise ValueError(f"block_indices is on {block_indices.device}, q on {q.device}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale={scale!r} must be a finite number")
+    scale = _check_selected_inputs(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale)
     q, k, v = (_contiguous_heads(x) for x in (q, k, v))
     from .ops import slc_fwd
 

@@ -28,8 +28,6 @@ tokens in slices, each with its own inverted index over its tokens.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -38,7 +36,7 @@ from .selected_attention import (
     _BIG,
     _LOG2E,
     _build_inverted_index,
-    _check_varlen_inputs,
+    _check_selected_inputs,
     _contiguous_heads,
     _dot_precision,
     _packed_selection,
@@ -165,29 +163,6 @@ def partial_bytes_per_token(hq: int, nsel: int, dv: int) -> int:
     return hq * nsel * (dv + 2) * 4
 
 
-def _check_inputs(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale):
-    """The checks of :func:`selected_attention.selected_attention`; returns the scale as a float."""
-    _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if isinstance(slc_block, bool) or not isinstance(slc_block, int) or slc_block < 1:
-        raise ValueError(f"slc_block={slc_block!r} is invalid: must be an integer >= 1")
-    if (
-        block_indices.dim() != 3
-        or block_indices.shape[:2] != (q.shape[0], k.shape[1])
-        or block_indices.shape[2] < 1
-        or block_indices.dtype != torch.int32
-    ):
-        raise ValueError(
-            f"block_indices must be int32 of shape (Nq, Hkv, n) = ({q.shape[0]}, {k.shape[1]}, n>=1); "
-            f"got {block_indices.dtype} {tuple(block_indices.shape)}"
-        )
-    if block_indices.device != q.device:
-        raise ValueError(f"block_indices is on {block_indices.device}, q on {q.device}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale={scale!r} must be a finite number")
-    return scale
-
-
 def selected_attention_fwd_kv_outer(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -234,7 +209,7 @@ def selected_attention_fwd_kv_outer(
         query with no usable key) and the natural-log ``lse (Nq, Hq)`` in fp32 (``-inf`` there).
         The index preparation (torch sorts) never copies to the host.
     """
-    scale = _check_inputs(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale)
+    scale = _check_selected_inputs(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale)
     q, k, v = (_contiguous_heads(x) for x in (q, k, v))
     block_indices = block_indices.contiguous()
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
