@@ -125,7 +125,10 @@ def new_cache(model):
 
 def greedy_step(model, ids, cache):
     """One cached forward over ``ids``; the greedy next token ``(B, 1)``."""
-    return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    from nsa_hf.cache import cache_kwarg  # `cache=` from transformers 5.24 on, `past_key_values=` before
+
+    out = model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
 @torch.no_grad()

@@ -32,6 +32,9 @@ methods keep the compressed state in step with the dense one.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
@@ -424,3 +427,20 @@ def nsa_cache_layer(past_key_values, layer_idx: int) -> NSACompressedState | Non
         return None
     layer = layers[layer_idx]
     return layer if isinstance(layer, NSACompressedState) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class: type) -> str:
+    try:
+        params = inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model) -> str:
+    """The keyword under which ``model``'s forward takes its cache: ``"cache"`` where the forward has it
+    (transformers >= 5.24, and NSA-Llama under any version), else ``"past_key_values"`` (transformers
+    < 5.24). Passing ``past_key_values=`` to a 5.24 model still works but warns; use
+    ``model(..., **{cache_kwarg(model): cache})`` to avoid the warning on every version."""
+    return _cache_kwarg_of(type(model))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import StaticCache
 
-from .cache import NSAStaticCache, NSAStaticCacheLayer
+from .cache import NSAStaticCache, NSAStaticCacheLayer, cache_kwarg
 
 __all__ = ["StaticGreedyDecoder", "static_greedy_generate"]
 
@@ -77,7 +77,7 @@ class StaticGreedyDecoder:
         self.mask.scatter_(1, self.cur.view(1, 1).expand(batch, 1), 1)  # the new position is a real token
         out = self.model(
             input_ids=self.tok, attention_mask=self.mask, position_ids=self.pos,
-            past_key_values=self.cache, use_cache=True,
+            use_cache=True, **{cache_kwarg(self.model): self.cache},
         )
         nxt = out.logits[:, -1].argmax(-1)
         self.tok.copy_(nxt[:, None])
@@ -100,7 +100,7 @@ class StaticGreedyDecoder:
         self.graph = None
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): self.cache})
         first = out.logits[:, -1].argmax(-1)
         device = input_ids.device
         self.mask = torch.zeros(batch, self.max_cache_len, dtype=torch.long, device=device)

@@ -17,6 +17,8 @@ remote code.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -43,6 +45,28 @@ from transformers.utils.output_capturing import capture_outputs
 from .attention import MLPCompressor
 from .cache import NSACache, NSAStaticCache, nsa_cache_layer
 from .configuration_nsa_llama import NSALlamaConfig
+
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (5.17-5.23 use
+# `past_key_values`). Our forwards accept both names; what we pass to transformers (output fields, the
+# decoder-layer argument that gradient checkpointing clears, `create_causal_mask`) uses the installed
+# version's name, read off the library itself rather than its version number.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+_MASK_CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The cache given as ``past_key_values`` (transformers < 5.24) or ``cache`` (>= 5.24)."""
+    if cache is None:
+        return past_key_values
+    if past_key_values is not None and past_key_values is not cache:
+        raise ValueError("Pass the cache as `cache` or `past_key_values`, not both.")
+    return cache
+
+
+def _output_cache(outputs) -> Cache | None:
+    """The cache field of a model output under either name."""
+    return getattr(outputs, CACHE_NAME, None)
 
 
 class NSAGate(nn.Linear):
@@ -85,8 +109,11 @@ class NSALlamaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # `cache` is a named parameter so that it never reaches the attention backend's kwargs.
+        past_key_values = _one_cache(past_key_values, cache)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -146,8 +173,10 @@ class NSALlamaDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        past_key_values = _one_cache(past_key_values, cache)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -178,7 +207,7 @@ class NSALlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["NSALlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -236,6 +265,7 @@ class NSALlamaModel(NSALlamaPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         r"""
@@ -252,7 +282,11 @@ class NSALlamaModel(NSALlamaPreTrainedModel):
                 Embeddings to use instead of `input_ids`.
             use_cache (`bool`, *optional*):
                 Whether to return a cache for further decoding.
+            cache (`Cache`, *optional*):
+                The same as `past_key_values`, under the name transformers >= 5.24 uses; give one or the other.
+                The output field is named as in the installed transformers (`cache` from 5.24 on).
         """
+        past_key_values = _one_cache(past_key_values, cache)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
 
@@ -271,8 +305,8 @@ class NSALlamaModel(NSALlamaPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{_MASK_CACHE_NAME: past_key_values},
         )
 
         hidden_states = inputs_embeds
@@ -284,13 +318,14 @@ class NSALlamaModel(NSALlamaPreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                # Under the installed version's name: GradientCheckpointingLayer drops it when training.
+                **{CACHE_NAME: past_key_values},
                 **kwargs,
             )
 
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: past_key_values})
 
 
 class NSALlamaForCausalLM(NSALlamaPreTrainedModel, GenerationMixin):
@@ -313,16 +348,18 @@ class NSALlamaForCausalLM(NSALlamaPreTrainedModel, GenerationMixin):
         (``cache_implementation="static"``), so that the compressed keys/values are kept between decoding
         steps instead of being recomputed."""
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        # The cache is under `model_kwargs["cache"]` from transformers 5.24 on, `["past_key_values"]` before.
+        key = "cache" if isinstance(model_kwargs.get("cache"), Cache) else "past_key_values"
+        cache = model_kwargs.get(key)
         if getattr(cache, "_is_user_defined", False):
             return out
         if type(cache) is DynamicCache:
             nsa_cache = NSACache(config=self.config, offloading=getattr(cache, "offloading", False))
             if getattr(generation_config, "is_assistant", False):
                 nsa_cache.activate_past_recording()
-            model_kwargs["past_key_values"] = nsa_cache
+            model_kwargs[key] = nsa_cache
         elif type(cache) is StaticCache:
-            model_kwargs["past_key_values"] = NSAStaticCache(
+            model_kwargs[key] = NSAStaticCache(
                 config=self.config, max_cache_len=cache.layers[0].max_cache_len,
                 offloading=getattr(cache, "offloading", False),
             )
@@ -339,6 +376,7 @@ class NSALlamaForCausalLM(NSALlamaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""
@@ -347,6 +385,8 @@ class NSALlamaForCausalLM(NSALlamaPreTrainedModel, GenerationMixin):
                 Targets for the language-modelling loss (shifted inside; -100 is ignored).
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute logits only for the last `logits_to_keep` positions (0 = all), or for these indices.
+            cache (`Cache`, *optional*):
+                The same as `past_key_values` (the name transformers >= 5.24 uses); give one or the other.
 
         Other arguments as in [`NSALlamaModel.forward`].
         """
@@ -354,7 +394,7 @@ class NSALlamaForCausalLM(NSALlamaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_one_cache(past_key_values, cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -371,7 +411,7 @@ class NSALlamaForCausalLM(NSALlamaPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: _output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
