@@ -26,7 +26,8 @@ def tiny_span_run(tmp_path_factory):
     import quality
 
     out = tmp_path_factory.mktemp("quality_span")
-    results = quality.main(["--tiny", "--probe", "span", "--out", str(out)])
+    results = quality.main(["--tiny", "--probe", "span", "--out", str(out), "--induction-steps", "3",
+                            "--induction-len", "64", "--induction-span", "16", "--induction-batch-size", "4"])
     return out, results
 
 
@@ -325,3 +326,35 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
         assert (depth in needle["outside_stacked_windows"]) == geo["outside_stacked_windows"]
     assert "error" not in saved["window_only_check"], saved["window_only_check"]
     assert "--probe span" in saved["reproduce"] and "--span-len 12" in saved["reproduce"]
+    warmup = saved["training"]["dense_induction"]
+    assert warmup["steps"] == 3 and 0.0 <= warmup["copy_accuracy"] <= 1.0
+    assert "--induction-steps 3" in saved["reproduce"]
+
+
+def test_induction_batches_repeat_a_span_at_varied_offsets():
+    import quality
+
+    vocab = torch.arange(5, 300)
+    g = torch.Generator().manual_seed(0)
+    ids, mask = quality.induction_batch(vocab, 64, 96, 16, g)
+    assert ids.shape == mask.shape == (64, 96) and bool(((ids >= 5) & (ids < 300)).all())
+    offsets = set()
+    for row, m in zip(ids, mask):
+        pos = torch.nonzero(m).flatten().tolist()
+        assert len(pos) == 15 and pos == list(range(pos[0], pos[0] + 15))
+        q = pos[0] - 1  # start of the repeat; its source is an earlier, non-overlapping copy
+        tail = row[q:q + 16].tolist()
+        sources = [p for p in range(0, q - 15) if row[p:p + 16].tolist() == tail]
+        assert sources, "the repeated span must occur earlier"
+        offsets.add(q - sources[0])
+    assert len(offsets) > 10  # not one fixed offset (which a positional head could solve)
+
+    class Oracle(torch.nn.Module):  # predicts every next token: copy accuracy 1
+        def forward(self, input_ids, use_cache=False):
+            logits = torch.full((*input_ids.shape, 300), -1.0)
+            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 1.0)
+            return type("Out", (), {"logits": logits})()
+
+    assert quality.copy_accuracy(Oracle(), ids, mask) == 1.0
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--tiny", "--induction-span", "60", "--induction-len", "64"])
