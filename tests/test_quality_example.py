@@ -358,3 +358,17 @@ def test_induction_batches_repeat_a_span_at_varied_offsets():
     assert quality.copy_accuracy(Oracle(), ids, mask) == 1.0
     with pytest.raises(SystemExit):
         quality.parse_args(["--tiny", "--induction-span", "60", "--induction-len", "64"])
+
+
+def test_copy_check_script_runs_and_builds_copies():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import copy_check
+
+    g = torch.Generator().manual_seed(0)
+    for task in copy_check.TASKS:
+        ids, mask = copy_check.make_batch(task, 4, g)
+        span = copy_check.TASKS[task]["span"]
+        assert int(mask.sum()) == 4 * (span - 1)
+    out = copy_check.main(["--task", "varied", "--steps", "2", "--batch", "2", "--log-every", "1"])
+    assert len(out["history"]) == 2 and set(out["transfer"]) == {100, 400, 800}
+    assert all(0.0 <= v <= 1.0 for v in out["transfer"].values())
