@@ -469,7 +469,7 @@ def induction_batch(vocab_ids: torch.Tensor, batch: int, length: int, span: int,
     token the repetition makes predictable (all but the first repeated token). Many supervised copies at
     varied offsets are what made the copy circuit form in a CPU check (a 2-layer Llama: after ~750 steps
     of 32 x 192 tokens, 48-token spans): with one short repeat per long sequence it stayed at chance for
-    3600 steps, and with the copy always at the same offset it learned a positional shortcut that does
+    3650 steps, and with the copy always at the same offset it learned a positional shortcut that does
     not copy anything else. It copied spans at distances inside its training length only, hence the
     default ``--induction-len`` = ``--seq-len`` (docs/quality.md)."""
     ids = vocab_ids[torch.randint(0, len(vocab_ids), (batch, length), generator=gen)]
