@@ -38,7 +38,7 @@ def make_batch(task: str, batch: int, gen: torch.Generator):
             q = int(torch.randint(length // 2, length - span, (1,), generator=gen))
             p = int(torch.randint(0, q - span - 48, (1,), generator=gen))
         else:
-            q = int(torch.randint(span, length - span + 1, (1,), generator=gen))
+            q = int(torch.randint(span + 1, length - span + 1, (1,), generator=gen))
             p = int(torch.randint(0, q - span + 1, (1,), generator=gen))
         ids[b, q:q + span] = ids[b, p:p + span]
         mask[b, q + 1:q + span] = True
