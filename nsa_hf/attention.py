@@ -338,6 +338,23 @@ def _device_cmp_blocks(n: torch.Tensor, cmp_block: int, cmp_stride: int) -> torc
     return torch.where(n >= cmp_block, (n - cmp_block).clamp_min(0) // cmp_stride + 1, torch.zeros_like(n))
 
 
+def _candidate_blocks(k_start: torch.Tensor, k_len: torch.Tensor, q_len: int, kv_len: int, params: NSAParams):
+    """The compression blocks that may end among the last ``q_len`` of each row's ``k_len`` keys (row ``b``
+    starting at cache position ``k_start[b]``), all on the device: ``num_cmp_blocks(k_len)`` ``(B,)``, their
+    slots ``(B, J)`` (``J = ceil(Q / d)``, from the count before the step) and the cache positions of
+    their tokens ``(B, J*l)`` (clamped into ``[0, kv_len)``; a candidate that does not complete reads
+    clamped positions and is written to a scratch slot)."""
+    l, d = params.cmp_block, params.cmp_stride
+    device = k_len.device
+    n_new = _device_cmp_blocks(k_len, l, d)
+    n_old = _device_cmp_blocks(k_len - q_len, l, d)
+    j = -(-q_len // d)  # blocks ending among Q consecutive positions
+    slots = n_old[:, None].long() + torch.arange(j, device=device)
+    first = k_start[:, None].long() + slots * d  # first key of each candidate block
+    gather = (first[:, :, None] + torch.arange(l, device=device)).clamp_(0, kv_len - 1).reshape(k_len.shape[0], j * l)
+    return n_new, slots, gather
+
+
 def _decode_plan(attention_mask, batch: int, kv_len: int, q_len: int, params: NSAParams, device) -> _DecodePlan:
     """The plan of this step, built once per forward: one host sync with a padding mask (eligibility and
     the per-row lengths), none without one."""
@@ -360,12 +377,8 @@ def _decode_plan(attention_mask, batch: int, kv_len: int, q_len: int, params: NS
     _last_plan[0] = plan
     if not ok:
         return plan
-    n_new = _device_cmp_blocks(k_len, l, d)
-    n_old = _device_cmp_blocks(k_len - q_len, l, d)
-    j = -(-q_len // d)  # blocks ending among Q consecutive positions
-    slots = n_old[:, None] + torch.arange(j, device=device)
-    first = (kv_len - k_len)[:, None] + slots * d  # first key of each candidate block
-    gather = (first[:, :, None] + torch.arange(l, device=device)).clamp_(0, kv_len - 1).reshape(batch, j * l)
+    n_new, slots, gather = _candidate_blocks(kv_len - k_len, k_len, q_len, kv_len, params)
+    j = slots.shape[1]
     cmp_counts = [num_cmp_blocks(n, l, d) for n in k_lens]
     plan.valid, plan.k_lens, plan.cmp_counts = valid, k_lens, cmp_counts
     plan.k_len = k_len.to(torch.int32)
@@ -400,7 +413,7 @@ def _try_decode(query, key, value, attention_mask, gates, compressors, params, c
                                     plan.valid):
         return None  # no (or a stale) compressed state: the varlen path rebuilds it
     if plan.new_blocks:
-        _compress_candidates(key, value, plan, compressors, params, cache_layer)
+        _compress_candidates(key, value, plan.slots, plan.gather, plan.capacity, compressors, params, cache_layer)
     cache_layer.set_decode_state(plan.valid, plan.cmp_len, plan.cmp_counts, plan.k_lens)
     if gates is None:
         gates = query.new_tensor(FALLBACK_GATES).expand(batch, q_len, hq, 3)
@@ -412,15 +425,15 @@ def _try_decode(query, key, value, attention_mask, gates, compressors, params, c
     return out
 
 
-def _compress_candidates(key, value, plan, compressors, params, cache_layer) -> None:
+def _compress_candidates(key, value, slots, gather, capacity, compressors, params, cache_layer) -> None:
     """Compress the ``J`` candidate blocks of every row (those that may end among the new positions) and
     write them at their slots: the completed ones become visible through the new counts, the others
     land in scratch slots."""
     cmp_k_fn, cmp_v_fn = compressors
     batch, hkv, _, dim = key.shape
     l = params.cmp_block
-    j = plan.slots.shape[1]
-    idx = plan.gather[:, None, :, None]
+    j = slots.shape[1]
+    idx = gather[:, None, :, None]
 
     def blocks(x):
         g = x.gather(2, idx.expand(batch, hkv, j * l, x.shape[-1]))  # (B, Hkv, J*l, D)
@@ -428,19 +441,10 @@ def _compress_candidates(key, value, plan, compressors, params, cache_layer) -> 
 
     ck = cmp_k_fn(blocks(key)).view(batch, j, hkv, -1).transpose(1, 2)
     cv = cmp_v_fn(blocks(value)).view(batch, j, hkv, -1).transpose(1, 2)
-    cache_layer.write_compressed(plan.slots, ck.to(key.dtype), cv.to(value.dtype), plan.capacity)
+    cache_layer.write_compressed(slots, ck.to(key.dtype), cv.to(value.dtype), capacity)
 
 
 # -- static caches -------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _StaticCandidates:
-    """The candidate compressed blocks of one static decoding step (what :func:`_compress_candidates` reads)."""
-
-    slots: torch.Tensor  # (B, J) int64
-    gather: torch.Tensor  # (B, J*l) int64 key positions of their tokens (clamped into the cache)
-    capacity: int
 
 
 def _try_static_decode(query, key, value, gates, compressors, params, cache_layer, scaling, kwargs):
@@ -464,18 +468,10 @@ def _try_static_decode(query, key, value, gates, compressors, params, cache_laye
         or not _decode_enabled(query.device)
     ):
         return None
-    l, d = params.cmp_block, params.cmp_stride
-    device = query.device
     k_start = cache_layer.left_pad
-    k_len = (cache_layer.cumulative_length.to(device) - k_start).to(torch.int32)
-    n_new = _device_cmp_blocks(k_len, l, d)
-    n_old = _device_cmp_blocks(k_len - q_len, l, d)
-    j = -(-q_len // d)
-    slots = n_old[:, None].long() + torch.arange(j, device=device)
-    first = k_start[:, None].long() + slots * d
-    gather = (first[:, :, None] + torch.arange(l, device=device)).clamp_(0, key.shape[2] - 1).reshape(batch, j * l)
-    _compress_candidates(key, value, _StaticCandidates(slots, gather, cache_layer.static_capacity()), compressors,
-                         params, cache_layer)
+    k_len = (cache_layer.cumulative_length.to(query.device) - k_start).to(torch.int32)
+    n_new, slots, gather = _candidate_blocks(k_start, k_len, q_len, key.shape[2], params)
+    _compress_candidates(key, value, slots, gather, cache_layer.static_capacity(), compressors, params, cache_layer)
     cache_layer.cmp_len.copy_(n_new)
     if gates is None:
         gates = query.new_tensor(FALLBACK_GATES).expand(batch, q_len, hq, 3)

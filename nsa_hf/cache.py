@@ -230,6 +230,10 @@ class NSACompressedState:
 
     # -- cache manipulations used by generate() (beam search, contrastive search, assisted decoding) ---
 
+    def reset(self) -> None:
+        super().reset()
+        self.clear_compressed()
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self._select_rows(beam_idx.tolist())
@@ -249,10 +253,6 @@ class NSACompressedState:
 class NSACacheLayer(NSACompressedState, DynamicLayer):
     """A :class:`DynamicLayer` that also keeps each row's compressed keys/values (see
     :class:`NSACompressedState`)."""
-
-    def reset(self) -> None:
-        super().reset()
-        self.clear_compressed()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Crop the dense cache as :class:`DynamicLayer` does (any transformers version's convention),
@@ -353,10 +353,6 @@ class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
             self._static_bufs, self._len_buf = (self.cmp_k, self.cmp_v), self.cmp_len
         if self.left_pad is not None:
             self.left_pad = self.left_pad[torch.tensor(rows, dtype=torch.long, device=self.left_pad.device)]
-
-    def reset(self) -> None:
-        super().reset()
-        self.clear_compressed()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Crop as :class:`StaticLayer` does. The decoding path recomputes the block counts from the
