@@ -463,6 +463,12 @@ def train_lm(run: Run, stream: BatchStream, first_batch: int, device, name: str,
     return run.summary()
 
 
+def ordinary_ids(tokenizer) -> torch.Tensor:
+    """The tokenizer's ids except its special tokens (EOS, pad, ...): what random probe tokens are drawn from."""
+    special = set(tokenizer.all_special_ids)
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in special], dtype=torch.long)
+
+
 def induction_batch(vocab_ids: torch.Tensor, batch: int, length: int, span: int, gen: torch.Generator):
     """Synthetic copy sequences: ``(B, length)`` random ordinary token ids in which the span at a random
     earlier offset repeats at a random later place, and the ``(B, length)`` mask of the positions whose
@@ -657,8 +663,7 @@ class Spans:
             raise ValueError(f"prefix={prefix}, span_len={span_len}: need 1 <= prefix < span_len")
         if distractors < 0:
             raise ValueError(f"distractors={distractors}: must be >= 0")
-        special = set(tokenizer.all_special_ids)
-        self.vocab_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special], dtype=torch.long)
+        self.vocab_ids = ordinary_ids(tokenizer)
         self.seq_len, self.span_len, self.prefix, self.window = seq_len, span_len, prefix, window
         self.distractors, self.pairs = distractors, 1
         self.answer_len, self.token_metric, self.kind = span_len - prefix, "token", "span"
@@ -944,8 +949,7 @@ def main(argv=None) -> dict:
     if args.induction_steps:
         log(f"copy warm-up: {args.induction_steps} steps of {args.induction_batch_size} x {args.induction_len} "
             f"synthetic tokens (span {args.induction_span})")
-        special = set(tokenizer.all_special_ids)
-        vocab_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special], dtype=torch.long)
+        vocab_ids = ordinary_ids(tokenizer)
         run = Run(dense, dtype, args.induction_lr, args.induction_steps, args)
         training["dense_induction"] = train_induction(run, vocab_ids, args, device)
         log(f"copy accuracy after the warm-up: {training['dense_induction']['copy_accuracy']:.3f}")
