@@ -2,12 +2,13 @@
 # One device call: install, then run the named stages in order; logs and tables under $OUT.
 #   device run (carry .whl):  bash benchmarks/gpu_session.sh STAGE [STAGE...]
 # Stages:
-#   tests     pytest -m gpu tests                      (GPU tests; CI skips them)
+#   tests     pytest -m gpu ${PYTEST_PATHS:-tests}     (GPU tests; CI skips them)
 #   bench     benchmarks/bench_training.py             (one layer vs SDPA flash/cuDNN and fla-core; $BENCH_SEQLENS)
 #   model     benchmarks/bench_model_training.py       (~1B NSA-Llama training step vs sdpa, 32k tokens)
 #   generate  benchmarks/bench_generate.py             (~1B NSA-Llama prefill + decode vs sdpa; $GEN_PROMPTS)
 #   decode    benchmarks/bench_decode.py               (per-layer decode kernels vs dense and fla-core)
-#   quality   examples/quality.py                      (dense vs NSA continued training, needle probe; $QUALITY_BUDGET s)
+#   quality   examples/quality.py                      (dense vs NSA continued training, needle probe;
+#                                                       $QUALITY_ARGS, default --budget $QUALITY_BUDGET s)
 # .whl holds the wheels the GPU image lacks (../shared/gpu-wheels/get-wheels .whl): fla-core, datasets.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,7 +26,8 @@ for stage in "${@:-tests}"; do
   stamp "stage $stage"
   case $stage in
     tests)
-      python3 -m pytest -q -m gpu tests -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+      # shellcheck disable=SC2086
+      python3 -m pytest -q -m gpu ${PYTEST_PATHS:-tests} -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
     bench)
       # shellcheck disable=SC2086
@@ -39,7 +41,8 @@ for stage in "${@:-tests}"; do
     decode)
       python3 benchmarks/bench_decode.py --graph --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -30 ;;
     quality)
-      python3 examples/quality.py --out "$OUT/quality" --budget "${QUALITY_BUDGET:-330}" 2>&1 | tee "$OUT/quality.log" | tail -40 ;;
+      # shellcheck disable=SC2086
+      python3 examples/quality.py --out "$OUT/quality" ${QUALITY_ARGS:---budget ${QUALITY_BUDGET:-330}} 2>&1 | tee "$OUT/quality.log" | tail -40 ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
 done

@@ -89,7 +89,7 @@ TINY = dict(
     vocab_size=512, hidden_size=64, layers=2, heads=4, kv_heads=2, seq_len=128, batch_size=2,
     max_chars=300_000, eval_blocks=4, pretrain_steps=10, continue_steps=3, needle_steps=3,
     needle_eval=4, needle_batch_size=4, needle_pairs=2, needle_digits=3, span_len=12, span_prefix=4,
-    span_distractors=2, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16,
+    span_distractors=2, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16, copy_eval=4,
 )
 WINDOW_ONLY_GATE_LOGITS = (-1.0e4, -1.0e4, 1.0e4)  # sigmoid -> exactly (0, 0, 1) in fp32 and bf16
 
@@ -159,8 +159,15 @@ def parse_args(argv=None):
                    help="tokens per synthetic copy sequence (default --seq-len: the copy heads only generalise to "
                         "distances inside the context they were trained on)")
     k.add_argument("--induction-span", type=int, default=64, help="tokens of the repeated span (< --induction-len / 2)")
+    k.add_argument("--induction-repeats", type=int, default=None,
+                   help="repeated spans per synthetic sequence, one per equal segment, each copying a span from "
+                        "anywhere before it (default: --induction-len // (4 x --induction-span), at least 1: a "
+                        "quarter of the tokens supervised, as in the CPU check)")
     k.add_argument("--induction-batch-size", type=int, default=None, help="default --batch-size")
     k.add_argument("--induction-lr", type=float, default=1e-3)
+    k.add_argument("--copy-eval", type=int, default=64,
+                   help="held-out synthetic copy sequences (--induction-len tokens) on which every model's copy "
+                        "accuracy is measured per copy distance (results: copy_probe)")
     k.add_argument("--no-dense-needle", action="store_true", help="skip the dense reference in the needle probe")
     k.add_argument("--needle-mix", type=float, default=0.5,
                    help="fraction of the sequences of every pretraining / continued-training batch that carry a "
@@ -195,6 +202,13 @@ def parse_args(argv=None):
     if not 2 <= args.induction_span <= args.induction_len // 2:
         ap.error(f"--induction-span {args.induction_span}: need 2 <= span <= --induction-len / 2 "
                  f"({args.induction_len // 2})")
+    if args.induction_repeats is None:
+        args.induction_repeats = max(1, args.induction_len // (4 * args.induction_span))
+    if not 1 <= args.induction_repeats <= args.induction_len // (2 * args.induction_span):
+        ap.error(f"--induction-repeats {args.induction_repeats}: need 1 <= repeats <= --induction-len // "
+                 f"(2 x --induction-span) = {args.induction_len // (2 * args.induction_span)}")
+    if args.copy_eval < 1:
+        ap.error(f"--copy-eval {args.copy_eval}: must be >= 1")
     if not 0.0 <= args.needle_mix <= 1.0:
         ap.error(f"--needle-mix {args.needle_mix}: must be in [0, 1]")
     if not all(0.0 <= d <= 1.0 for d in args.depths):
@@ -469,23 +483,36 @@ def ordinary_ids(tokenizer) -> torch.Tensor:
     return torch.tensor([i for i in range(len(tokenizer)) if i not in special], dtype=torch.long)
 
 
-def induction_batch(vocab_ids: torch.Tensor, batch: int, length: int, span: int, gen: torch.Generator):
-    """Synthetic copy sequences: ``(B, length)`` random ordinary token ids in which the span at a random
-    earlier offset repeats at a random later place, and the ``(B, length)`` mask of the positions whose
-    token the repetition makes predictable (all but the first repeated token). Many supervised copies at
-    varied offsets are what made the copy circuit form in a CPU check (a 2-layer Llama: after ~750 steps
-    of 32 x 192 tokens, 48-token spans): with one short repeat per long sequence it stayed at chance for
-    3650 steps, and with the copy always at the same offset it learned a positional shortcut that does
-    not copy anything else. It copied spans at distances inside its training length only, hence the
-    default ``--induction-len`` = ``--seq-len`` (docs/quality.md)."""
+def induction_batch(vocab_ids: torch.Tensor, batch: int, length: int, span: int, gen: torch.Generator,
+                    repeats: int = 1):
+    """Synthetic copy sequences: ``(B, length)`` random ordinary token ids in which ``repeats`` spans each
+    repeat an earlier span at a random offset, the ``(B, length)`` mask of the positions whose token the
+    repetition makes predictable (all but the first token of each repeat), and the ``(B, length)`` copy
+    distance at those positions (0 elsewhere). The sequence is cut into ``repeats`` equal segments with one
+    repeat in each, its source anywhere before it, so the distances range from ``span`` to nearly ``length``.
+    Many supervised copies at varied offsets are what made the copy circuit form in a CPU check (a 2-layer
+    Llama: after ~750 steps of 32 x 192 tokens, one 48-token span each, a quarter of the tokens supervised):
+    with one short repeat per long sequence it stayed at chance for 3650 steps, and with the copy always at
+    the same offset it learned a positional shortcut that does not copy anything else. It copied spans at
+    distances inside its training length only, hence the default ``--induction-len`` = ``--seq-len``
+    (docs/quality.md)."""
+    segment = length // repeats
+    if segment < 2 * span:
+        raise ValueError(f"{repeats} repeats of {span} tokens do not fit in {length} tokens: "
+                         f"need length // repeats >= 2 * span")
     ids = vocab_ids[torch.randint(0, len(vocab_ids), (batch, length), generator=gen)]
     mask = torch.zeros(batch, length, dtype=torch.bool)
+    distance = torch.zeros(batch, length, dtype=torch.long)
     for b in range(batch):
-        q = int(torch.randint(span, length - span + 1, (1,), generator=gen))  # where the repeat starts
-        p = int(torch.randint(0, q - span + 1, (1,), generator=gen))  # any earlier, non-overlapping source
-        ids[b, q:q + span] = ids[b, p:p + span]
-        mask[b, q + 1:q + span] = True
-    return ids, mask
+        for r in range(repeats):
+            lo = max(r * segment, span)
+            hi = (r + 1) * segment - span if r < repeats - 1 else length - span
+            q = int(torch.randint(lo, hi + 1, (1,), generator=gen))  # where the repeat starts
+            p = int(torch.randint(0, q - span + 1, (1,), generator=gen))  # any earlier, non-overlapping source
+            ids[b, q:q + span] = ids[b, p:p + span]
+            mask[b, q + 1:q + span] = True
+            distance[b, q + 1:q + span] = q - p
+    return ids, mask, distance
 
 
 def copy_loss(ids: torch.Tensor, mask: torch.Tensor):
@@ -505,21 +532,49 @@ def copy_accuracy(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
     return float((logits.argmax(-1) == ids[:, 1:])[mask[:, 1:]].float().mean())
 
 
+class CopyProbe:
+    """Held-out synthetic copy sequences (``induction_batch``) scored by copy distance: can a model copy a
+    random span from near (inside its window) and from far back? Independent of text and of the needle
+    fine-tune, so it shows what the copy warm-up left in each model."""
+
+    def __init__(self, vocab_ids, count: int, length: int, span: int, repeats: int, window: int, seed: int):
+        g = torch.Generator().manual_seed(seed * 15_485_863 + 7)
+        self.ids, self.mask, self.distance = induction_batch(vocab_ids, count, length, span, g, repeats)
+        self.edges = sorted({e for e in (0, window, length // 4, length // 2, length) if e <= length})
+
+    def bins(self) -> list[tuple[int, int]]:
+        return [(a, b) for a, b in zip(self.edges[:-1], self.edges[1:]) if a < b]
+
+    @torch.no_grad()
+    def accuracy(self, model, device, batch_size: int = 8) -> dict:
+        """``{"all": acc, "a-b": acc per distance bin [a, b), ...}`` (None for an empty bin)."""
+        model.eval()
+        hits, dists = [], []
+        for i in range(0, len(self.ids), batch_size):
+            ids = self.ids[i:i + batch_size].to(device)
+            sel = self.mask[i:i + batch_size, 1:].to(device)
+            pred = model(input_ids=ids, use_cache=False).logits[:, :-1].argmax(-1)
+            hits.append((pred == ids[:, 1:])[sel].cpu())
+            dists.append(self.distance[i:i + batch_size, 1:][sel.cpu()])
+        hits, dists = torch.cat(hits).float(), torch.cat(dists)
+        out = {"all": float(hits.mean())}
+        for a, b in self.bins():
+            inside = (dists >= a) & (dists < b)
+            out[f"{a}-{b}"] = float(hits[inside].mean()) if inside.any() else None
+        return out
+
+
 def train_induction(run: Run, vocab_ids: torch.Tensor, args, device) -> dict:
-    """The synthetic copy warm-up (``--induction-steps``); returns the run summary plus the held-out copy
-    accuracy at the end."""
+    """The synthetic copy warm-up (``--induction-steps``); returns the run summary."""
     log_every = max(1, run.steps // 10)
     for i in range(run.steps):
         g = torch.Generator().manual_seed(args.seed * 15_485_863 + 11 + i)
-        ids, mask = induction_batch(vocab_ids, args.induction_batch_size, args.induction_len, args.induction_span, g)
+        ids, mask, _ = induction_batch(vocab_ids, args.induction_batch_size, args.induction_len, args.induction_span,
+                                       g, args.induction_repeats)
         loss = run.step(copy_loss(ids.to(device), mask.to(device)))
         if i % log_every == 0 or i == run.steps - 1:
             log(f"  dense induction step {i + 1}/{run.steps}: copy loss {loss:.4f} ({run.seconds:.1f} s)")
-    g = torch.Generator().manual_seed(args.seed * 15_485_863 + 7)
-    ids, mask = induction_batch(vocab_ids, 64, args.induction_len, args.induction_span, g)
-    summary = run.summary()
-    summary["copy_accuracy"] = copy_accuracy(run.model, ids.to(device), mask.to(device))
-    return summary
+    return run.summary()
 
 
 @torch.no_grad()
@@ -859,6 +914,16 @@ def markdown(results: dict) -> str:
         f"{100 * gaps['converted_vs_dense_pretrained']:+.2f} %.",
         "",
     ]
+    cp = results.get("copy_probe")
+    if cp:
+        lines.append(f"| copy accuracy, {cp['sequences']} synthetic sequences of {cp['length']} tokens, "
+                     f"{cp['repeats']} repeated {cp['span']}-token spans each | all | "
+                     + " | ".join(f"distance {b}" for b in cp["bins"]) + " |")
+        lines.append("|---|---|" + "---|" * len(cp["bins"]))
+        for name, acc in cp["accuracy"].items():
+            lines.append(f"| {name.replace('_', ' ')} | {acc['all']:.3f} | "
+                         + " | ".join("-" if acc[b] is None else f"{acc[b]:.3f}" for b in cp["bins"]) + " |")
+        lines.append("")
     nd = results["needle"]
     depths = list(nd["geometry"])
     if nd.get("probe", "kv") == "kv":
@@ -945,14 +1010,23 @@ def main(argv=None) -> dict:
     results["tokens"] = {k: getattr(args, k) * args.batch_size * args.seq_len for k in ("pretrain_steps", "continue_steps")}
     loss, training = {}, {}
 
+    copy_probe = CopyProbe(ordinary_ids(tokenizer), args.copy_eval, args.induction_len, args.induction_span,
+                           args.induction_repeats, args.window, args.seed)
+    copy_acc = {}
+
+    def record_copy(name: str, model) -> None:
+        copy_acc[name] = copy_probe.accuracy(model, device, args.batch_size)
+        log(f"copy accuracy by distance, {name.replace('_', ' ')}: "
+            + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in copy_acc[name].items()))
+
     # 0. Optional synthetic copy warm-up (forms the induction heads the retrieval probes rely on).
     if args.induction_steps:
         log(f"copy warm-up: {args.induction_steps} steps of {args.induction_batch_size} x {args.induction_len} "
-            f"synthetic tokens (span {args.induction_span})")
-        vocab_ids = ordinary_ids(tokenizer)
+            f"synthetic tokens ({args.induction_repeats} repeated spans of {args.induction_span} per sequence)")
         run = Run(dense, dtype, args.induction_lr, args.induction_steps, args)
-        training["dense_induction"] = train_induction(run, vocab_ids, args, device)
-        log(f"copy accuracy after the warm-up: {training['dense_induction']['copy_accuracy']:.3f}")
+        training["dense_induction"] = train_induction(run, ordinary_ids(tokenizer),
+                                                      args, device)
+        record_copy("dense_after_warmup", run.model)
         dense = run.master
         del run
 
@@ -962,6 +1036,7 @@ def main(argv=None) -> dict:
     training["dense_pretrain"] = train_lm(run, stream, 0, device, "dense pretrain", needles, args.needle_mix, args.seed)
     loss["dense_pretrained"] = held_out_loss(run.model, eval_blocks, args.batch_size, device)
     log(f"held-out loss, dense pretrained: {loss['dense_pretrained']['all']:.4f}")
+    record_copy("dense_pretrained", run.model)
     dense = run.master
     del run
 
@@ -969,6 +1044,7 @@ def main(argv=None) -> dict:
     nsa = convert(dense, args)
     nsa_eval = nsa if dtype == torch.float32 else copy.deepcopy(nsa).to(dtype)
     loss["nsa_converted"] = held_out_loss(nsa_eval, eval_blocks, args.batch_size, device)
+    record_copy("nsa_converted", nsa_eval)
     del nsa_eval
     log(f"held-out loss, NSA converted (untrained): {loss['nsa_converted']['all']:.4f}")
     first = args.pretrain_steps
@@ -976,12 +1052,17 @@ def main(argv=None) -> dict:
     run = Run(nsa, dtype, args.continue_lr, args.continue_steps, args)
     training["nsa_continue"] = train_lm(run, stream, first, device, "NSA continue", needles, args.needle_mix, args.seed)
     loss["nsa_continued"] = held_out_loss(run.model, eval_blocks, args.batch_size, device)
+    record_copy("nsa_continued", run.model)
+    wo_eval = window_only(run.model)
+    record_copy("window_only_continued", wo_eval)
+    del wo_eval
     nsa = run.master
     del run
     run = Run(copy.deepcopy(dense), dtype, args.continue_lr, args.continue_steps, args)
     training["dense_continue"] = train_lm(run, stream, first, device, "dense continue", needles, args.needle_mix,
                                          args.seed)
     loss["dense_continued"] = held_out_loss(run.model, eval_blocks, args.batch_size, device)
+    record_copy("dense_continued", run.model)
     dense = run.master
     del run
     for key in ("nsa_continued", "dense_continued"):
@@ -994,6 +1075,9 @@ def main(argv=None) -> dict:
     gaps["nsa_vs_dense_continued_late"] = rel("nsa_continued", "dense_continued")
     gaps["converted_vs_dense_pretrained_late"] = rel("nsa_converted", "dense_pretrained")
     results["loss"], results["gaps"] = loss, gaps
+    results["copy_probe"] = {"sequences": args.copy_eval, "length": args.induction_len, "span": args.induction_span,
+                             "repeats": args.induction_repeats, "bins": [f"{a}-{b}" for a, b in copy_probe.bins()],
+                             "accuracy": copy_acc}
     log(f"NSA vs dense continued: {100 * gaps['nsa_vs_dense_continued']:+.2f} %; converted untrained vs dense "
         f"pretrained: {100 * gaps['converted_vs_dense_pretrained']:+.2f} %")
     results["training"] = training

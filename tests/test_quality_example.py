@@ -327,7 +327,14 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert "error" not in saved["window_only_check"], saved["window_only_check"]
     assert "--probe span" in saved["reproduce"] and "--span-len 12" in saved["reproduce"]
     warmup = saved["training"]["dense_induction"]
-    assert warmup["steps"] == 3 and 0.0 <= warmup["copy_accuracy"] <= 1.0
+    assert warmup["steps"] == 3
+    probe = saved["copy_probe"]
+    assert probe["repeats"] == 1 and probe["bins"] == ["0-16", "16-32", "32-64"]
+    assert set(probe["accuracy"]) == {"dense_after_warmup", "dense_pretrained", "nsa_converted", "nsa_continued",
+                                      "window_only_continued", "dense_continued"}
+    for acc in probe["accuracy"].values():
+        assert 0.0 <= acc["all"] <= 1.0 and set(acc) == {"all", *probe["bins"]}
+    assert "| copy accuracy" in (out / "results.md").read_text()
     assert "--induction-steps 3" in saved["reproduce"]
 
 
@@ -336,8 +343,9 @@ def test_induction_batches_repeat_a_span_at_varied_offsets():
 
     vocab = torch.arange(5, 300)
     g = torch.Generator().manual_seed(0)
-    ids, mask = quality.induction_batch(vocab, 64, 96, 16, g)
-    assert ids.shape == mask.shape == (64, 96) and bool(((ids >= 5) & (ids < 300)).all())
+    ids, mask, distance = quality.induction_batch(vocab, 64, 96, 16, g)
+    assert ids.shape == mask.shape == distance.shape == (64, 96) and bool(((ids >= 5) & (ids < 300)).all())
+    assert bool((distance[mask] >= 16).all()) and bool((distance[~mask] == 0).all())
     offsets = set()
     for row, m in zip(ids, mask):
         pos = torch.nonzero(m).flatten().tolist()
@@ -358,6 +366,43 @@ def test_induction_batches_repeat_a_span_at_varied_offsets():
     assert quality.copy_accuracy(Oracle(), ids, mask) == 1.0
     with pytest.raises(SystemExit):
         quality.parse_args(["--tiny", "--induction-span", "60", "--induction-len", "64"])
+
+
+def test_induction_batches_with_several_repeats_and_the_copy_probe():
+    import quality
+
+    vocab = torch.arange(5, 300)
+    g = torch.Generator().manual_seed(1)
+    ids, mask, distance = quality.induction_batch(vocab, 32, 256, 16, g, repeats=4)
+    assert bool((mask.sum(1) == 4 * 15).all())  # 4 repeats, non-overlapping, one per 64-token segment
+    for row, m, dist in zip(ids, mask, distance):
+        for pos in torch.nonzero(m).flatten().tolist():
+            assert row[pos] == row[pos - dist[pos]]  # every supervised token repeats the one `distance` back
+        starts = [p - 1 for p in torch.nonzero(m).flatten().tolist() if not m[p - 1]]
+        assert [s // 64 for s in starts] == [0, 1, 2, 3]
+    assert int(distance.max()) > 128 and int(distance[mask].min()) >= 16  # far copies as well as near ones
+    with pytest.raises(ValueError, match="5 repeats of 16 tokens"):
+        quality.induction_batch(vocab, 1, 128, 16, g, repeats=5)
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--tiny", "--induction-len", "64", "--induction-span", "16", "--induction-repeats", "3"])
+    assert quality.parse_args(["--tiny", "--induction-len", "256", "--induction-span", "16"]).induction_repeats == 4
+
+    probe = quality.CopyProbe(vocab, 8, 256, 16, 4, window=32, seed=0)
+    assert probe.bins() == [(0, 32), (32, 64), (64, 128), (128, 256)]
+
+    class Oracle(torch.nn.Module):  # right exactly where the copy distance is below 64
+        def forward(self, input_ids, use_cache=False):
+            logits = torch.zeros(*input_ids.shape, 300)
+            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 1.0)
+            near = (probe.distance[:len(input_ids)] < 64)[:, 1:]
+            wrong = torch.zeros(300)
+            wrong[0] = 2.0  # id 0 is never drawn
+            logits[:, :-1][~near] = wrong
+            return type("Out", (), {"logits": logits})()
+
+    acc = quality.CopyProbe.accuracy(probe, Oracle(), "cpu", batch_size=8)
+    assert acc["0-32"] == acc["32-64"] == 1.0
+    assert acc["64-128"] == acc["128-256"] == 0.0 and 0.0 < acc["all"] < 1.0
 
 
 def test_copy_check_script_runs_and_builds_copies():
