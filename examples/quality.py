@@ -164,7 +164,16 @@ def parse_args(argv=None):
                         "anywhere before it (default: --induction-len // (4 x --induction-span), at least 1: a "
                         "quarter of the tokens supervised, as in the CPU check)")
     k.add_argument("--induction-batch-size", type=int, default=None, help="default --batch-size")
+    k.add_argument("--induction-curriculum", default=None, metavar="VOCAB:LEN:STEPS,...",
+                   help="instead of --induction-steps: warm-up stages in order, each STEPS steps of LEN-token "
+                        "synthetic copy sequences drawn from VOCAB token ids (0 = all ordinary ids; otherwise the first "
+                        "VOCAB of a fixed random order), LEN // (4 x --induction-span) repeats each (at least 1) and "
+                        "--induction-batch-size x --induction-len tokens per step; one warm-up + cosine LR schedule "
+                        "over all stages. E.g. 128:256:800,0:2048:600: the copy circuit forms quickly on a small "
+                        "vocabulary and short sequences, then transfers")
     k.add_argument("--induction-lr", type=float, default=1e-3)
+    k.add_argument("--warmup-only", action="store_true",
+                   help="stop after the copy warm-up and its copy probe (results.json has training and copy_probe)")
     k.add_argument("--copy-eval", type=int, default=64,
                    help="held-out synthetic copy sequences (--induction-len tokens) on which every model's copy "
                         "accuracy is measured per copy distance (results: copy_probe)")
@@ -207,6 +216,9 @@ def parse_args(argv=None):
     if not 1 <= args.induction_repeats <= args.induction_len // (2 * args.induction_span):
         ap.error(f"--induction-repeats {args.induction_repeats}: need 1 <= repeats <= --induction-len // "
                  f"(2 x --induction-span) = {args.induction_len // (2 * args.induction_span)}")
+    args.induction_stages = induction_stages(ap, args)
+    if args.warmup_only and not args.induction_stages:
+        ap.error("--warmup-only needs a warm-up: --induction-steps N or --induction-curriculum")
     if args.copy_eval < 1:
         ap.error(f"--copy-eval {args.copy_eval}: must be >= 1")
     if not 0.0 <= args.needle_mix <= 1.0:
@@ -216,6 +228,30 @@ def parse_args(argv=None):
     if args.seq_len < 4 * args.window:
         ap.error(f"--seq-len {args.seq_len} must be >= 4 x --window {args.window} (the probe's context)")
     return args
+
+
+def induction_stages(ap, args) -> list[dict]:
+    """The copy warm-up's stages from ``--induction-curriculum`` or ``--induction-steps``."""
+    if args.induction_curriculum is None:
+        if not args.induction_steps:
+            return []
+        return [{"vocab": 0, "length": args.induction_len, "steps": args.induction_steps,
+                 "batch": args.induction_batch_size, "repeats": args.induction_repeats}]
+    if args.induction_steps:
+        ap.error("give either --induction-steps or --induction-curriculum, not both")
+    stages = []
+    for item in args.induction_curriculum.split(","):
+        try:
+            vocab, length, steps = (int(x) for x in item.split(":"))
+        except ValueError:
+            ap.error(f"--induction-curriculum stage {item!r}: expected VOCAB:LEN:STEPS, three integers")
+        if vocab < 0 or steps < 1 or length < 2 * args.induction_span:
+            ap.error(f"--induction-curriculum stage {item!r}: need VOCAB >= 0, STEPS >= 1 and LEN >= 2 x "
+                     f"--induction-span ({2 * args.induction_span})")
+        stages.append({"vocab": vocab, "length": length, "steps": steps,
+                       "batch": max(1, args.induction_batch_size * args.induction_len // length),
+                       "repeats": max(1, length // (4 * args.induction_span))})
+    return stages
 
 
 def log(msg: str) -> None:
@@ -564,16 +600,25 @@ class CopyProbe:
         return out
 
 
-def train_induction(run: Run, vocab_ids: torch.Tensor, args, device) -> dict:
-    """The synthetic copy warm-up (``--induction-steps``); returns the run summary."""
+def train_induction(run: Run, vocab_ids: torch.Tensor, args, device, after_stage=None) -> dict:
+    """The synthetic copy warm-up (``args.induction_stages``, one LR schedule over all of them); calls
+    ``after_stage(i, model)`` after each stage; returns the run summary."""
+    order = vocab_ids[torch.randperm(len(vocab_ids), generator=torch.Generator().manual_seed(args.seed + 2))]
     log_every = max(1, run.steps // 10)
-    for i in range(run.steps):
-        g = torch.Generator().manual_seed(args.seed * 15_485_863 + 11 + i)
-        ids, mask, _ = induction_batch(vocab_ids, args.induction_batch_size, args.induction_len, args.induction_span,
-                                       g, args.induction_repeats)
-        loss = run.step(copy_loss(ids.to(device), mask.to(device)))
-        if i % log_every == 0 or i == run.steps - 1:
-            log(f"  dense induction step {i + 1}/{run.steps}: copy loss {loss:.4f} ({run.seconds:.1f} s)")
+    i = 0
+    for n, stage in enumerate(args.induction_stages):
+        stage_ids = order[:stage["vocab"]] if stage["vocab"] else vocab_ids
+        for _ in range(stage["steps"]):
+            g = torch.Generator().manual_seed(args.seed * 15_485_863 + 11 + i)
+            ids, mask, _ = induction_batch(stage_ids, stage["batch"], stage["length"], args.induction_span, g,
+                                           stage["repeats"])
+            loss = run.step(copy_loss(ids.to(device), mask.to(device)))
+            if i % log_every == 0 or i == run.steps - 1:
+                log(f"  dense induction step {i + 1}/{run.steps} (stage {n + 1}: vocabulary {len(stage_ids)}, "
+                    f"{stage['batch']} x {stage['length']} tokens): copy loss {loss:.4f} ({run.seconds:.1f} s)")
+            i += 1
+        if after_stage is not None:
+            after_stage(n, run.model)
     return run.summary()
 
 
@@ -883,7 +928,8 @@ def plan_steps(args, dense, stream, needles, train_blocks, device, dtype, elapse
 
 def reproduce_command(args) -> str:
     parts = ["python", "examples/quality.py"]
-    skip = {"budget", "tiny", "depths", "extra_code", "fp32", "no_dense_needle", "device"}
+    skip = {"budget", "tiny", "depths", "extra_code", "fp32", "no_dense_needle", "device", "warmup_only",
+            "induction_stages"}
     for key, value in vars(args).items():
         if key in skip or value is None:
             continue
@@ -891,7 +937,8 @@ def reproduce_command(args) -> str:
     parts += ["--depths", ",".join(f"{d:g}" for d in args.depths)]
     if args.extra_code:
         parts += ["--extra-code", *args.extra_code]
-    parts += [flag for flag, on in (("--fp32", args.fp32), ("--no-dense-needle", args.no_dense_needle)) if on]
+    parts += [flag for flag, on in (("--fp32", args.fp32), ("--no-dense-needle", args.no_dense_needle),
+                                    ("--warmup-only", args.warmup_only)) if on]
     if args.device:
         parts += ["--device", args.device]
     return " ".join(shlex.quote(p) for p in parts)
@@ -1019,16 +1066,29 @@ def main(argv=None) -> dict:
         log(f"copy accuracy by distance, {name.replace('_', ' ')}: "
             + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in copy_acc[name].items()))
 
+    def copy_probe_results() -> dict:
+        return {"sequences": args.copy_eval, "length": args.induction_len, "span": args.induction_span,
+                "repeats": args.induction_repeats, "bins": [f"{a}-{b}" for a, b in copy_probe.bins()],
+                "accuracy": copy_acc}
+
     # 0. Optional synthetic copy warm-up (forms the induction heads the retrieval probes rely on).
-    if args.induction_steps:
-        log(f"copy warm-up: {args.induction_steps} steps of {args.induction_batch_size} x {args.induction_len} "
-            f"synthetic tokens ({args.induction_repeats} repeated spans of {args.induction_span} per sequence)")
-        run = Run(dense, dtype, args.induction_lr, args.induction_steps, args)
-        training["dense_induction"] = train_induction(run, ordinary_ids(tokenizer),
-                                                      args, device)
-        record_copy("dense_after_warmup", run.model)
+    if args.induction_stages:
+        steps = sum(st["steps"] for st in args.induction_stages)
+        log(f"copy warm-up: {steps} steps, stages {args.induction_stages} (spans of {args.induction_span} tokens)")
+        run = Run(dense, dtype, args.induction_lr, steps, args)
+        last = len(args.induction_stages) - 1
+        training["dense_induction"] = train_induction(
+            run, ordinary_ids(tokenizer), args, device,
+            after_stage=lambda n, model: record_copy("dense_after_warmup" if n == last else f"dense_after_stage_{n + 1}",
+                                                     model))
+        training["dense_induction"]["stages"] = args.induction_stages
         dense = run.master
         del run
+        if args.warmup_only:
+            results.update(training=training, copy_probe=copy_probe_results(), seconds=time.perf_counter() - t0)
+            (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+            log(f"--warmup-only: done in {results['seconds']:.0f} s; results in {out / 'results.json'}")
+            return results
 
     # 1. Pretrain dense.
     log(f"pretraining dense for {args.pretrain_steps} steps of {args.batch_size} x {args.seq_len} tokens")
@@ -1075,9 +1135,7 @@ def main(argv=None) -> dict:
     gaps["nsa_vs_dense_continued_late"] = rel("nsa_continued", "dense_continued")
     gaps["converted_vs_dense_pretrained_late"] = rel("nsa_converted", "dense_pretrained")
     results["loss"], results["gaps"] = loss, gaps
-    results["copy_probe"] = {"sequences": args.copy_eval, "length": args.induction_len, "span": args.induction_span,
-                             "repeats": args.induction_repeats, "bins": [f"{a}-{b}" for a, b in copy_probe.bins()],
-                             "accuracy": copy_acc}
+    results["copy_probe"] = copy_probe_results()
     log(f"NSA vs dense continued: {100 * gaps['nsa_vs_dense_continued']:+.2f} %; converted untrained vs dense "
         f"pretrained: {100 * gaps['converted_vs_dense_pretrained']:+.2f} %")
     results["training"] = training
