@@ -15,7 +15,9 @@ turns them into NSA's packed ("varlen") layout, one sequence per
   ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), or, without a padding mask and with no
   cached past, ``position_ids`` that restart (any batch size);
 
-and makes a single call of :func:`_nsa_varlen` (the Triton training kernels on CUDA, the reference on CPU).
+and makes a single call of :func:`_nsa_varlen` (the Triton training kernels on CUDA, the reference on CPU;
+:data:`VARLEN_BACKEND`, environment variable ``NSA_BACKEND``, forces either, e.g. the reference on CUDA to
+check a training run against the specification).
 
 **Decoding steps** take a faster path instead: the Triton decode kernels
 (:func:`nsa_kernels.decode.nsa_decode`) read HF's ``(B, Hkv, S, D)`` cache and the cache layer's
@@ -500,14 +502,26 @@ def _nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len
 # -- the backend --------------------------------------------------------------------------------------
 
 
+VARLEN_BACKEND = os.environ.get("NSA_BACKEND", "auto")
+"""Implementation of every non-decoding NSA call (training, prefill): ``"auto"`` (default: the Triton
+kernels on CUDA, the PyTorch reference on CPU), ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``) or
+``"reference"`` (the specification, also on CUDA: slow, O(T^2) memory per sequence, for checking a run).
+Read at each call; set it here or with the environment variable ``NSA_BACKEND`` (read at import)."""
+
+_VARLEN_CHOICES = ("auto", "triton", "reference")
+
+
 def _nsa_varlen(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale,
                 max_seqlen_q, max_seqlen_k):
     """The one place where NSA attention itself is computed (packed layout, see
     :func:`nsa_kernels.nsa_attention_varlen`). The offsets are built here from host-side lengths, so
     the maximum lengths are passed along and the Triton path needs no device-to-host copy."""
+    if VARLEN_BACKEND not in _VARLEN_CHOICES:
+        raise ValueError(f"NSA_BACKEND / nsa_hf.attention.VARLEN_BACKEND={VARLEN_BACKEND!r}: allowed values are "
+                         f"{_VARLEN_CHOICES}")
     return nsa_attention_varlen(
         q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params, scale,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        backend=VARLEN_BACKEND, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )
 
 

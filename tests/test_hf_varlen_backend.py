@@ -1,0 +1,54 @@
+"""NSA_BACKEND / nsa_hf.attention.VARLEN_BACKEND: forcing the implementation of the (non-decoding) NSA
+calls of a model, e.g. the reference on CUDA to check a training run, or the Triton kernels (interpreter)
+on CPU."""
+import os
+
+import pytest
+import torch
+
+import nsa_hf.attention as nsa_attention
+import nsa_kernels.nsa as nsa_dispatch
+
+from test_hf_generate import tiny_model
+
+cpu_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                                     reason="needs TRITON_INTERPRET=1 on a CPU-only machine")
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@cpu_interpreter
+def test_forced_triton_backend_runs_the_kernels_and_matches_the_reference(monkeypatch):
+    calls = []
+    original = nsa_dispatch.nsa_attention_triton
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(nsa_dispatch, "nsa_attention_triton", counted)
+    model = tiny_model(heads=6, kv_heads=2, layers=2).train()
+    ids = torch.randint(3, 100, (2, 53))  # odd length: partial compression and selection blocks
+
+    monkeypatch.setattr(nsa_attention, "VARLEN_BACKEND", "reference")
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    assert calls == []
+    monkeypatch.setattr(nsa_attention, "VARLEN_BACKEND", "triton")
+    loss, grads = _loss_and_grads(model, ids)
+    assert len(calls) == 2  # one call per layer
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and any(".nsa_" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bad_backend_value_names_the_variable_and_the_choices(monkeypatch):
+    model = tiny_model(layers=1)
+    monkeypatch.setattr(nsa_attention, "VARLEN_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"NSA_BACKEND.*'cuda'.*\('auto', 'triton', 'reference'\)"):
+        model(torch.randint(3, 100, (1, 20)), use_cache=False)
