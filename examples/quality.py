@@ -177,6 +177,13 @@ def parse_args(argv=None):
     k.add_argument("--copy-eval", type=int, default=64,
                    help="held-out synthetic copy sequences (--induction-len tokens) on which every model's copy "
                         "accuracy is measured per copy distance (results: copy_probe)")
+    k.add_argument("--needle-loss", choices=("answer", "lm"), default="answer",
+                   help="needle fine-tune loss: on the answer tokens only, or next-token loss on every token of the "
+                        "planted sequences (answers included)")
+    k.add_argument("--nsa-reference-needle", action="store_true",
+                   help="add a variant: the same NSA model fine-tuned and evaluated with the PyTorch reference "
+                        "instead of the Triton kernels (nsa_hf.attention.VARLEN_BACKEND), to tell kernel effects "
+                        "from training dynamics (slow: O(T^2) memory per sequence)")
     k.add_argument("--no-dense-needle", action="store_true", help="skip the dense reference in the needle probe")
     k.add_argument("--needle-mix", type=float, default=0.5,
                    help="fraction of the sequences of every pretraining / continued-training batch that carry a "
@@ -873,12 +880,16 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
 
 
 def finetune_needles(run: Run, needles: Needles, train_blocks, args, device, name: str) -> dict:
+    """``--needle-steps`` steps on freshly planted sequences: loss on the answer tokens only
+    (``--needle-loss answer``) or next-token loss on every token of them (``lm``, the answers included)."""
     log_every = max(1, run.steps // 5)
     for i in range(run.steps):
         ids, answers = needle_train_batch(needles, train_blocks, i, args.needle_batch_size, args.seed)
-        loss = run.step(needle_loss(needles, ids.to(device), answers.to(device)))
+        ids = ids.to(device)
+        fn = lm_loss(ids) if args.needle_loss == "lm" else needle_loss(needles, ids, answers.to(device))
+        loss = run.step(fn)
         if i % log_every == 0 or i == run.steps - 1:
-            log(f"  {name} needle step {i + 1}/{run.steps}: answer loss {loss:.4f}")
+            log(f"  {name} needle step {i + 1}/{run.steps}: {args.needle_loss} loss {loss:.4f}")
     return run.summary()
 
 
@@ -929,7 +940,7 @@ def plan_steps(args, dense, stream, needles, train_blocks, device, dtype, elapse
 def reproduce_command(args) -> str:
     parts = ["python", "examples/quality.py"]
     skip = {"budget", "tiny", "depths", "extra_code", "fp32", "no_dense_needle", "device", "warmup_only",
-            "induction_stages"}
+            "induction_stages", "nsa_reference_needle"}
     for key, value in vars(args).items():
         if key in skip or value is None:
             continue
@@ -938,7 +949,8 @@ def reproduce_command(args) -> str:
     if args.extra_code:
         parts += ["--extra-code", *args.extra_code]
     parts += [flag for flag, on in (("--fp32", args.fp32), ("--no-dense-needle", args.no_dense_needle),
-                                    ("--warmup-only", args.warmup_only)) if on]
+                                    ("--warmup-only", args.warmup_only),
+                                    ("--nsa-reference-needle", args.nsa_reference_needle)) if on]
     if args.device:
         parts += ["--device", args.device]
     return " ".join(shlex.quote(p) for p in parts)
@@ -983,7 +995,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {title} | " + " | ".join(
             f"depth {d} (distance {nd['geometry'][d]['distance']})" for d in depths) + " |")
         lines.append("|---|" + "---|" * len(depths))
-        for variant, label in (("nsa", "NSA"), ("window_only", "window-only"), ("dense", "dense")):
+        for variant, label in (("nsa", "NSA"), ("nsa_reference", "NSA, reference backend"), ("window_only", "window-only"),
+                               ("dense", "dense")):
             if variant not in nd["results"]:
                 continue
             for when in ("before", "after"):
@@ -1143,6 +1156,8 @@ def main(argv=None) -> dict:
 
     # 3. Needle in a haystack.
     variants = {"nsa": nsa, "window_only": window_only(nsa)}
+    if args.nsa_reference_needle:
+        variants["nsa_reference"] = copy.deepcopy(nsa)
     if not args.no_dense_needle:
         variants["dense"] = dense
     check_ids, _ = needles.batch(eval_blocks[:2], [args.depths[0]] * min(2, len(eval_blocks)),
@@ -1156,7 +1171,11 @@ def main(argv=None) -> dict:
     log(f"window-only check: {results['window_only_check']}")
     needle_results = {}
     needle_errors = {}
+    import nsa_hf.attention as nsa_attention
+
+    default_backend = nsa_attention.VARLEN_BACKEND
     for name, master in variants.items():
+        nsa_attention.VARLEN_BACKEND = "reference" if name == "nsa_reference" else default_backend
         try:
             run = Run(master, dtype, args.needle_lr, args.needle_steps, args)
             before = needle_accuracy(run.model, needles, eval_blocks, args.depths, args.needle_eval,
@@ -1175,6 +1194,7 @@ def main(argv=None) -> dict:
             needle_errors[name] = repr(err)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    nsa_attention.VARLEN_BACKEND = default_backend
     results["needle"] = {"probe": args.probe, "geometry": geometry, "per_depth": args.needle_eval,
                          "context": args.seq_len, "window": args.window,
                          "stacked_window_reach": args.layers * (args.window - 1),

@@ -27,7 +27,8 @@ def tiny_span_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("quality_span")
     results = quality.main(["--tiny", "--probe", "span", "--out", str(out), "--induction-steps", "3",
-                            "--induction-len", "64", "--induction-span", "16", "--induction-batch-size", "4"])
+                            "--induction-len", "64", "--induction-span", "16", "--induction-batch-size", "4",
+                            "--nsa-reference-needle", "--needle-loss", "lm"])
     return out, results
 
 
@@ -313,7 +314,17 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert needle["probe"] == "span" and saved["args"]["probe"] == "span"
     assert needle["span_len"] == 12 and needle["span_prefix"] == 4 and needle["answer_tokens"] == 8
     assert needle["distractors"] == 2 and 0 < needle["chance_per_token"] < 0.01
-    assert set(needle["results"]) == {"nsa", "window_only", "dense"}
+    assert set(needle["results"]) == {"nsa", "nsa_reference", "window_only", "dense"}
+    # On CPU "auto" is the reference too: the reference-backend variant repeats the NSA fine-tune exactly,
+    # and the backend is restored afterwards.
+    import nsa_hf.attention as nsa_attention
+
+    assert nsa_attention.VARLEN_BACKEND == "auto"
+    ft = {v: needle["results"][v]["finetune"] for v in ("nsa", "nsa_reference")}
+    assert ft["nsa"]["first_losses"] == ft["nsa_reference"]["first_losses"]
+    assert ft["nsa"]["last_losses"] == ft["nsa_reference"]["last_losses"]
+    assert "NSA, reference backend, after fine-tune" in table
+    assert "--nsa-reference-needle" in saved["reproduce"] and "--needle-loss lm" in saved["reproduce"]
     for variant in needle["results"].values():
         for when in ("before", "after"):
             assert set(variant[when]) == set(needle["geometry"])
@@ -403,6 +414,25 @@ def test_induction_batches_with_several_repeats_and_the_copy_probe():
     acc = quality.CopyProbe.accuracy(probe, Oracle(), "cpu", batch_size=8)
     assert acc["0-32"] == acc["32-64"] == 1.0
     assert acc["64-128"] == acc["128-256"] == 0.0 and 0.0 < acc["all"] < 1.0
+
+
+def test_warmup_only_curriculum_stops_after_the_copy_probe(tmp_path):
+    import quality
+
+    results = quality.main(["--tiny", "--out", str(tmp_path), "--induction-span", "16",
+                            "--induction-curriculum", "16:64:3,0:128:2", "--warmup-only"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert "loss" not in saved and "needle" not in saved and results["copy_probe"] == saved["copy_probe"]
+    warmup = saved["training"]["dense_induction"]
+    assert warmup["steps"] == 5
+    assert [(st["vocab"], st["length"], st["steps"], st["batch"], st["repeats"]) for st in warmup["stages"]] == \
+        [(16, 64, 3, 4, 1), (0, 128, 2, 2, 2)]  # tokens per step constant: 2 x 128 (tiny batch x seq-len)
+    assert set(saved["copy_probe"]["accuracy"]) == {"dense_after_stage_1", "dense_after_warmup"}
+    assert "--induction-curriculum 16:64:3,0:128:2" in saved["reproduce"] and "--warmup-only" in saved["reproduce"]
+    for bad in (["--induction-curriculum", "16:64"], ["--induction-curriculum", "16:20:3"],
+                ["--induction-curriculum", "16:64:3", "--induction-steps", "2"], ["--warmup-only"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(["--tiny", "--induction-span", "16", *bad])
 
 
 def test_copy_check_script_runs_and_builds_copies():
