@@ -1,4 +1,6 @@
 """The whole NSA layer on the Triton kernels (all branches + gates) against the reference."""
+import copy
+
 import pytest
 import torch
 
@@ -110,3 +112,39 @@ def test_triton_layer_max_seqlen_gpu():
         assert torch.equal(out, results[0][0])
         for a, b in zip(grads, results[0][1]):  # the slc dk/dv use fp32 atomics: equal up to rounding
             assert ((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+
+
+def test_triton_layer_gradients_with_sharp_logits_and_a_sparse_loss_interpreter():
+    """The regime of a retrieval fine-tune: a trained model's sharper attention (q, k x 3) and a loss on a
+    few answer positions only (upstream gradient zero elsewhere), at the quality experiment's block sizes
+    (compression 32/16, selection blocks of 64) with one block chosen by score, 8 query / 2 KV heads of 64;
+    the compressors' parameter gradients are compared as well."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test; the gpu tests cover CUDA")
+    params = NSAParams(cmp_block=32, cmp_stride=16, slc_block=64, slc_count=4, init_blocks=1, local_blocks=2,
+                       window=64)
+    lens = [300, 203]
+    q, k, v, gates, cu, ck_mod, cv_mod = _case(lens, 8, 2, 64, 64, params, "cpu", torch.float32)
+    q, k = q * 3, k * 3
+    with torch.no_grad():  # compressors that are not at their (mean-pooling) initialisation
+        for p in [*ck_mod.parameters(), *cv_mod.parameters()]:
+            p.add_(torch.randn_like(p) * 0.05)
+    ref_mods = [copy.deepcopy(m).double() for m in (ck_mod, cv_mod)]
+    out, leaves = _run("triton", q, k, v, gates, cu, ck_mod, cv_mod, params)
+    ref, ref_leaves = _run("reference", q.double(), k.double(), v.double(), gates.double(), cu, *ref_mods, params)
+    grad = torch.zeros_like(ref)
+    ends = cu[1:].tolist()
+    for end in ends:  # the last 12 positions of each sequence
+        grad[end - 12:end] = torch.randn(12, *ref.shape[1:], dtype=ref.dtype)
+    out.backward(grad.float())
+    ref.backward(grad)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+    for name, a, b in zip("q k v gates".split(), leaves, ref_leaves):
+        assert b.grad.norm() > 0
+        assert (a.grad.double() - b.grad).norm() / b.grad.norm() < 1e-5, name
+    for which, mod, ref_mod in (("keys", ck_mod, ref_mods[0]), ("values", cv_mod, ref_mods[1])):
+        # one vector per compressor: the key compressor's output bias has an exactly-zero gradient in exact
+        # arithmetic (softmax is shift-invariant), so only rounding noise to compare element by element
+        got = torch.cat([p.grad.double().flatten() for p in mod.parameters()])
+        want = torch.cat([p.grad.flatten() for p in ref_mod.parameters()])
+        assert want.norm() > 0 and (got - want).norm() / want.norm() < 1e-5, which

@@ -447,3 +447,19 @@ def test_copy_check_script_runs_and_builds_copies():
     out = copy_check.main(["--task", "varied", "--steps", "2", "--batch", "2", "--log-every", "1"])
     assert len(out["history"]) == 2 and set(out["transfer"]) == {100, 400, 800}
     assert all(0.0 <= v <= 1.0 for v in out["transfer"].values())
+
+
+def test_nsa_finetune_check_script_runs(tmp_path):
+    import nsa_finetune_check
+
+    res = nsa_finetune_check.main(["--out", str(tmp_path), "--warmup-steps", "2", "--finetune-steps", "2",
+                                   "--batch", "2", "--threads", "1"])
+    assert set(res["finetune"]) == {"nsa", "dense"} and (tmp_path / "dense_warmup.pt").exists()
+    for variant in res["finetune"].values():
+        assert 0.0 <= variant["before"]["all"] <= 1.0 and 0.0 <= variant["after"]["all"] <= 1.0
+    ids, far = nsa_finetune_check.far_copy_batch(torch.arange(1, 129), 4, 16, step=0)
+    assert bool((far.sum(1) == 16).all())  # the last 16 far copies of each row
+    ids, far_all = nsa_finetune_check.far_copy_batch(torch.arange(1, 129), 4, 0, step=0)
+    assert bool((far_all.sum(1) >= 16).all()) and bool((far <= far_all).all())
+    with pytest.raises(SystemExit):
+        nsa_finetune_check.parse_args(["--answers-per-row", "-1"])
