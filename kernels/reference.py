@@ -170,11 +170,15 @@ def nsa_attention_varlen(
     cu_seqlens_cmp: torch.Tensor,
     params: NSAParams,
     scale: float | None = None,
+    backend: str = "reference",
     *,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     """NSA over packed sequences (see the module docstring). Returns ``(Nq, Hq, Dv)`` in ``q.dtype``.
+    Same signature as the dispatching :func:`nsa_kernels.nsa_attention_varlen`, so that this function
+    can stand in for it (Hub remote code bundles only the reference): ``backend`` must be ``"reference"``
+    or ``"auto"``; ``max_seqlen_q`` / ``max_seqlen_k`` are ignored.
 
     Args:
         q: ``(Nq, Hq, D)``; k: ``(Nk, Hkv, D)``; v: ``(Nk, Hkv, Dv)``.
@@ -186,6 +190,9 @@ def nsa_attention_varlen(
         max_seqlen_q, max_seqlen_k: accepted for the Triton path's signature (there they spare a host
             copy of the offsets); unused here.
     """
+    if backend not in ("reference", "auto"):
+        raise ValueError(f"backend={backend!r}: this is the PyTorch reference (allowed: 'reference', 'auto'); the "
+                         "Triton kernels need nsa_kernels.nsa_attention_varlen with triton installed")
     check_nsa_inputs(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])

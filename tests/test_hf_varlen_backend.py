@@ -52,3 +52,21 @@ def test_bad_backend_value_names_the_variable_and_the_choices(monkeypatch):
     monkeypatch.setattr(nsa_attention, "VARLEN_BACKEND", "cuda")
     with pytest.raises(ValueError, match=r"NSA_BACKEND.*'cuda'.*\('auto', 'triton', 'reference'\)"):
         model(torch.randint(3, 100, (1, 20)), use_cache=False)
+
+
+def test_reference_stands_in_for_the_dispatcher_and_refuses_triton():
+    """Hub remote code bundles only the reference under the dispatcher's name: same keywords accepted."""
+    from nsa_kernels import NSAParams, reference
+
+    params = NSAParams(cmp_block=8, cmp_stride=4, slc_block=16, slc_count=2, init_blocks=1, local_blocks=1, window=8)
+    n = 20
+    q, k, v = torch.randn(n, 2, 8), torch.randn(n, 1, 8), torch.randn(n, 1, 8)
+    cmp_k, cmp_v = torch.randn(4, 1, 8), torch.randn(4, 1, 8)  # blocks at 0, 4, 8, 12 of 20 tokens
+    gates = torch.rand(n, 2, 3)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    cu_c = torch.tensor([0, 4], dtype=torch.int32)
+    args = (q, k, v, cmp_k, cmp_v, gates, cu, cu, cu_c, params)
+    out = reference.nsa_attention_varlen(*args, backend="auto", max_seqlen_q=n, max_seqlen_k=n)
+    torch.testing.assert_close(out, reference.nsa_attention_varlen(*args))
+    with pytest.raises(ValueError, match=r"backend='triton'.*allowed: 'reference', 'auto'"):
+        reference.nsa_attention_varlen(*args, backend="triton")
