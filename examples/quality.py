@@ -4,10 +4,13 @@ and can it retrieve what its sliding window cannot see?
 Real text that ships with Python (the standard library's sources; held-out files for evaluation), a
 byte-level BPE tokenizer trained on it (``examples/data.py``), then:
 
-0. Optionally (``--induction-steps``), a **copy warm-up** of the dense model on synthetic sequences
-   (random tokens in which a span repeats at a random earlier offset, loss on the repeated tokens):
-   without it, the small models trained here never learn to copy, and every probe stays at chance
-   for dense and NSA alike (docs/quality.md).
+0. Optionally (``--induction-curriculum`` or ``--induction-steps``), a **copy warm-up** of the dense
+   model on synthetic sequences (random tokens in which spans repeat at random earlier offsets, loss on
+   the repeated tokens): without it, the small models trained here never learn to copy, and every probe
+   stays at chance for dense and NSA alike. At 2048 tokens the copy circuit does not form from scratch;
+   ``--induction-curriculum 0:256:1000,0:2048:500`` (short sequences first) forms it (docs/quality.md,
+   run 4). A held-out **copy probe** (synthetic copy sequences, accuracy by copy distance) is scored for
+   every model after every stage (``copy_probe`` in the results).
 1. **Pretrain** a small dense ``LlamaForCausalLM`` (26.2M parameters by default) for
    ``--pretrain-steps`` steps.
 2. **Continue** it two ways on the *same* batches (same order) for ``--continue-steps`` steps:
@@ -36,8 +39,9 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
      digits are scored.
 
    Each model is fine-tuned for ``--needle-steps`` steps on freshly planted sequences of training text
-   at uniform depths (loss on the answer tokens only: every answer digit of every question for ``kv``),
-   then evaluated on ``--needle-eval`` held-out sequences per depth:
+   at uniform depths (loss on the answer tokens only: every answer digit of every question for ``kv``;
+   ``--needle-loss lm``: next-token loss on every token of those sequences instead), then evaluated on
+   ``--needle-eval`` held-out sequences per depth:
 
    * the NSA model (continued from step 2),
    * a *window-only* variant: the same NSA model with its gate modules replaced by constant logits
@@ -45,7 +49,9 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
      selected branches contribute exactly nothing (their outputs are multiplied by 0.0, their weights
      get zero gradients) and the layer computes sliding-window attention only; the script checks
      this against an independent banded-mask SDPA implementation (``window_only_check``);
-   * the dense model (continued from step 2), as a reference (``--no-dense-needle`` skips it).
+   * the dense model (continued from step 2), as a reference (``--no-dense-needle`` skips it);
+   * with ``--nsa-reference-needle``, the NSA model once more, fine-tuned and evaluated through the
+     PyTorch reference instead of the Triton kernels (``nsa_hf.attention.VARLEN_BACKEND``).
 
    ``--needle-mix`` (default 0.5) plants the probe (``span``: passages + the repeated target;
    ``kv``: lines + questions) in that fraction of the sequences of every pretraining and
