@@ -225,7 +225,7 @@ def parse_args(argv=None):
         ap.error(f"--induction-span {args.induction_span}: need 2 <= span <= --induction-len / 2 "
                  f"({args.induction_len // 2})")
     if args.induction_repeats is None:
-        args.induction_repeats = max(1, args.induction_len // (4 * args.induction_span))
+        args.induction_repeats = default_repeats(args.induction_len, args.induction_span)
     if not 1 <= args.induction_repeats <= args.induction_len // (2 * args.induction_span):
         ap.error(f"--induction-repeats {args.induction_repeats}: need 1 <= repeats <= --induction-len // "
                  f"(2 x --induction-span) = {args.induction_len // (2 * args.induction_span)}")
@@ -263,8 +263,13 @@ def induction_stages(ap, args) -> list[dict]:
                      f"--induction-span ({2 * args.induction_span})")
         stages.append({"vocab": vocab, "length": length, "steps": steps,
                        "batch": max(1, args.induction_batch_size * args.induction_len // length),
-                       "repeats": max(1, length // (4 * args.induction_span))})
+                       "repeats": default_repeats(length, args.induction_span)})
     return stages
+
+
+def default_repeats(length: int, span: int) -> int:
+    """Repeated spans per synthetic copy sequence: a quarter of the tokens supervised, at least one."""
+    return max(1, length // (4 * span))
 
 
 def log(msg: str) -> None:
@@ -574,11 +579,11 @@ def copy_loss(ids: torch.Tensor, mask: torch.Tensor):
 
 
 @torch.no_grad()
-def copy_accuracy(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
-    """Teacher-forced argmax accuracy on the positions of ``mask``."""
+def copy_hits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced argmax hits (bool, one per position of ``mask``, in order)."""
     model.eval()
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    return float((logits.argmax(-1) == ids[:, 1:])[mask[:, 1:]].float().mean())
+    return (logits.argmax(-1) == ids[:, 1:])[mask[:, 1:]]
 
 
 class CopyProbe:
@@ -594,18 +599,12 @@ class CopyProbe:
     def bins(self) -> list[tuple[int, int]]:
         return [(a, b) for a, b in zip(self.edges[:-1], self.edges[1:]) if a < b]
 
-    @torch.no_grad()
     def accuracy(self, model, device, batch_size: int = 8) -> dict:
         """``{"all": acc, "a-b": acc per distance bin [a, b), ...}`` (None for an empty bin)."""
-        model.eval()
-        hits, dists = [], []
-        for i in range(0, len(self.ids), batch_size):
-            ids = self.ids[i:i + batch_size].to(device)
-            sel = self.mask[i:i + batch_size, 1:].to(device)
-            pred = model(input_ids=ids, use_cache=False).logits[:, :-1].argmax(-1)
-            hits.append((pred == ids[:, 1:])[sel].cpu())
-            dists.append(self.distance[i:i + batch_size, 1:][sel.cpu()])
-        hits, dists = torch.cat(hits).float(), torch.cat(dists)
+        hits = torch.cat([copy_hits(model, self.ids[i:i + batch_size].to(device),
+                                    self.mask[i:i + batch_size].to(device)).cpu()
+                          for i in range(0, len(self.ids), batch_size)]).float()
+        dists = self.distance[:, 1:][self.mask[:, 1:]]  # same row-major order as the hits
         out = {"all": float(hits.mean())}
         for a, b in self.bins():
             inside = (dists >= a) & (dists < b)
@@ -1200,7 +1199,8 @@ def main(argv=None) -> dict:
             needle_errors[name] = repr(err)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    nsa_attention.VARLEN_BACKEND = default_backend
+        finally:
+            nsa_attention.VARLEN_BACKEND = default_backend
     results["needle"] = {"probe": args.probe, "geometry": geometry, "per_depth": args.needle_eval,
                          "context": args.seq_len, "window": args.window,
                          "stacked_window_reach": args.layers * (args.window - 1),
