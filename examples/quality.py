@@ -51,7 +51,12 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
      this against an independent banded-mask SDPA implementation (``window_only_check``);
    * the dense model (continued from step 2), as a reference (``--no-dense-needle`` skips it);
    * with ``--nsa-reference-needle``, the NSA model once more, fine-tuned and evaluated through the
-     PyTorch reference instead of the Triton kernels (``nsa_hf.attention.VARLEN_BACKEND``).
+     PyTorch reference instead of the Triton kernels (``nsa_hf.attention.VARLEN_BACKEND``; micro-batches
+     of ``--reference-micro-batch`` sequences);
+   * with ``--nsa-frozen-needle``, the NSA model once more with its compressors and gates frozen.
+
+   ``--grad-check`` first compares the continued NSA model's gradients through the Triton kernels and
+   the reference (``examples/grad_check.py``; ``grad_check`` in the results).
 
    ``--needle-mix`` (default 0.5) plants the probe (``span``: passages + the repeated target;
    ``kv``: lines + questions) in that fraction of the sequences of every pretraining and
@@ -77,6 +82,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -190,6 +196,17 @@ def parse_args(argv=None):
                    help="add a variant: the same NSA model fine-tuned and evaluated with the PyTorch reference "
                         "instead of the Triton kernels (nsa_hf.attention.VARLEN_BACKEND), to tell kernel effects "
                         "from training dynamics (slow: O(T^2) memory per sequence)")
+    k.add_argument("--reference-micro-batch", type=int, default=2,
+                   help="--nsa-reference-needle: sequences per forward/backward of the reference fine-tune (gradients "
+                        "accumulated over the batch; the reference's O(T^2) memory would not fit a whole batch)")
+    k.add_argument("--nsa-frozen-needle", action="store_true",
+                   help="add a variant: the same NSA model fine-tuned with its compressors and gates frozen (only the "
+                        "Llama weights train), to see whether moving the selection's scores is what hurts")
+    k.add_argument("--grad-check", action="store_true",
+                   help="after continued training, compare the NSA model's gradients (answer loss and LM loss on "
+                        "--grad-check-batch probe sequences) through the Triton kernels and the PyTorch reference "
+                        "(examples/grad_check.py; results: grad_check). Needs CUDA (or TRITON_INTERPRET=1)")
+    k.add_argument("--grad-check-batch", type=int, default=2, help="sequences in the --grad-check batch")
     k.add_argument("--no-dense-needle", action="store_true", help="skip the dense reference in the needle probe")
     k.add_argument("--needle-mix", type=float, default=0.5,
                    help="fraction of the sequences of every pretraining / continued-training batch that carry a "
@@ -232,6 +249,9 @@ def parse_args(argv=None):
     args.induction_stages = induction_stages(ap, args)
     if args.warmup_only and not args.induction_stages:
         ap.error("--warmup-only needs a warm-up: --induction-steps N or --induction-curriculum")
+    if args.reference_micro_batch < 1 or args.grad_check_batch < 1:
+        ap.error(f"--reference-micro-batch {args.reference_micro_batch} / --grad-check-batch {args.grad_check_batch}: "
+                 "must be >= 1")
     if args.copy_eval < 1:
         ap.error(f"--copy-eval {args.copy_eval}: must be >= 1")
     if not 0.0 <= args.needle_mix <= 1.0:
@@ -470,10 +490,16 @@ class Run:
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
     def step(self, loss_fn) -> float:
+        """One optimizer step. ``loss_fn(model) -> loss``, or a list of them (equal micro-batches of one
+        batch: their gradients are accumulated, the loss is their mean)."""
         start = time.perf_counter()
         self.model.train()
-        loss = loss_fn(self.model)
-        loss.backward()
+        fns = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn]
+        value = 0.0
+        for fn in fns:
+            loss = fn(self.model) / len(fns)
+            loss.backward()
+            value += loss.item()
         if self.model is not self.master:
             for mp, wp in self.pairs:
                 mp.grad = None if wp.grad is None else wp.grad.float()
@@ -488,7 +514,6 @@ class Run:
             with torch.no_grad():
                 for mp, wp in self.pairs:
                     wp.copy_(mp)
-        value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss is {value} at step {self.step_count}")
         self.step_count += 1
@@ -884,17 +909,56 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
     return out
 
 
-def finetune_needles(run: Run, needles: Needles, train_blocks, args, device, name: str) -> dict:
+def needle_step_loss(needles: Needles, ids: torch.Tensor, answers: torch.Tensor, kind: str, micro_batch: int = 0):
+    """The fine-tune loss of one batch (``kind`` as ``--needle-loss``), as one loss function or, with
+    ``micro_batch`` > 0, a list over micro-batches of that many sequences (``Run.step`` accumulates)."""
+    make = (lambda i, a: lm_loss(i)) if kind == "lm" else (lambda i, a: needle_loss(needles, i, a))  # noqa: E731
+    if micro_batch <= 0 or micro_batch >= len(ids):
+        return make(ids, answers)
+    if len(ids) % micro_batch:
+        raise ValueError(f"micro-batch {micro_batch} does not divide the batch of {len(ids)} sequences")
+    return [make(i, a) for i, a in zip(ids.split(micro_batch), answers.split(micro_batch))]
+
+
+def frozen_nsa_modules(model):
+    """``model`` with the parameters of its NSA modules (compressors, gates) frozen (``requires_grad``
+    off): a fine-tune then moves only the Llama weights."""
+    from nsa_hf.training import is_nsa_parameter
+
+    frozen = 0
+    for name, p in model.named_parameters():
+        if is_nsa_parameter(name):
+            p.requires_grad_(False)
+            frozen += 1
+    if not frozen:
+        raise ValueError("the model has no NSA module parameters to freeze")
+    return model
+
+
+def grad_check(nsa, needles, train_blocks, args, device, dtype) -> dict:
+    """Gradients of the continued NSA model through the Triton kernels vs the reference
+    (:mod:`grad_check`) for the answer loss and the LM loss of one fine-tune batch."""
+    from grad_check import compare_backends, summary_lines
+
+    ids, answers = needle_train_batch(needles, train_blocks, 0, args.grad_check_batch, args.seed + 1)
+    ids, answers = ids.to(device), answers.to(device)
+    start = time.perf_counter()
+    res = compare_backends(nsa, {"answer": needle_loss(needles, ids, answers), "lm": lm_loss(ids)}, dtype)
+    res["sequences"], res["seconds"] = args.grad_check_batch, time.perf_counter() - start
+    for line in summary_lines({k: v for k, v in res.items() if isinstance(v, dict)}):
+        log(line)
+    return res
+
+
+def finetune_needles(run: Run, needles: Needles, train_blocks, args, device, name: str, micro_batch: int = 0) -> dict:
     """``--needle-steps`` steps on freshly planted sequences: loss on the answer tokens only
     (``--needle-loss answer``) or next-token loss on every token of them (``lm``, the answers included)."""
-    log_every = max(1, run.steps // 5)
+    log_every = max(1, run.steps // 10)
     for i in range(run.steps):
         ids, answers = needle_train_batch(needles, train_blocks, i, args.needle_batch_size, args.seed)
-        ids = ids.to(device)
-        fn = lm_loss(ids) if args.needle_loss == "lm" else needle_loss(needles, ids, answers.to(device))
-        loss = run.step(fn)
+        loss = run.step(needle_step_loss(needles, ids.to(device), answers.to(device), args.needle_loss, micro_batch))
         if i % log_every == 0 or i == run.steps - 1:
-            log(f"  {name} needle step {i + 1}/{run.steps}: {args.needle_loss} loss {loss:.4f}")
+            log(f"  {name} needle step {i + 1}/{run.steps}: {args.needle_loss} loss {loss:.4f} ({run.seconds:.1f} s)")
     return run.summary()
 
 
@@ -945,7 +1009,7 @@ def plan_steps(args, dense, stream, needles, train_blocks, device, dtype, elapse
 def reproduce_command(args) -> str:
     parts = ["python", "examples/quality.py"]
     skip = {"budget", "tiny", "depths", "extra_code", "fp32", "no_dense_needle", "device", "warmup_only",
-            "induction_stages", "nsa_reference_needle"}
+            "induction_stages", "nsa_reference_needle", "nsa_frozen_needle", "grad_check"}
     for key, value in vars(args).items():
         if key in skip or value is None:
             continue
@@ -955,10 +1019,18 @@ def reproduce_command(args) -> str:
         parts += ["--extra-code", *args.extra_code]
     parts += [flag for flag, on in (("--fp32", args.fp32), ("--no-dense-needle", args.no_dense_needle),
                                     ("--warmup-only", args.warmup_only),
-                                    ("--nsa-reference-needle", args.nsa_reference_needle)) if on]
+                                    ("--nsa-reference-needle", args.nsa_reference_needle),
+                                    ("--nsa-frozen-needle", args.nsa_frozen_needle),
+                                    ("--grad-check", args.grad_check)) if on]
     if args.device:
         parts += ["--device", args.device]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+NEEDLE_VARIANT_LABELS = (("nsa", "NSA"), ("nsa_reference", "NSA, reference backend"),
+                         ("nsa_frozen_modules", "NSA, compressors and gates frozen"), ("window_only", "window-only"),
+                         ("dense", "dense"))
+GRAD_GROUPS = ("nsa_modules", "attention", "mlp", "embeddings_norms", "all")
 
 
 def markdown(results: dict) -> str:
@@ -1000,14 +1072,32 @@ def markdown(results: dict) -> str:
         lines.append(f"| {title} | " + " | ".join(
             f"depth {d} (distance {nd['geometry'][d]['distance']})" for d in depths) + " |")
         lines.append("|---|" + "---|" * len(depths))
-        for variant, label in (("nsa", "NSA"), ("nsa_reference", "NSA, reference backend"), ("window_only", "window-only"),
-                               ("dense", "dense")):
+        for variant, label in NEEDLE_VARIANT_LABELS:
             if variant not in nd["results"]:
                 continue
             for when in ("before", "after"):
                 acc = nd["results"][variant][when]
                 lines.append(f"| {label}, {when} fine-tune | " + " | ".join(f"{acc[d][metric]:.3f}" for d in depths)
                              + " |")
+        lines.append("")
+    lines += ["| fine-tune loss (mean of the first / last tenth of the steps) | first | last |", "|---|---|---|"]
+    for variant, label in NEEDLE_VARIANT_LABELS:
+        ft = nd["results"].get(variant, {}).get("finetune")
+        if ft:
+            mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+            lines.append(f"| {label} | {mean(ft['first_losses']):.4f} | {mean(ft['last_losses']):.4f} |")
+    lines.append("")
+    gc = results.get("grad_check")
+    if gc:
+        lines += [f"| gradient check ({gc['sequences']} sequences): cosine vs the float32 reference | loss | "
+                  + " | ".join(GRAD_GROUPS) + " |", "|---|---|" + "---|" * len(GRAD_GROUPS)]
+        for loss_name in ("answer", "lm"):
+            for cmp, label in (("triton_vs_reference_fp32", "Triton kernels"),
+                               ("reference_vs_reference_fp32", f"reference, {results['dtype']}")):
+                row = gc[loss_name][cmp]
+                cells = [f"{row[g]['cosine']:.4f}" if g in row and row[g]["cosine"] is not None else "-"
+                         for g in GRAD_GROUPS]
+                lines.append(f"| {label} | {loss_name} | " + " | ".join(cells) + " |")
         lines.append("")
     if nd.get("outside_stacked_windows") is not None:
         lines.append(f"Depths outside the stacked windows ({nd['stacked_window_reach']} tokens): "
@@ -1030,6 +1120,9 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" and not args.fp32 else torch.float32
+    if args.grad_check and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"--grad-check runs the Triton kernels: it needs a CUDA device (got {device}) or "
+                         "TRITON_INTERPRET=1 (tiny shapes only)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
@@ -1159,9 +1252,15 @@ def main(argv=None) -> dict:
     results["training"] = training
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))  # partial, rewritten at the end
 
+    if args.grad_check:
+        results["grad_check"] = grad_check(nsa, needles, train_blocks, args, device, dtype)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
     # 3. Needle in a haystack.
     variants = {"nsa": nsa, "window_only": window_only(nsa)}
-    if args.nsa_reference_needle:
+    if args.nsa_frozen_needle:
+        variants["nsa_frozen_modules"] = frozen_nsa_modules(copy.deepcopy(nsa))
+    if args.nsa_reference_needle:  # the slow one last: a run cut short keeps the others
         variants["nsa_reference"] = copy.deepcopy(nsa)
     if not args.no_dense_needle:
         variants["dense"] = dense
@@ -1186,12 +1285,15 @@ def main(argv=None) -> dict:
             before = needle_accuracy(run.model, needles, eval_blocks, args.depths, args.needle_eval,
                                      args.needle_batch_size, args.seed, device)
             log(f"{name}: needle accuracy before fine-tune {[v['exact'] for v in before.values()]}")
-            summary = finetune_needles(run, needles, train_blocks, args, device, name)
+            micro = args.reference_micro_batch if name == "nsa_reference" else 0
+            summary = finetune_needles(run, needles, train_blocks, args, device, name, micro)
             after = needle_accuracy(run.model, needles, eval_blocks, args.depths, args.needle_eval,
                                     args.needle_batch_size, args.seed, device)
             log(f"{name}: needle accuracy after fine-tune {[v['exact'] for v in after.values()]}")
             needle_results[name] = {"before": before, "after": after, "finetune": summary}
             del run
+            results["needle_partial"] = needle_results  # a run cut short keeps the variants done so far
+            (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         except Exception as err:  # keep the other variants and the loss results of this one-shot run
             if args.tiny:
                 raise
@@ -1212,6 +1314,7 @@ def main(argv=None) -> dict:
         results["needle"].update(span_len=args.span_len, span_prefix=args.span_prefix,
                                  answer_tokens=needles.answer_len, distractors=args.span_distractors,
                                  chance_per_token=1.0 / len(needles.vocab_ids))
+    results.pop("needle_partial", None)
     results["training"] = training
     after = lambda v: [x["exact"] for x in needle_results[v]["after"].values()] if v in needle_results else None  # noqa: E731
     results["pass"] = {
