@@ -103,6 +103,7 @@ TINY = dict(
     needle_eval=4, needle_batch_size=4, needle_pairs=2, needle_digits=3, span_len=12, span_prefix=4,
     span_distractors=2, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16, copy_eval=4,
 )
+NEEDLE_LOSSES = ("answer", "lm", "both")
 WINDOW_ONLY_GATE_LOGITS = (-1.0e4, -1.0e4, 1.0e4)  # sigmoid -> exactly (0, 0, 1) in fp32 and bf16
 
 
@@ -189,9 +190,12 @@ def parse_args(argv=None):
     k.add_argument("--copy-eval", type=int, default=64,
                    help="held-out synthetic copy sequences (--induction-len tokens) on which every model's copy "
                         "accuracy is measured per copy distance (results: copy_probe)")
-    k.add_argument("--needle-loss", choices=("answer", "lm"), default="answer",
-                   help="needle fine-tune loss: on the answer tokens only, or next-token loss on every token of the "
-                        "planted sequences (answers included)")
+    k.add_argument("--needle-loss", choices=NEEDLE_LOSSES, default="answer",
+                   help="needle fine-tune loss: on the answer tokens only (answer), next-token loss on every token of "
+                        "the planted sequences, answers included (lm), or the sum of the two from one forward (both)")
+    k.add_argument("--nsa-needle-extra", default=None, metavar="LOSS@LR,...",
+                   help="add NSA fine-tune variants with other --needle-loss / --needle-lr settings, e.g. "
+                        "'lm@5e-4,answer@1e-4' (each starts from the same continued NSA model; results: nsa_LOSS_lrLR)")
     k.add_argument("--nsa-reference-needle", action="store_true",
                    help="add a variant: the same NSA model fine-tuned and evaluated with the PyTorch reference "
                         "instead of the Triton kernels (nsa_hf.attention.VARLEN_BACKEND), to tell kernel effects "
@@ -252,6 +256,10 @@ def parse_args(argv=None):
     if args.reference_micro_batch < 1 or args.grad_check_batch < 1:
         ap.error(f"--reference-micro-batch {args.reference_micro_batch} / --grad-check-batch {args.grad_check_batch}: "
                  "must be >= 1")
+    try:
+        args.nsa_needle_variants = parse_needle_variants(args.nsa_needle_extra)
+    except ValueError as err:
+        ap.error(str(err))
     if args.copy_eval < 1:
         ap.error(f"--copy-eval {args.copy_eval}: must be >= 1")
     if not 0.0 <= args.needle_mix <= 1.0:
@@ -261,6 +269,26 @@ def parse_args(argv=None):
     if args.seq_len < 4 * args.window:
         ap.error(f"--seq-len {args.seq_len} must be >= 4 x --window {args.window} (the probe's context)")
     return args
+
+
+def parse_needle_variants(spec: str | None) -> list[tuple[str, float]]:
+    """``'lm@5e-4,answer@1e-4'`` -> ``[('lm', 5e-4), ('answer', 1e-4)]`` (``--nsa-needle-extra``)."""
+    out = []
+    for item in filter(None, (spec or "").split(",")):
+        loss, sep, lr = item.strip().partition("@")
+        try:
+            value = float(lr)
+        except ValueError:
+            value = float("nan")
+        if not sep or loss not in NEEDLE_LOSSES or not value > 0:
+            raise ValueError(f"--nsa-needle-extra item {item!r}: expected LOSS@LR with LOSS one of {NEEDLE_LOSSES} "
+                             "and LR a positive number, e.g. lm@5e-4")
+        out.append((loss, value))
+    return out
+
+
+def needle_variant_name(loss: str, lr: float) -> str:
+    return f"nsa_{loss}_lr{lr:g}"
 
 
 def induction_stages(ap, args) -> list[dict]:
@@ -881,6 +909,16 @@ def needle_loss(needles: Needles, ids, answers):
     return fn
 
 
+def lm_and_answer_loss(needles: Needles, ids, answers):
+    """Next-token loss on every token plus the cross-entropy over every answer token (``--needle-loss both``),
+    from one forward."""
+    def fn(model):
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        logits = out.logits[:, (needles.answer_pos - 1).to(out.logits.device)].float()
+        return out.loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
+    return fn
+
+
 def needle_train_batch(needles: Needles, train_blocks, step: int, batch_size: int, seed: int):
     """Freshly planted needles for fine-tune step ``step`` (uniform depths; same for every model)."""
     g = torch.Generator().manual_seed(seed * 7919 + 1_000_003 + step)
@@ -912,7 +950,10 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
 def needle_step_loss(needles: Needles, ids: torch.Tensor, answers: torch.Tensor, kind: str, micro_batch: int = 0):
     """The fine-tune loss of one batch (``kind`` as ``--needle-loss``), as one loss function or, with
     ``micro_batch`` > 0, a list over micro-batches of that many sequences (``Run.step`` accumulates)."""
-    make = (lambda i, a: lm_loss(i)) if kind == "lm" else (lambda i, a: needle_loss(needles, i, a))  # noqa: E731
+    if kind not in NEEDLE_LOSSES:
+        raise ValueError(f"needle loss {kind!r}: expected one of {NEEDLE_LOSSES}")
+    make = {"lm": lambda i, a: lm_loss(i), "answer": lambda i, a: needle_loss(needles, i, a),
+            "both": lambda i, a: lm_and_answer_loss(needles, i, a)}[kind]
     if micro_batch <= 0 or micro_batch >= len(ids):
         return make(ids, answers)
     if len(ids) % micro_batch:
@@ -950,15 +991,18 @@ def grad_check(nsa, needles, train_blocks, args, device, dtype) -> dict:
     return res
 
 
-def finetune_needles(run: Run, needles: Needles, train_blocks, args, device, name: str, micro_batch: int = 0) -> dict:
-    """``--needle-steps`` steps on freshly planted sequences: loss on the answer tokens only
-    (``--needle-loss answer``) or next-token loss on every token of them (``lm``, the answers included)."""
+def finetune_needles(run: Run, needles: Needles, train_blocks, args, device, name: str, micro_batch: int = 0,
+                     loss_kind: str | None = None) -> dict:
+    """``--needle-steps`` steps on freshly planted sequences: loss ``loss_kind`` (default ``--needle-loss``):
+    on the answer tokens only (``answer``), next-token loss on every token of them (``lm``, the answers
+    included), or both summed (``both``)."""
+    loss_kind = loss_kind or args.needle_loss
     log_every = max(1, run.steps // 10)
     for i in range(run.steps):
         ids, answers = needle_train_batch(needles, train_blocks, i, args.needle_batch_size, args.seed)
-        loss = run.step(needle_step_loss(needles, ids.to(device), answers.to(device), args.needle_loss, micro_batch))
+        loss = run.step(needle_step_loss(needles, ids.to(device), answers.to(device), loss_kind, micro_batch))
         if i % log_every == 0 or i == run.steps - 1:
-            log(f"  {name} needle step {i + 1}/{run.steps}: {args.needle_loss} loss {loss:.4f} ({run.seconds:.1f} s)")
+            log(f"  {name} needle step {i + 1}/{run.steps}: {loss_kind} loss {loss:.4f} ({run.seconds:.1f} s)")
     return run.summary()
 
 
@@ -1009,7 +1053,7 @@ def plan_steps(args, dense, stream, needles, train_blocks, device, dtype, elapse
 def reproduce_command(args) -> str:
     parts = ["python", "examples/quality.py"]
     skip = {"budget", "tiny", "depths", "extra_code", "fp32", "no_dense_needle", "device", "warmup_only",
-            "induction_stages", "nsa_reference_needle", "nsa_frozen_needle", "grad_check"}
+            "induction_stages", "nsa_needle_variants", "nsa_reference_needle", "nsa_frozen_needle", "grad_check"}
     for key, value in vars(args).items():
         if key in skip or value is None:
             continue
@@ -1030,6 +1074,16 @@ def reproduce_command(args) -> str:
 NEEDLE_VARIANT_LABELS = (("nsa", "NSA"), ("nsa_reference", "NSA, reference backend"),
                          ("nsa_frozen_modules", "NSA, compressors and gates frozen"), ("window_only", "window-only"),
                          ("dense", "dense"))
+
+
+def needle_variant_labels(variants) -> list[tuple[str, str]]:
+    """(name, label) of the needle variants in ``variants``, the fixed ones first, in table order."""
+    fixed = [(v, label) for v, label in NEEDLE_VARIANT_LABELS if v in variants]
+    extra = [(v, f"NSA, {r['loss']} loss, LR {r['lr']:g}") for v, r in variants.items()
+             if v not in dict(NEEDLE_VARIANT_LABELS)]
+    return fixed[:1] + extra + fixed[1:]
+
+
 GRAD_GROUPS = ("nsa_modules", "attention", "mlp", "embeddings_norms", "all")
 
 
@@ -1072,17 +1126,15 @@ def markdown(results: dict) -> str:
         lines.append(f"| {title} | " + " | ".join(
             f"depth {d} (distance {nd['geometry'][d]['distance']})" for d in depths) + " |")
         lines.append("|---|" + "---|" * len(depths))
-        for variant, label in NEEDLE_VARIANT_LABELS:
-            if variant not in nd["results"]:
-                continue
+        for variant, label in needle_variant_labels(nd["results"]):
             for when in ("before", "after"):
                 acc = nd["results"][variant][when]
                 lines.append(f"| {label}, {when} fine-tune | " + " | ".join(f"{acc[d][metric]:.3f}" for d in depths)
                              + " |")
         lines.append("")
     lines += ["| fine-tune loss (mean of the first / last tenth of the steps) | first | last |", "|---|---|---|"]
-    for variant, label in NEEDLE_VARIANT_LABELS:
-        ft = nd["results"].get(variant, {}).get("finetune")
+    for variant, label in needle_variant_labels(nd["results"]):
+        ft = nd["results"][variant].get("finetune")
         if ft:
             mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
             lines.append(f"| {label} | {mean(ft['first_losses']):.4f} | {mean(ft['last_losses']):.4f} |")
@@ -1257,7 +1309,12 @@ def main(argv=None) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
     # 3. Needle in a haystack.
-    variants = {"nsa": nsa, "window_only": window_only(nsa)}
+    variants = {"nsa": nsa}
+    settings = {"nsa": (args.needle_loss, args.needle_lr)}  # fine-tune loss and peak LR per variant
+    for loss_kind, lr in args.nsa_needle_variants:
+        name = needle_variant_name(loss_kind, lr)
+        variants[name], settings[name] = copy.deepcopy(nsa), (loss_kind, lr)
+    variants["window_only"] = window_only(nsa)
     if args.nsa_frozen_needle:
         variants["nsa_frozen_modules"] = frozen_nsa_modules(copy.deepcopy(nsa))
     if args.nsa_reference_needle:  # the slow one last: a run cut short keeps the others
@@ -1281,16 +1338,17 @@ def main(argv=None) -> dict:
     for name, master in variants.items():
         nsa_attention.VARLEN_BACKEND = "reference" if name == "nsa_reference" else default_backend
         try:
-            run = Run(master, dtype, args.needle_lr, args.needle_steps, args)
+            loss_kind, lr = settings.get(name, (args.needle_loss, args.needle_lr))
+            run = Run(master, dtype, lr, args.needle_steps, args)
             before = needle_accuracy(run.model, needles, eval_blocks, args.depths, args.needle_eval,
                                      args.needle_batch_size, args.seed, device)
             log(f"{name}: needle accuracy before fine-tune {[v['exact'] for v in before.values()]}")
             micro = args.reference_micro_batch if name == "nsa_reference" else 0
-            summary = finetune_needles(run, needles, train_blocks, args, device, name, micro)
+            summary = finetune_needles(run, needles, train_blocks, args, device, name, micro, loss_kind)
             after = needle_accuracy(run.model, needles, eval_blocks, args.depths, args.needle_eval,
                                     args.needle_batch_size, args.seed, device)
             log(f"{name}: needle accuracy after fine-tune {[v['exact'] for v in after.values()]}")
-            needle_results[name] = {"before": before, "after": after, "finetune": summary}
+            needle_results[name] = {"before": before, "after": after, "finetune": summary, "loss": loss_kind, "lr": lr}
             del run
             results["needle_partial"] = needle_results  # a run cut short keeps the variants done so far
             (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -1320,6 +1378,7 @@ def main(argv=None) -> dict:
     results["pass"] = {
         "loss_within_1pct": gaps["nsa_vs_dense_continued"] <= 0.01,
         "nsa_needle_ge_95pct": min(after("nsa")) >= 0.95 if after("nsa") else None,
+        "nsa_variants_ge_95pct": [v for v in needle_results if v.startswith("nsa") and min(after(v)) >= 0.95],
         "window_only_needle_le_10pct": max(after("window_only")) <= 0.10 if after("window_only") else None,
     }
     results["seconds"] = time.perf_counter() - t0

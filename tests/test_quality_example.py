@@ -28,7 +28,8 @@ def tiny_span_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality_span")
     results = quality.main(["--tiny", "--probe", "span", "--out", str(out), "--induction-steps", "3",
                             "--induction-len", "64", "--induction-span", "16", "--induction-batch-size", "4",
-                            "--nsa-reference-needle", "--needle-loss", "lm", "--nsa-frozen-needle", "--grad-check"])
+                            "--nsa-reference-needle", "--needle-loss", "lm", "--nsa-frozen-needle", "--grad-check",
+                            "--nsa-needle-extra", "lm@2e-3,answer@2e-3,both@2e-3"])
     return out, results
 
 
@@ -47,7 +48,8 @@ def test_tiny_run_writes_results(tiny_run):
         saved["loss"]["dense_continued"]["all"]
     assert gaps["nsa_vs_dense_continued"] == pytest.approx(expect)
     assert saved["steps"] == {"pretrain_steps": 10, "continue_steps": 3, "needle_steps": 3}
-    assert set(saved["pass"]) == {"loss_within_1pct", "nsa_needle_ge_95pct", "window_only_needle_le_10pct"}
+    assert set(saved["pass"]) == {"loss_within_1pct", "nsa_needle_ge_95pct", "nsa_variants_ge_95pct",
+                                  "window_only_needle_le_10pct"}
     needle = saved["needle"]
     assert needle["probe"] == "kv" and needle["digits"] == 3
     assert set(needle["results"]) == {"nsa", "window_only", "dense"}
@@ -333,7 +335,20 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert needle["probe"] == "span" and saved["args"]["probe"] == "span"
     assert needle["span_len"] == 12 and needle["span_prefix"] == 4 and needle["answer_tokens"] == 8
     assert needle["distractors"] == 2 and 0 < needle["chance_per_token"] < 0.01
-    assert set(needle["results"]) == {"nsa", "nsa_reference", "nsa_frozen_modules", "window_only", "dense"}
+    extra = {"nsa_lm_lr0.002", "nsa_answer_lr0.002", "nsa_both_lr0.002"}
+    assert set(needle["results"]) == {"nsa", "nsa_reference", "nsa_frozen_modules", "window_only", "dense"} | extra
+    # Every extra variant starts from the continued NSA model and sees the same batches: the one with the
+    # main settings (lm loss, default LR 2e-3) repeats the main fine-tune; "both" = lm + answer at step 1.
+    res = needle["results"]
+    assert res["nsa_lm_lr0.002"]["finetune"]["last_losses"] == pytest.approx(res["nsa"]["finetune"]["last_losses"],
+                                                                             rel=1e-5)
+    assert (res["nsa"]["loss"], res["nsa_answer_lr0.002"]["loss"], res["nsa_both_lr0.002"]["lr"]) == ("lm", "answer",
+                                                                                                       2e-3)
+    first = lambda v: res[v]["finetune"]["first_losses"][0]  # noqa: E731
+    assert first("nsa_both_lr0.002") == pytest.approx(first("nsa") + first("nsa_answer_lr0.002"), rel=1e-5)
+    assert first("nsa_answer_lr0.002") != pytest.approx(first("nsa"), rel=1e-3)
+    assert "NSA, both loss, LR 0.002, after fine-tune" in table
+    assert "--nsa-needle-extra lm@2e-3,answer@2e-3,both@2e-3" in saved["reproduce"]
     # On CPU "auto" is the reference too: the reference-backend variant repeats the NSA fine-tune (in
     # micro-batches of 2 of the 4 sequences: the accumulated steps match the whole-batch ones), and the
     # backend is restored afterwards.
@@ -497,3 +512,21 @@ def test_nsa_finetune_check_script_runs(tmp_path):
     assert bool((far_all.sum(1) >= 16).all()) and bool((far <= far_all).all())
     with pytest.raises(SystemExit):
         nsa_finetune_check.parse_args(["--answers-per-row", "-1"])
+
+
+@pytest.mark.parametrize("spec", ["lm", "lm@", "lm@-1", "dense@1e-3", "answer@x"])
+def test_needle_variant_spec_errors_name_the_item(spec):
+    import quality
+
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--nsa-needle-extra", spec])
+    with pytest.raises(ValueError, match=f"item {spec!r}"):
+        quality.parse_needle_variants(spec)
+
+
+def test_needle_variant_spec_parses():
+    import quality
+
+    assert quality.parse_needle_variants("lm@5e-4, answer@1e-4") == [("lm", 5e-4), ("answer", 1e-4)]
+    assert quality.parse_needle_variants(None) == []
+    assert quality.needle_variant_name("both", 5e-4) == "nsa_both_lr0.0005"
