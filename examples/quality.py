@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -206,6 +207,9 @@ def parse_args(argv=None):
     k.add_argument("--nsa-frozen-needle", action="store_true",
                    help="add a variant: the same NSA model fine-tuned with its compressors and gates frozen (only the "
                         "Llama weights train), to see whether moving the selection's scores is what hurts")
+    k.add_argument("--nsa-slc-count-needle", type=int, default=None, metavar="N",
+                   help="add a variant: the continued NSA model fine-tuned and evaluated with N selected blocks per "
+                        "query instead of --slc-count (is the selection's coverage what limits retrieval?)")
     k.add_argument("--grad-check", action="store_true",
                    help="after continued training, compare the NSA model's gradients (answer loss and LM loss on "
                         "--grad-check-batch probe sequences) through the Triton kernels and the PyTorch reference "
@@ -961,6 +965,19 @@ def needle_step_loss(needles: Needles, ids: torch.Tensor, answers: torch.Tensor,
     return [make(i, a) for i, a in zip(ids.split(micro_batch), answers.split(micro_batch))]
 
 
+def with_slc_count(model, count: int):
+    """A copy of NSA-Llama ``model`` that selects ``count`` blocks per query (its weights unchanged)."""
+    from nsa_hf.attention import validate_nsa_params
+
+    wide = copy.deepcopy(model)
+    settings = {**dataclasses.asdict(wide.config.nsa_params()), "slc_count": count}
+    validate_nsa_params(**settings)  # names the bad value and the allowed range
+    wide.config.nsa_slc_count = count
+    for layer in wide.model.layers:  # each attention layer keeps its own NSAParams
+        layer.self_attn.nsa_params = wide.config.nsa_params()
+    return wide
+
+
 def frozen_nsa_modules(model):
     """``model`` with the parameters of its NSA modules (compressors, gates) frozen (``requires_grad``
     off): a fine-tune then moves only the Llama weights."""
@@ -1079,7 +1096,8 @@ NEEDLE_VARIANT_LABELS = (("nsa", "NSA"), ("nsa_reference", "NSA, reference backe
 def needle_variant_labels(variants) -> list[tuple[str, str]]:
     """(name, label) of the needle variants in ``variants``, the fixed ones first, in table order."""
     fixed = [(v, label) for v, label in NEEDLE_VARIANT_LABELS if v in variants]
-    extra = [(v, f"NSA, {r['loss']} loss, LR {r['lr']:g}") for v, r in variants.items()
+    extra = [(v, f"NSA, {v[len('nsa_slc'):]} selected blocks" if v.startswith("nsa_slc")
+              else f"NSA, {r['loss']} loss, LR {r['lr']:g}") for v, r in variants.items()
              if v not in dict(NEEDLE_VARIANT_LABELS)]
     return fixed[:1] + extra + fixed[1:]
 
@@ -1314,6 +1332,9 @@ def main(argv=None) -> dict:
     for loss_kind, lr in args.nsa_needle_variants:
         name = needle_variant_name(loss_kind, lr)
         variants[name], settings[name] = copy.deepcopy(nsa), (loss_kind, lr)
+    if args.nsa_slc_count_needle:
+        name = f"nsa_slc{args.nsa_slc_count_needle}"
+        variants[name], settings[name] = with_slc_count(nsa, args.nsa_slc_count_needle), settings["nsa"]
     variants["window_only"] = window_only(nsa)
     if args.nsa_frozen_needle:
         variants["nsa_frozen_modules"] = frozen_nsa_modules(copy.deepcopy(nsa))

@@ -29,7 +29,7 @@ def tiny_span_run(tmp_path_factory):
     results = quality.main(["--tiny", "--probe", "span", "--out", str(out), "--induction-steps", "3",
                             "--induction-len", "64", "--induction-span", "16", "--induction-batch-size", "4",
                             "--nsa-reference-needle", "--needle-loss", "lm", "--nsa-frozen-needle", "--grad-check",
-                            "--nsa-needle-extra", "lm@2e-3,answer@2e-3,both@2e-3"])
+                            "--nsa-needle-extra", "lm@2e-3,answer@2e-3,both@2e-3", "--nsa-slc-count-needle", "6"])
     return out, results
 
 
@@ -335,7 +335,7 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert needle["probe"] == "span" and saved["args"]["probe"] == "span"
     assert needle["span_len"] == 12 and needle["span_prefix"] == 4 and needle["answer_tokens"] == 8
     assert needle["distractors"] == 2 and 0 < needle["chance_per_token"] < 0.01
-    extra = {"nsa_lm_lr0.002", "nsa_answer_lr0.002", "nsa_both_lr0.002"}
+    extra = {"nsa_lm_lr0.002", "nsa_answer_lr0.002", "nsa_both_lr0.002", "nsa_slc6"}
     assert set(needle["results"]) == {"nsa", "nsa_reference", "nsa_frozen_modules", "window_only", "dense"} | extra
     # Every extra variant starts from the continued NSA model and sees the same batches: the one with the
     # main settings (lm loss, default LR 2e-3) repeats the main fine-tune; "both" = lm + answer at step 1.
@@ -348,6 +348,9 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert first("nsa_both_lr0.002") == pytest.approx(first("nsa") + first("nsa_answer_lr0.002"), rel=1e-5)
     assert first("nsa_answer_lr0.002") != pytest.approx(first("nsa"), rel=1e-3)
     assert "NSA, both loss, LR 0.002, after fine-tune" in table
+    assert "NSA, 6 selected blocks, after fine-tune" in table and "--nsa-slc-count-needle 6" in saved["reproduce"]
+    # More selected blocks see more of the context: a different first fine-tune loss than the main variant.
+    assert first("nsa_slc6") != pytest.approx(first("nsa"), rel=1e-6)
     assert "--nsa-needle-extra lm@2e-3,answer@2e-3,both@2e-3" in saved["reproduce"]
     # On CPU "auto" is the reference too: the reference-backend variant repeats the NSA fine-tune (in
     # micro-batches of 2 of the 4 sequences: the accumulated steps match the whole-batch ones), and the
@@ -530,3 +533,21 @@ def test_needle_variant_spec_parses():
     assert quality.parse_needle_variants("lm@5e-4, answer@1e-4") == [("lm", 5e-4), ("answer", 1e-4)]
     assert quality.parse_needle_variants(None) == []
     assert quality.needle_variant_name("both", 5e-4) == "nsa_both_lr0.0005"
+
+
+def test_with_slc_count_selects_more_blocks_and_checks_the_count():
+    import quality
+    from nsa_hf import NSALlamaConfig, NSALlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = NSALlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, nsa_cmp_block=8, nsa_cmp_stride=4,
+                            nsa_slc_block=8, nsa_slc_count=3, nsa_init_blocks=1, nsa_local_blocks=1, nsa_window=8)
+    model = NSALlamaForCausalLM(config).eval()
+    wide = quality.with_slc_count(model, 6)
+    assert (model.config.nsa_slc_count, wide.config.nsa_slc_count) == (3, 6)
+    ids = torch.randint(0, 64, (1, 80))
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, wide(ids).logits)
+    with pytest.raises(ValueError, match="slc_count"):
+        quality.with_slc_count(model, 1)  # fewer than the forced initial + local blocks
