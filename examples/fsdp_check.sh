@@ -81,6 +81,15 @@ fsdp() {  # $1 = fp32|bf16, $2.. = extra train.py args
       > "$OUT/train-fsdp-$prec.log" 2>&1
 }
 
+sharded() {  # $1 = fp32|bf16: the FSDP run's log must show FSDP2-sharded modules (not a silent DDP/1-process run)
+  local prec=$1
+  if python -c "import json, sys; r = json.load(open(sys.argv[1])); sys.exit(0 if r and all(x.get('fsdp_units', 0) > 0 and x['world_size'] == $NPROC for x in r) else 1)" "$OUT/loss-fsdp-$prec.json"; then
+    say "$prec: FSDP run sharded ($(python -c "import json, sys; print(json.load(open(sys.argv[1]))[0]['fsdp_units'])" "$OUT/loss-fsdp-$prec.json") FSDP units, world size $NPROC)"
+  else
+    say "$prec: FSDP run NOT sharded (fsdp_units / world_size in $OUT/loss-fsdp-$prec.json)"; status=1
+  fi
+}
+
 compare() {  # $1 = fp32|bf16, $2 = tolerance
   local prec=$1 tol=$2
   python examples/compare_losses.py "$OUT/loss-1gpu-$prec.json" "$OUT/loss-fsdp-$prec.json" --tolerance "$tol" \
@@ -99,9 +108,11 @@ wait $pid_a || { say "fp32 single-GPU run FAILED"; tail -30 "$OUT/train-1gpu-fp3
 wait $pid_b || { say "bf16 single-GPU run FAILED"; tail -30 "$OUT/train-1gpu-bf16.log"; status=1; }
 say "fp32: FSDP on $NPROC GPUs (--mixed_precision no), --batch-size 1 each"
 fsdp fp32 || { say "fp32 FSDP run FAILED"; tail -40 "$OUT/train-fsdp-fp32.log"; status=1; }
+sharded fp32
 compare fp32 "$TOL_FP32"
 say "bf16: FSDP on $NPROC GPUs (--mixed_precision bf16, --bf16), --batch-size 1 each, saving the final model"
 fsdp bf16 --bf16 || { say "bf16 FSDP run FAILED"; tail -40 "$OUT/train-fsdp-bf16.log"; status=1; }
+sharded bf16
 compare bf16 "$TOL_BF16"
 
 if [ -f "$OUT/run-fsdp-bf16/final/config.json" ]; then

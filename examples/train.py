@@ -61,9 +61,19 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def fsdp_units(model) -> int:
+    """Modules of ``model`` sharded by FSDP2 (``fully_shard`` makes them ``FSDPModule``\ s); 0 without FSDP."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return 0
+    return sum(isinstance(m, FSDPModule) for m in model.modules()) if model is not None else 0
+
+
 class LossLogCallback(TrainerCallback):
-    """Appends ``{phase, step, loss, grad_norm, learning_rate}`` for every log with a loss and rewrites
-    ``path`` as a JSON list each time (main process only), so a crash later keeps the losses so far."""
+    """Appends ``{phase, step, loss, grad_norm, learning_rate, world_size, fsdp_units}`` for every log
+    with a loss and rewrites ``path`` as a JSON list each time (main process only), so a crash later
+    keeps the losses so far. ``fsdp_units`` (FSDP2-sharded modules) shows that a run really was sharded."""
 
     def __init__(self, path, phase, records):
         self.path, self.phase, self.records = path, phase, records
@@ -73,7 +83,7 @@ class LossLogCallback(TrainerCallback):
             return
         self.records.append({"phase": self.phase, "step": state.global_step, "loss": logs["loss"],
                              "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
-                             "world_size": args.world_size})
+                             "world_size": args.world_size, "fsdp_units": fsdp_units(kwargs.get("model"))})
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "w") as f:
             json.dump(self.records, f, indent=1)

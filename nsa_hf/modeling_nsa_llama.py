@@ -196,6 +196,14 @@ class NSALlamaDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
+def _class_before_fsdp(cls: type) -> type:
+    """The class that FSDP2's ``fully_shard`` wrapped, for the ``FSDP<Name>(FSDPModule, <Name>)`` subclass it
+    generates (defined in torch's own modules); ``cls`` itself for any other class."""
+    if cls.__name__.startswith("FSDP") and any(base.__name__ == "FSDPModule" for base in cls.__bases__):
+        return next(base for base in cls.__bases__ if base.__name__ != "FSDPModule")
+    return cls
+
+
 class NSALlamaPreTrainedModel(PreTrainedModel):
     """Weight initialisation and flags shared by the NSA-Llama models.
 
@@ -219,6 +227,21 @@ class NSALlamaPreTrainedModel(PreTrainedModel):
         "hidden_states": NSALlamaDecoderLayer,
         "attentions": NSALlamaAttention,
     }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, also for a model sharded by FSDP2 (``fully_shard``, e.g. by the
+        Trainer under ``accelerate launch``): FSDP2 gives the model a generated class defined in torch, and
+        saving under that class would copy torch's FSDP sources as the checkpoint's remote code and point
+        ``auto_map`` at them, so the model is saved as its own class."""
+        sharded_cls = type(self)
+        original = _class_before_fsdp(sharded_cls)
+        if original is sharded_cls:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.__class__ = original
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_cls
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         return super().get_correct_attn_implementation(requested_attention or "nsa", is_init_check)

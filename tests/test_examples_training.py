@@ -166,6 +166,7 @@ def test_two_processes_match_one_process_with_grad_accum(nsa_dir_and_data):
     one = json.loads((root / "loss-1proc.json").read_text())
     two = json.loads((root / "loss-2proc.json").read_text())
     assert [r["world_size"] for r in two] == [2, 2] and [r["world_size"] for r in one] == [1, 1]
+    assert [r["fsdp_units"] for r in one + two] == [0] * 4  # DDP: nothing sharded (the FSDP check requires > 0)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)

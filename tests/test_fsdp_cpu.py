@@ -1,0 +1,94 @@
+"""FSDP2 on CPU: two gloo processes with every NSA decoder layer sharded (``fully_shard``) train exactly
+like one process on the same global batch, and the model they save is an ordinary NSA-Llama
+checkpoint whose remote code loads without nsa_hf. (The Trainer / ``accelerate launch`` path on two
+GPUs is ``examples/fsdp_check.sh``; accelerate runs the Trainer as plain DDP on CPU.)"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_convert import _REMOTE_LOAD, SMALL, tiny_llama
+from transformers import AutoModelForCausalLM
+
+from nsa_hf.convert import convert_llama_to_nsa
+from nsa_hf.hub import bundle_remote_code
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "fsdp_worker.py"
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp_cpu")
+    convert_llama_to_nsa(tiny_llama(), root / "nsa", evaluate=False, progress=False, remote_code=False, **SMALL)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    runs = {
+        "one": [sys.executable, str(WORKER), str(root / "nsa"), str(root / "one")],
+        "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 str(WORKER), str(root / "nsa"), str(root / "fsdp"), "--fsdp"],
+    }
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, (name, proc.stdout[-3000:] + proc.stderr[-3000:])
+    return root
+
+
+def test_fsdp_two_ranks_train_like_one_process(fsdp_runs):
+    one = json.loads((fsdp_runs / "one" / "losses.json").read_text())
+    two = json.loads((fsdp_runs / "fsdp" / "losses.json").read_text())
+    layers = AutoModelForCausalLM.from_pretrained(fsdp_runs / "nsa").config.num_hidden_layers
+    assert (one["world_size"], one["fsdp_units"]) == (1, 0)
+    assert (two["world_size"], two["fsdp_units"]) == (2, layers + 1)  # every decoder layer and the root
+    assert len(one["losses"]) == 4
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(fsdp_runs / "one").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(fsdp_runs / "fsdp").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(fsdp_runs / "nsa").state_dict()
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Training moved every parameter, the compressors included (a rank had no complete compression block
+    # at step 2: its compressors still took part in the backward, or the reduce-scatter would hang).
+    moved = {name for name in a if not torch.equal(a[name], start[name])}
+    assert {n for n in a if "nsa_cmp" in n or "nsa_gate" in n} <= moved
+
+
+def test_fsdp_saved_model_is_an_ordinary_checkpoint(fsdp_runs, tmp_path):
+    one, fsdp = fsdp_runs / "one", fsdp_runs / "fsdp"
+    # FSDP2 swaps in a generated class defined in torch; the save must not bundle torch's sources or
+    # point auto_map at them.
+    assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in one.iterdir())
+    config = json.loads((fsdp / "config.json").read_text())
+    assert config["auto_map"] == json.loads((one / "config.json").read_text())["auto_map"]
+    assert config["architectures"] == ["NSALlamaForCausalLM"]
+    # Bundled for the Hub (what export_for_hub does after saving), it loads where nsa_hf is not installed.
+    hub = tmp_path / "hub"
+    shutil.copytree(fsdp, hub)
+    bundle_remote_code(hub)
+    model = AutoModelForCausalLM.from_pretrained(fsdp).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 70))
+    torch.save(ids, tmp_path / "ids.pt")
+    run = subprocess.run([sys.executable, "-c", _REMOTE_LOAD, str(hub), str(tmp_path / "ids.pt"),
+                          str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_names_the_wrapped_class():
+    from nsa_hf.modeling_nsa_llama import NSALlamaForCausalLM, _class_before_fsdp
+
+    class FSDPModule:  # stands in for torch.distributed.fsdp.FSDPModule
+        pass
+
+    generated = type("FSDPNSALlamaForCausalLM", (FSDPModule, NSALlamaForCausalLM), {})
+    assert _class_before_fsdp(generated) is NSALlamaForCausalLM
+    assert _class_before_fsdp(NSALlamaForCausalLM) is NSALlamaForCausalLM
+    user_subclass = type("FSDPLike", (NSALlamaForCausalLM,), {})  # a prefix alone is not FSDP's class
+    assert _class_before_fsdp(user_subclass) is user_subclass
