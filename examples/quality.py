@@ -40,7 +40,8 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
 
    Each model is fine-tuned for ``--needle-steps`` steps on freshly planted sequences of training text
    at uniform depths (loss on the answer tokens only: every answer digit of every question for ``kv``;
-   ``--needle-loss lm``: next-token loss on every token of those sequences instead), then evaluated on
+   ``--needle-loss lm``: next-token loss on every token of those sequences instead; ``both``: the sum), then
+   evaluated on
    ``--needle-eval`` held-out sequences per depth:
 
    * the NSA model (continued from step 2),
@@ -53,7 +54,11 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
    * with ``--nsa-reference-needle``, the NSA model once more, fine-tuned and evaluated through the
      PyTorch reference instead of the Triton kernels (``nsa_hf.attention.VARLEN_BACKEND``; micro-batches
      of ``--reference-micro-batch`` sequences);
-   * with ``--nsa-frozen-needle``, the NSA model once more with its compressors and gates frozen.
+   * with ``--nsa-frozen-needle``, the NSA model once more with its compressors and gates frozen;
+   * with ``--nsa-needle-extra LOSS@LR,...``, the NSA model once more per item, fine-tuned with that loss
+     (``answer``, ``lm``, or ``both``: their sum) and peak LR;
+   * with ``--nsa-slc-count-needle N``, the NSA model once more, fine-tuned and evaluated with N selected
+     blocks per query (same weights; is the selection's coverage what limits retrieval?).
 
    ``--grad-check`` first compares the continued NSA model's gradients through the Triton kernels and
    the reference (``examples/grad_check.py``; ``grad_check`` in the results).
