@@ -130,17 +130,23 @@ with torch.no_grad():
 """
 
 
-def test_saved_folder_loads_as_remote_code_without_nsa_hf(converted, tmp_path):
-    model, _, dst = converted
-    assert (dst / "nsa_bundle.py").is_file() and "auto_map" in json.loads((dst / "config.json").read_text())
-    ids = torch.randint(0, model.config.vocab_size, (1, 100))
+def assert_loads_as_remote_code(folder, model, tmp_path, length: int = 100) -> None:
+    """``folder`` loads with ``trust_remote_code=True`` in a subprocess where nsa_hf and nsa_kernels cannot be
+    imported, and gives ``model``'s logits on random ids."""
+    ids = torch.randint(0, model.config.vocab_size, (1, length))
     torch.save(ids, tmp_path / "ids.pt")
-    run = subprocess.run([sys.executable, "-c", _REMOTE_LOAD, str(dst), str(tmp_path / "ids.pt"),
+    run = subprocess.run([sys.executable, "-c", _REMOTE_LOAD, str(folder), str(tmp_path / "ids.pt"),
                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     with torch.no_grad():
         want = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_folder_loads_as_remote_code_without_nsa_hf(converted, tmp_path):
+    model, _, dst = converted
+    assert (dst / "nsa_bundle.py").is_file() and "auto_map" in json.loads((dst / "config.json").read_text())
+    assert_loads_as_remote_code(dst, model, tmp_path)
 
 
 def test_report_measures_at_a_sparse_length(llama_dir, converted):

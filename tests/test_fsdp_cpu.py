@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_convert import _REMOTE_LOAD, SMALL, tiny_llama
+from test_convert import SMALL, assert_loads_as_remote_code, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from nsa_hf.convert import convert_llama_to_nsa
@@ -70,15 +70,7 @@ def test_fsdp_saved_model_is_an_ordinary_checkpoint(fsdp_runs, tmp_path):
     hub = tmp_path / "hub"
     shutil.copytree(fsdp, hub)
     bundle_remote_code(hub)
-    model = AutoModelForCausalLM.from_pretrained(fsdp).eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, 70))
-    torch.save(ids, tmp_path / "ids.pt")
-    run = subprocess.run([sys.executable, "-c", _REMOTE_LOAD, str(hub), str(tmp_path / "ids.pt"),
-                          str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-2000:]
-    with torch.no_grad():
-        want = model(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-5, atol=1e-5)
+    assert_loads_as_remote_code(hub, AutoModelForCausalLM.from_pretrained(fsdp).eval(), tmp_path, length=70)
 
 
 def test_save_pretrained_names_the_wrapped_class():
