@@ -83,8 +83,9 @@ fsdp() {  # $1 = fp32|bf16, $2.. = extra train.py args
 
 sharded() {  # $1 = fp32|bf16: the FSDP run's log must show FSDP2-sharded modules (not a silent DDP/1-process run)
   local prec=$1
-  if python -c "import json, sys; r = json.load(open(sys.argv[1])); sys.exit(0 if r and all(x.get('fsdp_units', 0) > 0 and x['world_size'] == $NPROC for x in r) else 1)" "$OUT/loss-fsdp-$prec.json"; then
-    say "$prec: FSDP run sharded ($(python -c "import json, sys; print(json.load(open(sys.argv[1]))[0]['fsdp_units'])" "$OUT/loss-fsdp-$prec.json") FSDP units, world size $NPROC)"
+  local units
+  if units=$(python -c "import json, sys; r = json.load(open(sys.argv[1])); print(r[0]['fsdp_units']); sys.exit(0 if all(x.get('fsdp_units', 0) > 0 and x['world_size'] == $NPROC for x in r) else 1)" "$OUT/loss-fsdp-$prec.json" 2>/dev/null); then
+    say "$prec: FSDP run sharded ($units FSDP units, world size $NPROC)"
   else
     say "$prec: FSDP run NOT sharded (fsdp_units / world_size in $OUT/loss-fsdp-$prec.json)"; status=1
   fi

@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -972,14 +971,12 @@ def needle_step_loss(needles: Needles, ids: torch.Tensor, answers: torch.Tensor,
 
 def with_slc_count(model, count: int):
     """A copy of NSA-Llama ``model`` that selects ``count`` blocks per query (its weights unchanged)."""
-    from nsa_hf.attention import validate_nsa_params
-
     wide = copy.deepcopy(model)
-    settings = {**dataclasses.asdict(wide.config.nsa_params()), "slc_count": count}
-    validate_nsa_params(**settings)  # names the bad value and the allowed range
     wide.config.nsa_slc_count = count
+    wide.config._validate_nsa()  # names the bad value and the allowed range
+    params = wide.config.nsa_params()
     for layer in wide.model.layers:  # each attention layer keeps its own NSAParams
-        layer.self_attn.nsa_params = wide.config.nsa_params()
+        layer.self_attn.nsa_params = params
     return wide
 
 

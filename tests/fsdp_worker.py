@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +22,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
 import nsa_hf  # noqa: F401  (registers NSA-Llama)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from train import fsdp_units  # noqa: E402
 
 RANKS = 2
 # Document lengths per step and rank: packed rows of one or two documents, odd lengths, and at step 2 a
@@ -76,9 +80,7 @@ def main() -> None:
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    from torch.distributed.fsdp import FSDPModule
-
-    units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    units = fsdp_units(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     losses = []
     for step in range(len(DOC_LENGTHS)):
