@@ -1329,21 +1329,22 @@ def main(argv=None) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
     # 3. Needle in a haystack.
-    variants = {"nsa": nsa}
+    # The required variants first (NSA, window-only, dense), then the exploratory ones, the slow reference
+    # last: a run cut short by a device time limit keeps what the targets need.
+    variants = {"nsa": nsa, "window_only": window_only(nsa)}
     settings = {"nsa": (args.needle_loss, args.needle_lr)}  # fine-tune loss and peak LR per variant
+    if not args.no_dense_needle:
+        variants["dense"] = dense
     for loss_kind, lr in args.nsa_needle_variants:
         name = needle_variant_name(loss_kind, lr)
         variants[name], settings[name] = copy.deepcopy(nsa), (loss_kind, lr)
     if args.nsa_slc_count_needle:
         name = f"nsa_slc{args.nsa_slc_count_needle}"
         variants[name], settings[name] = with_slc_count(nsa, args.nsa_slc_count_needle), settings["nsa"]
-    variants["window_only"] = window_only(nsa)
     if args.nsa_frozen_needle:
         variants["nsa_frozen_modules"] = frozen_nsa_modules(copy.deepcopy(nsa))
-    if args.nsa_reference_needle:  # the slow one last: a run cut short keeps the others
+    if args.nsa_reference_needle:
         variants["nsa_reference"] = copy.deepcopy(nsa)
-    if not args.no_dense_needle:
-        variants["dense"] = dense
     check_ids, _ = needles.batch(eval_blocks[:2], [args.depths[0]] * min(2, len(eval_blocks)),
                                  torch.Generator().manual_seed(0))
     try:

@@ -337,6 +337,9 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert needle["distractors"] == 2 and 0 < needle["chance_per_token"] < 0.01
     extra = {"nsa_lm_lr0.002", "nsa_answer_lr0.002", "nsa_both_lr0.002", "nsa_slc6"}
     assert set(needle["results"]) == {"nsa", "nsa_reference", "nsa_frozen_modules", "window_only", "dense"} | extra
+    # the variants the targets need run first, the slow reference last (a run cut short keeps the former)
+    order = list(needle["results"])
+    assert order[:3] == ["nsa", "window_only", "dense"] and order[-1] == "nsa_reference", order
     # Every extra variant starts from the continued NSA model and sees the same batches: the one with the
     # main settings (lm loss, default LR 2e-3) repeats the main fine-tune; "both" = lm + answer at step 1.
     res = needle["results"]
