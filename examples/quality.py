@@ -150,7 +150,8 @@ def parse_args(argv=None):
     n.add_argument("--cmp-block", type=int, default=32)
     n.add_argument("--cmp-stride", type=int, default=16)
     n.add_argument("--slc-block", type=int, default=64)
-    n.add_argument("--slc-count", type=int, default=8)
+    n.add_argument("--slc-count", type=int, default=16,
+                   help="selected blocks per query (the paper's and NSA-Llama's 16; runs 1-5 in docs/quality.md used 8)")
     n.add_argument("--init-blocks", type=int, default=1)
     n.add_argument("--local-blocks", type=int, default=2)
     n.add_argument("--window", type=int, default=128)
@@ -936,22 +937,42 @@ def needle_train_batch(needles: Needles, train_blocks, step: int, batch_size: in
 
 
 @torch.no_grad()
-def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, batch_size: int, seed: int, device):
+def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, batch_size: int, seed: int, device,
+                    selection: bool = False):
     """Per depth: exact-match accuracy (whole answer) and per-token accuracy (``"digit"`` for the kv probe,
-    ``"token"`` for the span probe) on ``count`` held-out probes, teacher-forced argmax (``answer_hits``)."""
+    ``"token"`` for the span probe) on ``count`` held-out probes, teacher-forced argmax (``answer_hits``).
+    ``selection`` (span probe, NSA models): also ``"selection"``, how often the NSA layers chose the
+    selection block of each answer token's source in the passage (``selection_probe.source_coverage``)."""
+    from contextlib import nullcontext
+
+    from selection_probe import SelectionRecorder, source_coverage, source_hits
+
+    selection = selection and needles.kind == "span"
     model.eval()
     out = {}
     for d_i, depth in enumerate(depths):
         g = torch.Generator().manual_seed(seed * 31 + 17 + d_i)
         exact = digit = 0
-        for start in range(0, count, batch_size):
-            n = min(batch_size, count - start)
-            fillers = eval_blocks[torch.arange(start, start + n) % len(eval_blocks)]
-            ids, answers = needles.batch(fillers, [depth] * n, g)
-            hits = answer_hits(needles.logits(model, ids.to(device), target_only=True)[:, 0].cpu(), answers[:, 0])
-            exact += hits[0]
-            digit += hits[1]
+        hits, rights = [], []
+        rows = needles.answer_pos - 1  # the positions whose logits predict the answer tokens
+        recorder = SelectionRecorder(int(rows[0]), int(rows[-1])) if selection else nullcontext()
+        source = needles.start(depth) + needles.prefix + torch.arange(needles.answer_len) if selection else None
+        with recorder:
+            for start in range(0, count, batch_size):
+                n = min(batch_size, count - start)
+                fillers = eval_blocks[torch.arange(start, start + n) % len(eval_blocks)]
+                ids, answers = needles.batch(fillers, [depth] * n, g)
+                logits = needles.logits(model, ids.to(device), target_only=True)[:, 0].cpu()
+                hit = answer_hits(logits, answers[:, 0])
+                exact += hit[0]
+                digit += hit[1]
+                if selection and recorder.layers:
+                    hits.append(source_hits(recorder.layers, source.expand(n, -1), model.config.nsa_slc_block))
+                    rights.append(logits.argmax(-1) == answers[:, 0])
+                    recorder.clear()
         out[f"{depth:g}"] = {"exact": exact / count, needles.token_metric: digit / (count * needles.answer_len)}
+        if hits:
+            out[f"{depth:g}"]["selection"] = source_coverage(torch.cat(hits, dim=1), torch.cat(rights))
     return out
 
 
@@ -1151,6 +1172,20 @@ def markdown(results: dict) -> str:
                 acc = nd["results"][variant][when]
                 lines.append(f"| {label}, {when} fine-tune | " + " | ".join(f"{acc[d][metric]:.3f}" for d in depths)
                              + " |")
+        lines.append("")
+    selected = [(v, label) for v, label in needle_variant_labels(nd["results"])
+                if "selection" in nd["results"][v]["after"][depths[0]]]
+    if selected:
+        lines.append("| selection: answer tokens whose source block some layer chose, all / wrong tokens (wrong count) | "
+                     + " | ".join(f"depth {d}" for d in depths) + " |")
+        lines.append("|---|" + "---|" * len(depths))
+        cell = lambda c: f"{c['any_layer']:.3f} / " + ("-" if c["any_layer_wrong"] is None  # noqa: E731
+                                                        else f"{c['any_layer_wrong']:.3f} ({c['wrong_tokens']})")
+        for variant, label in selected:
+            for when in ("before", "after"):
+                acc = nd["results"][variant][when]
+                lines.append(f"| {label}, {when} fine-tune | "
+                             + " | ".join(cell(acc[d]["selection"]) for d in depths) + " |")
         lines.append("")
     lines += ["| fine-tune loss (mean of the first / last tenth of the steps) | first | last |", "|---|---|---|"]
     for variant, label in needle_variant_labels(nd["results"]):
@@ -1364,13 +1399,14 @@ def main(argv=None) -> dict:
         try:
             loss_kind, lr = settings.get(name, (args.needle_loss, args.needle_lr))
             run = Run(master, dtype, lr, args.needle_steps, args)
+            diagnose = name.startswith("nsa")  # which blocks the selection chose at the answers
             before = needle_accuracy(run.model, needles, eval_blocks, args.depths, args.needle_eval,
-                                     args.needle_batch_size, args.seed, device)
+                                     args.needle_batch_size, args.seed, device, selection=diagnose)
             log(f"{name}: needle accuracy before fine-tune {[v['exact'] for v in before.values()]}")
             micro = args.reference_micro_batch if name == "nsa_reference" else 0
             summary = finetune_needles(run, needles, train_blocks, args, device, name, micro, loss_kind)
             after = needle_accuracy(run.model, needles, eval_blocks, args.depths, args.needle_eval,
-                                    args.needle_batch_size, args.seed, device)
+                                    args.needle_batch_size, args.seed, device, selection=diagnose)
             log(f"{name}: needle accuracy after fine-tune {[v['exact'] for v in after.values()]}")
             needle_results[name] = {"before": before, "after": after, "finetune": summary, "loss": loss_kind, "lr": lr}
             del run

@@ -351,6 +351,14 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert first("nsa_both_lr0.002") == pytest.approx(first("nsa") + first("nsa_answer_lr0.002"), rel=1e-5)
     assert first("nsa_answer_lr0.002") != pytest.approx(first("nsa"), rel=1e-3)
     assert "NSA, both loss, LR 0.002, after fine-tune" in table
+    # the selection diagnostic: for the NSA variants only, a fraction per layer and the right/wrong split
+    for variant, r in res.items():
+        cov = r["after"]["0.5"].get("selection")
+        assert (cov is not None) == variant.startswith("nsa"), variant
+        if cov:
+            assert len(cov["per_layer"]) == 2 and cov["tokens"] == 4 * 8
+            assert all(0.0 <= x <= 1.0 for x in cov["per_layer"]) and cov["any_layer"] >= max(cov["per_layer"]) - 1e-4
+    assert "selection: answer tokens whose source block some layer chose" in table
     assert "NSA, 6 selected blocks, after fine-tune" in table and "--nsa-slc-count-needle 6" in saved["reproduce"]
     # More selected blocks see more of the context: a different first fine-tune loss than the main variant.
     assert first("nsa_slc6") != pytest.approx(first("nsa"), rel=1e-6)
@@ -383,7 +391,7 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
         for when in ("before", "after"):
             assert set(variant[when]) == set(needle["geometry"])
             for acc in variant[when].values():
-                assert set(acc) == {"exact", "token"} and 0.0 <= acc["exact"] <= acc["token"] <= 1.0
+                assert set(acc) - {"selection"} == {"exact", "token"} and 0.0 <= acc["exact"] <= acc["token"] <= 1.0
         assert variant["finetune"]["steps"] == 3
     for depth, geo in needle["geometry"].items():
         assert geo["outside_window"] and geo["distance"] >= saved["args"]["window"]

@@ -1,0 +1,98 @@
+"""Which selection blocks an NSA model chose where the retrieval probe scores it (a diagnostic for quality.py).
+
+The span probe asks a model to copy a passage from far beyond its sliding window. An NSA layer can only
+copy a token at full resolution if that token's selection block is among the blocks the query chose; the
+choice (a top-n over the compressed attention's block scores) has no gradient. :class:`SelectionRecorder`
+records, while a forward runs, the blocks every NSA layer chose for a few query rows (by the reference's
+selection rule, ``nsa_kernels.reference.nsa_sequence``, on the layer's own queries and compressed keys),
+and :func:`source_coverage` tells how often the block holding the token to be copied was among them,
+split by whether the model got the token right: if the wrong tokens are the ones whose source block no
+layer chose, retrieval is limited by the selection, not by what the model does with what it sees.
+"""
+from __future__ import annotations
+
+import torch
+
+import nsa_hf.attention as nsa_attention
+from nsa_kernels.reference import nsa_sequence
+
+
+class SelectionRecorder:
+    """Context manager: while active, every NSA attention call (one per layer, in layer order, on packed
+    sequences whose queries are the last of their keys) also records the selection blocks of the query
+    rows at sequence positions ``first_row .. last_row``.
+
+    After a forward, ``layers`` holds one int tensor per layer, ``(sequences, rows, kv_heads, slc_count)``
+    (``-1`` padding as in the reference); :meth:`clear` empties it for the next forward."""
+
+    def __init__(self, first_row: int, last_row: int):
+        if not 0 <= first_row <= last_row:
+            raise ValueError(f"rows {first_row}..{last_row}: need 0 <= first_row <= last_row")
+        self.first_row, self.last_row = first_row, last_row
+        self.layers: list[torch.Tensor] = []
+        self._original = None
+
+    def __enter__(self):
+        self._original = nsa_attention._nsa_varlen
+
+        def recording(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale, *rest):
+            with torch.no_grad():
+                self.layers.append(self._choose(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale))
+            return self._original(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale, *rest)
+
+        nsa_attention._nsa_varlen = recording
+        return self
+
+    def __exit__(self, *exc):
+        nsa_attention._nsa_varlen = self._original
+        return False
+
+    def clear(self) -> None:
+        self.layers = []
+
+    def _choose(self, q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale) -> torch.Tensor:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        cq, ck, cc = (c.tolist() for c in (cu_q, cu_k, cu_cmp))
+        chosen = []
+        for b in range(len(cq) - 1):
+            len_q, len_k = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+            if self.last_row >= len_k:
+                raise ValueError(f"row {self.last_row} is past sequence {b}'s {len_k} keys")
+            first_q = self.first_row - (len_k - len_q)  # query index of the first row
+            if first_q < 0:
+                raise ValueError(f"row {self.first_row} has no query in sequence {b} (queries are its last {len_q} "
+                                 "positions)")
+            rows = slice(cq[b] + first_q, cq[b] + first_q + self.last_row - self.first_row + 1)
+            keys = slice(ck[b], ck[b] + self.last_row + 1)  # the rows become the last queries of these keys
+            cmp = slice(cc[b], cc[b + 1])
+            _, blocks = nsa_sequence(q[rows], k[keys], v[keys], cmp_k[cmp], cmp_v[cmp], gates[rows], params, scale,
+                                     return_block_indices=True)
+            chosen.append(blocks)
+        return torch.stack(chosen).cpu()
+
+
+def source_hits(layers: list[torch.Tensor], source_pos: torch.Tensor, slc_block: int) -> torch.Tensor:
+    """``(L, B, A)`` bool: whether layer ``l`` (any of its KV heads) chose the selection block holding
+    ``source_pos[b, a]``, the position of the token that row ``a`` of sequence ``b`` must copy.
+    ``layers``: per layer ``(B, A, Hkv, n)`` chosen blocks (:class:`SelectionRecorder`)."""
+    src_block = (source_pos // slc_block)[..., None, None]
+    return torch.stack([(blocks == src_block).any(-1).any(-1) for blocks in layers])
+
+
+def source_coverage(hits: torch.Tensor, right: torch.Tensor) -> dict:
+    """Summary of ``(L, N, A)`` :func:`source_hits` against ``(N, A)`` bool ``right`` (the model predicted
+    the token): over the ``N * A`` scored tokens, ``per_layer`` (fraction whose source block that layer
+    chose), ``any_layer``, and among the right and among the wrong tokens the fraction whose source block
+    the most-choosing layer (``best_layer``) / any layer chose."""
+    per_layer = hits.float().mean(dim=(1, 2))
+    best = int(per_layer.argmax())
+    any_layer = hits.any(0)
+    wrong = ~right
+
+    def frac(h: torch.Tensor, where: torch.Tensor):
+        return round(float(h[where].float().mean()), 4) if bool(where.any()) else None
+
+    return {"tokens": int(right.numel()), "wrong_tokens": int(wrong.sum()),
+            "per_layer": [round(float(x), 4) for x in per_layer], "any_layer": frac(any_layer, right | wrong),
+            "best_layer": best, "best_layer_right": frac(hits[best], right), "best_layer_wrong": frac(hits[best], wrong),
+            "any_layer_right": frac(any_layer, right), "any_layer_wrong": frac(any_layer, wrong)}
