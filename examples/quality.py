@@ -40,9 +40,11 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
 
    Each model is fine-tuned for ``--needle-steps`` steps on freshly planted sequences of training text
    at uniform depths (loss on the answer tokens only: every answer digit of every question for ``kv``;
-   ``--needle-loss lm``: next-token loss on every token of those sequences instead; ``both``: the sum), then
-   evaluated on
-   ``--needle-eval`` held-out sequences per depth:
+   ``--needle-loss lm``: next-token loss on every token of those sequences instead; ``both``: the sum;
+   ``answer_capped``: the answer loss with each token's cross-entropy clamped at ``--answer-loss-cap``, so
+   tokens the model cannot currently copy add no gradient), then evaluated on
+   ``--needle-eval`` held-out sequences per depth (span probe, NSA variants: also which blocks each layer
+   selected at the answers, ``examples/selection_probe.py``):
 
    * the NSA model (continued from step 2),
    * a *window-only* variant: the same NSA model with its gate modules replaced by constant logits
@@ -108,7 +110,7 @@ TINY = dict(
     needle_eval=4, needle_batch_size=4, needle_pairs=2, needle_digits=3, span_len=12, span_prefix=4,
     span_distractors=2, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16, copy_eval=4,
 )
-NEEDLE_LOSSES = ("answer", "lm", "both")
+NEEDLE_LOSSES = ("answer", "lm", "both", "answer_capped")
 WINDOW_ONLY_GATE_LOGITS = (-1.0e4, -1.0e4, 1.0e4)  # sigmoid -> exactly (0, 0, 1) in fp32 and bf16
 
 
@@ -198,7 +200,11 @@ def parse_args(argv=None):
                         "accuracy is measured per copy distance (results: copy_probe)")
     k.add_argument("--needle-loss", choices=NEEDLE_LOSSES, default="answer",
                    help="needle fine-tune loss: on the answer tokens only (answer), next-token loss on every token of "
-                        "the planted sequences, answers included (lm), or the sum of the two from one forward (both)")
+                        "the planted sequences, answers included (lm), the sum of the two from one forward (both), or "
+                        "the answer loss with each token's cross-entropy clamped at --answer-loss-cap (answer_capped)")
+    k.add_argument("--answer-loss-cap", type=float, default=2.0, metavar="NATS",
+                   help="answer_capped: per-token cross-entropy cap; an answer token the model cannot currently copy "
+                        "(loss above the cap, e.g. NSA did not select its source block) adds no gradient")
     k.add_argument("--nsa-needle-extra", default=None, metavar="LOSS@LR,...",
                    help="add NSA fine-tune variants with other --needle-loss / --needle-lr settings, e.g. "
                         "'lm@5e-4,answer@1e-4' (each starts from the same continued NSA model; results: nsa_LOSS_lrLR)")
@@ -910,11 +916,13 @@ def score_answers(logits: torch.Tensor, answers: torch.Tensor) -> dict:
     return {"exact": exact / answers.shape[0], "token": tokens / answers.numel()}
 
 
-def needle_loss(needles: Needles, ids, answers):
-    """Cross-entropy over every answer digit of every question."""
+def needle_loss(needles: Needles, ids, answers, cap: float | None = None):
+    """Cross-entropy over every answer digit of every question; with ``cap``, each token's cross-entropy
+    is clamped at ``cap`` nats first (tokens above it add nothing to the gradient)."""
     def fn(model):
         logits = needles.logits(model, ids)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1), reduction="none")
+        return (ce if cap is None else ce.clamp(max=cap)).mean()
     return fn
 
 
@@ -976,12 +984,14 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
     return out
 
 
-def needle_step_loss(needles: Needles, ids: torch.Tensor, answers: torch.Tensor, kind: str, micro_batch: int = 0):
+def needle_step_loss(needles: Needles, ids: torch.Tensor, answers: torch.Tensor, kind: str, micro_batch: int = 0,
+                     cap: float = 2.0):
     """The fine-tune loss of one batch (``kind`` as ``--needle-loss``), as one loss function or, with
     ``micro_batch`` > 0, a list over micro-batches of that many sequences (``Run.step`` accumulates)."""
     if kind not in NEEDLE_LOSSES:
         raise ValueError(f"needle loss {kind!r}: expected one of {NEEDLE_LOSSES}")
     make = {"lm": lambda i, a: lm_loss(i), "answer": lambda i, a: needle_loss(needles, i, a),
+            "answer_capped": lambda i, a: needle_loss(needles, i, a, cap=cap),
             "both": lambda i, a: lm_and_answer_loss(needles, i, a)}[kind]
     if micro_batch <= 0 or micro_batch >= len(ids):
         return make(ids, answers)
@@ -1040,7 +1050,8 @@ def finetune_needles(run: Run, needles: Needles, train_blocks, args, device, nam
     log_every = max(1, run.steps // 10)
     for i in range(run.steps):
         ids, answers = needle_train_batch(needles, train_blocks, i, args.needle_batch_size, args.seed)
-        loss = run.step(needle_step_loss(needles, ids.to(device), answers.to(device), loss_kind, micro_batch))
+        loss = run.step(needle_step_loss(needles, ids.to(device), answers.to(device), loss_kind, micro_batch,
+                                         args.answer_loss_cap))
         if i % log_every == 0 or i == run.steps - 1:
             log(f"  {name} needle step {i + 1}/{run.steps}: {loss_kind} loss {loss:.4f} ({run.seconds:.1f} s)")
     return run.summary()
@@ -1409,6 +1420,8 @@ def main(argv=None) -> dict:
                                     args.needle_batch_size, args.seed, device, selection=diagnose)
             log(f"{name}: needle accuracy after fine-tune {[v['exact'] for v in after.values()]}")
             needle_results[name] = {"before": before, "after": after, "finetune": summary, "loss": loss_kind, "lr": lr}
+            if loss_kind == "answer_capped":
+                needle_results[name]["answer_loss_cap"] = args.answer_loss_cap
             del run
             results["needle_partial"] = needle_results  # a run cut short keeps the variants done so far
             (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

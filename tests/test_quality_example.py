@@ -29,7 +29,8 @@ def tiny_span_run(tmp_path_factory):
     results = quality.main(["--tiny", "--probe", "span", "--out", str(out), "--induction-steps", "3",
                             "--induction-len", "64", "--induction-span", "16", "--induction-batch-size", "4",
                             "--nsa-reference-needle", "--needle-loss", "lm", "--nsa-frozen-needle", "--grad-check",
-                            "--nsa-needle-extra", "lm@2e-3,answer@2e-3,both@2e-3", "--nsa-slc-count-needle", "6"])
+                            "--nsa-needle-extra", "lm@2e-3,answer@2e-3,both@2e-3,answer_capped@2e-3",
+                            "--nsa-slc-count-needle", "6"])
     return out, results
 
 
@@ -335,7 +336,7 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert needle["probe"] == "span" and saved["args"]["probe"] == "span"
     assert needle["span_len"] == 12 and needle["span_prefix"] == 4 and needle["answer_tokens"] == 8
     assert needle["distractors"] == 2 and 0 < needle["chance_per_token"] < 0.01
-    extra = {"nsa_lm_lr0.002", "nsa_answer_lr0.002", "nsa_both_lr0.002", "nsa_slc6"}
+    extra = {"nsa_lm_lr0.002", "nsa_answer_lr0.002", "nsa_both_lr0.002", "nsa_answer_capped_lr0.002", "nsa_slc6"}
     assert set(needle["results"]) == {"nsa", "nsa_reference", "nsa_frozen_modules", "window_only", "dense"} | extra
     # the variants the targets need run first, the slow reference last (a run cut short keeps the former)
     order = list(needle["results"])
@@ -351,6 +352,9 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert first("nsa_both_lr0.002") == pytest.approx(first("nsa") + first("nsa_answer_lr0.002"), rel=1e-5)
     assert first("nsa_answer_lr0.002") != pytest.approx(first("nsa"), rel=1e-3)
     assert "NSA, both loss, LR 0.002, after fine-tune" in table
+    # the capped answer loss never exceeds its cap (2 nats by default) and records it
+    capped = res["nsa_answer_capped_lr0.002"]
+    assert capped["answer_loss_cap"] == 2.0 and max(capped["finetune"]["first_losses"]) <= 2.0 + 1e-6
     # the selection diagnostic: for the NSA variants only, a fraction per layer and the right/wrong split
     for variant, r in res.items():
         cov = r["after"]["0.5"].get("selection")
@@ -362,7 +366,7 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert "NSA, 6 selected blocks, after fine-tune" in table and "--nsa-slc-count-needle 6" in saved["reproduce"]
     # More selected blocks see more of the context: a different first fine-tune loss than the main variant.
     assert first("nsa_slc6") != pytest.approx(first("nsa"), rel=1e-6)
-    assert "--nsa-needle-extra lm@2e-3,answer@2e-3,both@2e-3" in saved["reproduce"]
+    assert "--nsa-needle-extra lm@2e-3,answer@2e-3,both@2e-3,answer_capped@2e-3" in saved["reproduce"]
     # On CPU "auto" is the reference too: the reference-backend variant repeats the NSA fine-tune (in
     # micro-batches of 2 of the 4 sequences: the accumulated steps match the whole-batch ones), and the
     # backend is restored afterwards.
@@ -562,3 +566,34 @@ def test_with_slc_count_selects_more_blocks_and_checks_the_count():
         assert not torch.allclose(model(ids).logits, wide(ids).logits)
     with pytest.raises(ValueError, match="slc_count"):
         quality.with_slc_count(model, 1)  # fewer than the forced initial + local blocks
+
+
+def test_capped_answer_loss_drops_the_gradient_of_tokens_above_the_cap():
+    """answer_capped: a token whose cross-entropy is above the cap adds no gradient; below it, the gradient is
+    the plain answer loss's (both are means over the same tokens)."""
+    import quality
+
+    class OneQuestion:  # the probe interface needle_loss uses: logits (B, 1, A, V) of the answer tokens
+        def __init__(self, logits):
+            self.value = logits
+
+        def logits(self, model, ids):
+            return self.value
+
+    vocab = 11
+    logits = torch.zeros(1, 1, 2, vocab)
+    logits[0, 0, 0, 3] = 8.0  # token 0: answer 3 is likely (small loss); token 1: answer 5 is not (large loss)
+    logits[0, 0, 1, 2] = 8.0
+    answers = torch.tensor([[[3, 5]]])
+    grads = {}
+    for cap in (None, 2.0):
+        leaf = logits.clone().requires_grad_(True)
+        quality.needle_loss(OneQuestion(leaf), None, answers, cap=cap)(None).backward()
+        grads[cap] = leaf.grad[0, 0]
+    plain, capped = grads[None], grads[2.0]
+    assert plain[1].abs().sum() > 0.1 and capped[1].abs().sum() == 0  # the hopeless token: no gradient
+    assert torch.allclose(capped[0], plain[0])  # the other token: unchanged
+    step = quality.needle_step_loss(OneQuestion(logits), torch.zeros(1, 4), answers, "answer_capped", cap=2.0)
+    assert step(None).item() == pytest.approx(
+        (torch.nn.functional.cross_entropy(logits[0, 0], answers[0, 0], reduction="none").clamp(max=2.0)).mean().item())
+    assert quality.parse_needle_variants("answer_capped@1e-4") == [("answer_capped", 1e-4)]
