@@ -44,7 +44,10 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
    ``answer_capped``: the answer loss with each token's cross-entropy clamped at ``--answer-loss-cap``, so
    tokens the model cannot currently copy add no gradient), then evaluated on
    ``--needle-eval`` held-out sequences per depth (span probe, NSA variants: also which blocks each layer
-   selected at the answers, ``examples/selection_probe.py``):
+   selected at the answers, ``examples/selection_probe.py``). ``--needle-val-every N`` scores validation
+   probes (training-text fillers, other random passages) every N fine-tune steps, and
+   ``--needle-keep-best`` ends each fine-tune with the weights of its best validation point (early
+   stopping, the same rule for every model). The models:
 
    * the NSA model (continued from step 2),
    * a *window-only* variant: the same NSA model with its gate modules replaced by constant logits
@@ -109,6 +112,7 @@ TINY = dict(
     max_chars=300_000, eval_blocks=4, pretrain_steps=10, continue_steps=3, needle_steps=3,
     needle_eval=4, needle_batch_size=4, needle_pairs=2, needle_digits=3, span_len=12, span_prefix=4,
     span_distractors=2, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16, copy_eval=4,
+    needle_val_count=4,
 )
 NEEDLE_LOSSES = ("answer", "lm", "both", "answer_capped")
 WINDOW_ONLY_GATE_LOGITS = (-1.0e4, -1.0e4, 1.0e4)  # sigmoid -> exactly (0, 0, 1) in fp32 and bf16
@@ -205,6 +209,14 @@ def parse_args(argv=None):
     k.add_argument("--answer-loss-cap", type=float, default=2.0, metavar="NATS",
                    help="answer_capped: per-token cross-entropy cap; an answer token the model cannot currently copy "
                         "(loss above the cap, e.g. NSA did not select its source block) adds no gradient")
+    k.add_argument("--needle-val-every", type=int, default=0, metavar="N",
+                   help="every N fine-tune steps (and before the first, after the last) score --needle-val-count "
+                        "validation probes per depth (training-text fillers, other passages than the evaluation's); "
+                        "results: finetune.validation. 0: off")
+    k.add_argument("--needle-val-count", type=int, default=32, help="validation probes per depth")
+    k.add_argument("--needle-keep-best", action="store_true",
+                   help="with --needle-val-every: end every fine-tune with the weights of its best validation point "
+                        "(worst-depth exact match, then the mean): early stopping, the same rule for every model")
     k.add_argument("--nsa-needle-extra", default=None, metavar="LOSS@LR,...",
                    help="add NSA fine-tune variants with other --needle-loss / --needle-lr settings, e.g. "
                         "'lm@5e-4,answer@1e-4' (each starts from the same continued NSA model; results: nsa_LOSS_lrLR)")
@@ -249,6 +261,11 @@ def parse_args(argv=None):
                  "seq_len", "eval_blocks", "needle_eval", "needle_digits", "needle_pairs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.needle_val_every < 0 or args.needle_val_count < 1:
+        ap.error(f"--needle-val-every {args.needle_val_every}, --needle-val-count {args.needle_val_count}: need "
+                 "every >= 0 (0: off) and count >= 1")
+    if args.needle_keep_best and not args.needle_val_every:
+        ap.error("--needle-keep-best needs --needle-val-every N > 0 (the validation points to choose from)")
     if not 1 <= args.span_prefix < args.span_len:
         ap.error(f"--span-prefix {args.span_prefix}, --span-len {args.span_len}: need 1 <= prefix < span length")
     if args.span_distractors < 0:
@@ -563,6 +580,18 @@ class Run:
         self.losses.append(value)
         self.seconds += time.perf_counter() - start
         return value
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """A CPU copy of the float32 master weights, to come back to with :meth:`restore`."""
+        return [mp.detach().to("cpu", copy=True) for mp, _ in self.pairs]
+
+    def restore(self, snapshot: list[torch.Tensor]) -> None:
+        """Master weights (and the working copy) back to ``snapshot``; the optimizer state is left as is."""
+        with torch.no_grad():
+            for (mp, wp), saved in zip(self.pairs, snapshot):
+                mp.copy_(saved)
+                if wp is not mp:
+                    wp.copy_(mp)
 
     def summary(self) -> dict:
         k = max(1, len(self.losses) // 10)
@@ -1041,20 +1070,55 @@ def grad_check(nsa, needles, train_blocks, args, device, dtype) -> dict:
     return res
 
 
+VALIDATION_SEED_OFFSET = 7  # validation probes: other passages than the held-out evaluation's (seed + 0)
+
+
 def finetune_needles(run: Run, needles: Needles, train_blocks, args, device, name: str, micro_batch: int = 0,
                      loss_kind: str | None = None) -> dict:
     """``--needle-steps`` steps on freshly planted sequences: loss ``loss_kind`` (default ``--needle-loss``):
     on the answer tokens only (``answer``), next-token loss on every token of them (``lm``, the answers
-    included), or both summed (``both``)."""
+    included), both summed (``both``), or the capped answer loss (``answer_capped``).
+
+    With ``--needle-val-every N``: before the first step, every ``N`` steps and after the last, exact match
+    per depth on ``--needle-val-count`` validation probes (training-text fillers, fresh random passages:
+    never the held-out evaluation probes), in the summary as ``validation``; with ``--needle-keep-best``
+    the weights of the best validation point (highest exact match at the worst depth, then the mean) are
+    restored at the end (``kept_step``; early stopping, the same rule for every model)."""
     loss_kind = loss_kind or args.needle_loss
     log_every = max(1, run.steps // 10)
+    every = args.needle_val_every
+    curve, best = [], None
+
+    def validate(step: int) -> None:
+        nonlocal best
+        acc = needle_accuracy(run.model, needles, train_blocks, args.depths, args.needle_val_count,
+                              args.needle_batch_size, args.seed + VALIDATION_SEED_OFFSET, device)
+        exact = [a["exact"] for a in acc.values()]
+        curve.append({"step": step, "exact": exact})
+        key = (min(exact), sum(exact) / len(exact))
+        if args.needle_keep_best and (best is None or key > best[0]):
+            best = (key, step, run.snapshot())
+
+    if every:
+        validate(0)
     for i in range(run.steps):
         ids, answers = needle_train_batch(needles, train_blocks, i, args.needle_batch_size, args.seed)
         loss = run.step(needle_step_loss(needles, ids.to(device), answers.to(device), loss_kind, micro_batch,
                                          args.answer_loss_cap))
         if i % log_every == 0 or i == run.steps - 1:
             log(f"  {name} needle step {i + 1}/{run.steps}: {loss_kind} loss {loss:.4f} ({run.seconds:.1f} s)")
-    return run.summary()
+        if every and ((i + 1) % every == 0 or i == run.steps - 1):
+            validate(i + 1)
+    summary = run.summary()
+    if every:
+        summary["validation"] = {"probes_per_depth": args.needle_val_count, "curve": curve}
+        log(f"  {name} validation exact match (worst depth) by step: "
+            + ", ".join(f"{c['step']}: {min(c['exact']):.3f}" for c in curve))
+    if best is not None:
+        run.restore(best[2])
+        summary["kept_step"] = best[1]
+        log(f"  {name}: kept the weights of step {best[1]} (validation exact match, worst depth {best[0][0]:.3f})")
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1104,7 +1168,8 @@ def plan_steps(args, dense, stream, needles, train_blocks, device, dtype, elapse
 def reproduce_command(args) -> str:
     parts = ["python", "examples/quality.py"]
     skip = {"budget", "tiny", "depths", "extra_code", "fp32", "no_dense_needle", "device", "warmup_only",
-            "induction_stages", "nsa_needle_variants", "nsa_reference_needle", "nsa_frozen_needle", "grad_check"}
+            "induction_stages", "nsa_needle_variants", "nsa_reference_needle", "nsa_frozen_needle", "grad_check",
+            "needle_keep_best"}
     for key, value in vars(args).items():
         if key in skip or value is None:
             continue
@@ -1116,7 +1181,8 @@ def reproduce_command(args) -> str:
                                     ("--warmup-only", args.warmup_only),
                                     ("--nsa-reference-needle", args.nsa_reference_needle),
                                     ("--nsa-frozen-needle", args.nsa_frozen_needle),
-                                    ("--grad-check", args.grad_check)) if on]
+                                    ("--grad-check", args.grad_check),
+                                    ("--needle-keep-best", args.needle_keep_best)) if on]
     if args.device:
         parts += ["--device", args.device]
     return " ".join(shlex.quote(p) for p in parts)
@@ -1197,6 +1263,18 @@ def markdown(results: dict) -> str:
                 acc = nd["results"][variant][when]
                 lines.append(f"| {label}, {when} fine-tune | "
                              + " | ".join(cell(acc[d]["selection"]) for d in depths) + " |")
+        lines.append("")
+    validated = [(v, label) for v, label in needle_variant_labels(nd["results"])
+                 if "validation" in (nd["results"][v].get("finetune") or {})]
+    if validated:
+        steps = [c["step"] for c in nd["results"][validated[0][0]]["finetune"]["validation"]["curve"]]
+        lines.append("| validation exact match at the worst depth, by fine-tune step | "
+                     + " | ".join(str(x) for x in steps) + " | kept step |")
+        lines.append("|---|" + "---|" * (len(steps) + 1))
+        for variant, label in validated:
+            ft = nd["results"][variant]["finetune"]
+            lines.append(f"| {label} | " + " | ".join(f"{min(c['exact']):.3f}" for c in ft["validation"]["curve"])
+                         + f" | {ft.get('kept_step', '-')} |")
         lines.append("")
     lines += ["| fine-tune loss (mean of the first / last tenth of the steps) | first | last |", "|---|---|---|"]
     for variant, label in needle_variant_labels(nd["results"]):

@@ -17,7 +17,8 @@ def tiny_run(tmp_path_factory):
     import quality
 
     out = tmp_path_factory.mktemp("quality")
-    results = quality.main(["--tiny", "--probe", "kv", "--out", str(out)])
+    results = quality.main(["--tiny", "--probe", "kv", "--out", str(out), "--needle-val-every", "2",
+                            "--needle-keep-best"])
     return out, results
 
 
@@ -63,6 +64,17 @@ def test_tiny_run_writes_results(tiny_run):
     for geo in needle["geometry"].values():
         assert geo["outside_window"] and geo["distance"] >= saved["args"]["window"]
     assert "--pretrain-steps 10" in saved["reproduce"]
+    # validation during every fine-tune (steps 0, 2 and the last, 3) and early stopping on it
+    assert "--needle-val-every 2" in saved["reproduce"] and "--needle-keep-best" in saved["reproduce"]
+    for variant in needle["results"].values():
+        val = variant["finetune"]["validation"]
+        assert val["probes_per_depth"] == 4 and [c["step"] for c in val["curve"]] == [0, 2, 3]
+        assert all(len(c["exact"]) == len(needle["geometry"]) for c in val["curve"])
+        key = lambda c: (min(c["exact"]), sum(c["exact"]) / len(c["exact"]))  # noqa: E731
+        best = max(val["curve"], key=key)  # the first of equals, as the run keeps it
+        assert variant["finetune"]["kept_step"] == best["step"]
+    assert "| validation exact match at the worst depth, by fine-tune step | 0 | 2 | 3 | kept step |" in \
+        (out / "results.md").read_text()
 
 
 def test_window_only_variant_is_sliding_window_attention(tiny_run):
@@ -597,3 +609,30 @@ def test_capped_answer_loss_drops_the_gradient_of_tokens_above_the_cap():
     assert step(None).item() == pytest.approx(
         (torch.nn.functional.cross_entropy(logits[0, 0], answers[0, 0], reduction="none").clamp(max=2.0)).mean().item())
     assert quality.parse_needle_variants("answer_capped@1e-4") == [("answer_capped", 1e-4)]
+
+
+def test_run_restore_brings_back_master_and_working_copy():
+    """Run.snapshot / restore (early stopping): after steps, restore gives back the snapshot's float32 master
+    weights and a working copy in the run's dtype equal to them."""
+    import quality
+
+    args = quality.parse_args(["--tiny"])
+    run = quality.Run(quality.build_dense(args, 512, 0), torch.bfloat16, 1e-2, 3, args)
+    ids = torch.randint(1, 512, (2, 32))
+    run.step(quality.lm_loss(ids))
+    saved = run.snapshot()
+    run.step(quality.lm_loss(ids))
+    assert not all(torch.equal(a, mp) for a, (mp, _) in zip(saved, run.pairs))
+    run.restore(saved)
+    for a, (mp, wp) in zip(saved, run.pairs):
+        assert mp.dtype == torch.float32 and wp.dtype == torch.bfloat16
+        assert torch.equal(mp, a) and torch.equal(wp, a.to(torch.bfloat16))
+
+
+def test_keep_best_needs_validation():
+    import quality
+
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--needle-keep-best"])
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--needle-val-every", "-1"])
