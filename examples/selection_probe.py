@@ -4,7 +4,8 @@ The span probe asks a model to copy a passage from far beyond its sliding window
 copy a token at full resolution if that token's selection block is among the blocks the query chose; the
 choice (a top-n over the compressed attention's block scores) has no gradient. :class:`SelectionRecorder`
 records, while a forward runs, the blocks every NSA layer chose for a few query rows (by the reference's
-selection rule, ``nsa_kernels.reference.nsa_sequence``, on the layer's own queries and compressed keys),
+selection rule, ``nsa_kernels.reference.nsa_sequence``, on the layer's own queries and compressed keys;
+the Triton kernels choose the same blocks up to floating-point near-ties),
 and :func:`source_coverage` tells how often the block holding the token to be copied was among them,
 split by whether the model got the token right: if the wrong tokens are the ones whose source block no
 layer chose, retrieval is limited by the selection, not by what the model does with what it sees.
