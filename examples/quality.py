@@ -987,14 +987,14 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
     selection = selection and needles.kind == "span"
     model.eval()
     out = {}
-    for d_i, depth in enumerate(depths):
-        g = torch.Generator().manual_seed(seed * 31 + 17 + d_i)
-        exact = digit = 0
-        hits, rights = [], []
-        rows = needles.answer_pos - 1  # the positions whose logits predict the answer tokens
-        recorder = SelectionRecorder(int(rows[0]), int(rows[-1])) if selection else nullcontext()
-        source = needles.start(depth) + needles.prefix + torch.arange(needles.answer_len) if selection else None
-        with recorder:
+    rows = needles.answer_pos - 1  # the positions whose logits predict the answer tokens (every depth)
+    recorder = SelectionRecorder(int(rows[0]), int(rows[-1])) if selection else nullcontext()
+    with recorder:
+        for d_i, depth in enumerate(depths):
+            g = torch.Generator().manual_seed(seed * 31 + 17 + d_i)
+            exact = digit = 0
+            source_hit_batches, right_batches = [], []
+            source = needles.start(depth) + needles.prefix + torch.arange(needles.answer_len) if selection else None
             for start in range(0, count, batch_size):
                 n = min(batch_size, count - start)
                 fillers = eval_blocks[torch.arange(start, start + n) % len(eval_blocks)]
@@ -1004,12 +1004,14 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
                 exact += hit[0]
                 digit += hit[1]
                 if selection and recorder.layers:
-                    hits.append(source_hits(recorder.layers, source.expand(n, -1), model.config.nsa_slc_block))
-                    rights.append(logits.argmax(-1) == answers[:, 0])
+                    source_hit_batches.append(source_hits(recorder.layers, source.expand(n, -1),
+                                                          model.config.nsa_slc_block))
+                    right_batches.append(logits.argmax(-1) == answers[:, 0])
                     recorder.clear()
-        out[f"{depth:g}"] = {"exact": exact / count, needles.token_metric: digit / (count * needles.answer_len)}
-        if hits:
-            out[f"{depth:g}"]["selection"] = source_coverage(torch.cat(hits, dim=1), torch.cat(rights))
+            out[f"{depth:g}"] = {"exact": exact / count, needles.token_metric: digit / (count * needles.answer_len)}
+            if source_hit_batches:
+                out[f"{depth:g}"]["selection"] = source_coverage(torch.cat(source_hit_batches, dim=1),
+                                                                 torch.cat(right_batches))
     return out
 
 
