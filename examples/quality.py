@@ -1255,11 +1255,16 @@ def markdown(results: dict) -> str:
     selected = [(v, label) for v, label in needle_variant_labels(nd["results"])
                 if "selection" in nd["results"][v]["after"][depths[0]]]
     if selected:
-        lines.append("| selection: answer tokens whose source block some layer chose, all / wrong tokens (wrong count) | "
-                     + " | ".join(f"depth {d}" for d in depths) + " |")
+        lines.append("| selection at the layer that chose the answer tokens' source blocks most often: layer, its "
+                     "coverage; wrong tokens whose source block it missed / all wrong; missed tokens that were wrong / "
+                     "all missed; any layer's coverage | " + " | ".join(f"depth {d}" for d in depths) + " |")
         lines.append("|---|" + "---|" * len(depths))
-        cell = lambda c: f"{c['any_layer']:.3f} / " + ("-" if c["any_layer_wrong"] is None  # noqa: E731
-                                                        else f"{c['any_layer_wrong']:.3f} ({c['wrong_tokens']})")
+
+        def cell(c: dict) -> str:
+            best, missed_wrong = c["best_layer"], c["best_layer_missed_wrong"]
+            return (f"L{best} {c['per_layer'][best]:.3f}; {missed_wrong}/{c['wrong_tokens']}; "
+                    f"{missed_wrong}/{c['best_layer_missed']}; any {c['any_layer']:.3f}")
+
         for variant, label in selected:
             for when in ("before", "after"):
                 acc = nd["results"][variant][when]
