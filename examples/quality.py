@@ -1255,21 +1255,18 @@ def markdown(results: dict) -> str:
     selected = [(v, label) for v, label in needle_variant_labels(nd["results"])
                 if "selection" in nd["results"][v]["after"][depths[0]]]
     if selected:
-        lines.append("| selection at the layer that chose the answer tokens' source blocks most often: layer, its "
-                     "coverage; wrong tokens whose source block it missed / all wrong; missed tokens that were wrong / "
-                     "all missed; any layer's coverage | " + " | ".join(f"depth {d}" for d in depths) + " |")
-        lines.append("|---|" + "---|" * len(depths))
-
-        def cell(c: dict) -> str:
-            best, missed_wrong = c["best_layer"], c["best_layer_missed_wrong"]
-            return (f"L{best} {c['per_layer'][best]:.3f}; {missed_wrong}/{c['wrong_tokens']}; "
-                    f"{missed_wrong}/{c['best_layer_missed']}; any {c['any_layer']:.3f}")
-
+        layers = len(nd["results"][selected[0][0]]["after"][depths[0]]["selection"]["per_layer"])
+        lines.append("| selection per layer: answer tokens whose source block the layer did not choose, wrong / all "
+                     "(a layer all of whose misses are errors is one the copy depends on) | wrong tokens | "
+                     + " | ".join(f"layer {i}" for i in range(layers)) + " |")
+        lines.append("|---|---|" + "---|" * layers)
         for variant, label in selected:
             for when in ("before", "after"):
-                acc = nd["results"][variant][when]
-                lines.append(f"| {label}, {when} fine-tune | "
-                             + " | ".join(cell(acc[d]["selection"]) for d in depths) + " |")
+                for d in depths:
+                    c = nd["results"][variant][when][d]["selection"]
+                    cells = (f"{w}/{m}" for w, m in zip(c["per_layer_missed_wrong"], c["per_layer_missed"]))
+                    lines.append(f"| {label}, {when} fine-tune, depth {d} | {c['wrong_tokens']} | " + " | ".join(cells)
+                                 + " |")
         lines.append("")
     validated = [(v, label) for v, label in needle_variant_labels(nd["results"])
                  if "validation" in (nd["results"][v].get("finetune") or {})]

@@ -376,7 +376,8 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
             assert all(0.0 <= x <= 1.0 for x in cov["per_layer"]) and cov["any_layer"] >= max(cov["per_layer"]) - 1e-4
             best_missed = round(cov["tokens"] * (1 - cov["per_layer"][cov["best_layer"]]))
             assert cov["best_layer_missed"] == best_missed and 0 <= cov["best_layer_missed_wrong"] <= best_missed
-    assert "selection at the layer that chose the answer tokens' source blocks most often" in table
+    assert "selection per layer: answer tokens whose source block the layer did not choose" in table
+    assert "| NSA, before fine-tune, depth 0.5 |" in table
     assert "NSA, 6 selected blocks, after fine-tune" in table and "--nsa-slc-count-needle 6" in saved["reproduce"]
     # More selected blocks see more of the context: a different first fine-tune loss than the main variant.
     assert first("nsa_slc6") != pytest.approx(first("nsa"), rel=1e-6)
