@@ -42,7 +42,10 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
    at uniform depths (loss on the answer tokens only: every answer digit of every question for ``kv``;
    ``--needle-loss lm``: next-token loss on every token of those sequences instead; ``both``: the sum;
    ``answer_capped``: the answer loss with each token's cross-entropy clamped at ``--answer-loss-cap``, so
-   tokens the model cannot currently copy add no gradient), then evaluated on
+   tokens the model cannot currently copy add no gradient; ``answer_align``: the answer loss plus
+   ``--align-weight`` x the selection alignment loss of ``examples/selection_align.py``, which moves the NSA
+   layers' selection scores at the answer positions toward full attention's block mass, an experiment
+   outside the NSA paper), then evaluated on
    ``--needle-eval`` held-out sequences per depth (span probe, NSA variants: also which blocks each layer
    selected at the answers, ``examples/selection_probe.py``). ``--needle-val-every N`` scores validation
    probes (training-text fillers, other random passages) every N fine-tune steps, and
@@ -114,7 +117,7 @@ TINY = dict(
     span_distractors=2, cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, window=16, copy_eval=4,
     needle_val_count=4,
 )
-NEEDLE_LOSSES = ("answer", "lm", "both", "answer_capped")
+NEEDLE_LOSSES = ("answer", "lm", "both", "answer_capped", "answer_align")
 WINDOW_ONLY_GATE_LOGITS = (-1.0e4, -1.0e4, 1.0e4)  # sigmoid -> exactly (0, 0, 1) in fp32 and bf16
 
 
@@ -205,10 +208,16 @@ def parse_args(argv=None):
     k.add_argument("--needle-loss", choices=NEEDLE_LOSSES, default="answer",
                    help="needle fine-tune loss: on the answer tokens only (answer), next-token loss on every token of "
                         "the planted sequences, answers included (lm), the sum of the two from one forward (both), or "
-                        "the answer loss with each token's cross-entropy clamped at --answer-loss-cap (answer_capped)")
+                        "the answer loss with each token's cross-entropy clamped at --answer-loss-cap (answer_capped), "
+                        "or the answer loss plus --align-weight x the selection alignment loss at the answer positions "
+                        "(answer_align; examples/selection_align.py; NSA models only, outside the paper)")
     k.add_argument("--answer-loss-cap", type=float, default=2.0, metavar="NATS",
                    help="answer_capped: per-token cross-entropy cap; an answer token the model cannot currently copy "
                         "(loss above the cap, e.g. NSA did not select its source block) adds no gradient")
+    k.add_argument("--align-weight", type=float, default=1.0, metavar="W",
+                   help="answer_align: weight of the selection alignment loss (KL from full attention's block mass "
+                        "to the selection's block scores; queries detached, the gradient enters through the compressed "
+                        "keys)")
     k.add_argument("--needle-val-every", type=int, default=0, metavar="N",
                    help="every N fine-tune steps (and before the first, after the last) score --needle-val-count "
                         "validation probes per depth (training-text fillers, other passages than the evaluation's); "
@@ -298,6 +307,8 @@ def parse_args(argv=None):
         ap.error(f"--needle-mix {args.needle_mix}: must be in [0, 1]")
     if not all(0.0 <= d <= 1.0 for d in args.depths):
         ap.error(f"--depths {args.depths}: each must be in [0, 1]")
+    if not args.align_weight >= 0:
+        ap.error(f"--align-weight {args.align_weight}: must be >= 0")
     if args.seq_len < 4 * args.window:
         ap.error(f"--seq-len {args.seq_len} must be >= 4 x --window {args.window} (the probe's context)")
     return args
@@ -965,6 +976,20 @@ def lm_and_answer_loss(needles: Needles, ids, answers):
     return fn
 
 
+def aligned_answer_loss(needles: Needles, ids, answers, weight: float):
+    """The answer loss plus ``weight`` x the selection alignment loss of every NSA layer at the positions that
+    predict the answers (``--needle-loss answer_align``; ``selection_align.SelectionAligner``)."""
+    from selection_align import SelectionAligner
+
+    rows = needles.answer_pos - 1
+
+    def fn(model):
+        with SelectionAligner(int(rows[0]), int(rows[-1])) as aligner:
+            answer = needle_loss(needles, ids, answers)(model)
+        return answer + weight * aligner.loss().to(answer.device)
+    return fn
+
+
 def needle_train_batch(needles: Needles, train_blocks, step: int, batch_size: int, seed: int):
     """Freshly planted needles for fine-tune step ``step`` (uniform depths; same for every model)."""
     g = torch.Generator().manual_seed(seed * 7919 + 1_000_003 + step)
@@ -1016,14 +1041,15 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
 
 
 def needle_step_loss(needles: Needles, ids: torch.Tensor, answers: torch.Tensor, kind: str, micro_batch: int = 0,
-                     cap: float = 2.0):
+                     cap: float = 2.0, align_weight: float = 1.0):
     """The fine-tune loss of one batch (``kind`` as ``--needle-loss``), as one loss function or, with
     ``micro_batch`` > 0, a list over micro-batches of that many sequences (``Run.step`` accumulates)."""
     if kind not in NEEDLE_LOSSES:
         raise ValueError(f"needle loss {kind!r}: expected one of {NEEDLE_LOSSES}")
     make = {"lm": lambda i, a: lm_loss(i), "answer": lambda i, a: needle_loss(needles, i, a),
             "answer_capped": lambda i, a: needle_loss(needles, i, a, cap=cap),
-            "both": lambda i, a: lm_and_answer_loss(needles, i, a)}[kind]
+            "both": lambda i, a: lm_and_answer_loss(needles, i, a),
+            "answer_align": lambda i, a: aligned_answer_loss(needles, i, a, align_weight)}[kind]
     if micro_batch <= 0 or micro_batch >= len(ids):
         return make(ids, answers)
     if len(ids) % micro_batch:
@@ -1079,7 +1105,8 @@ def finetune_needles(run: Run, needles: Needles, train_blocks, args, device, nam
                      loss_kind: str | None = None) -> dict:
     """``--needle-steps`` steps on freshly planted sequences: loss ``loss_kind`` (default ``--needle-loss``):
     on the answer tokens only (``answer``), next-token loss on every token of them (``lm``, the answers
-    included), both summed (``both``), or the capped answer loss (``answer_capped``).
+    included), both summed (``both``), the capped answer loss (``answer_capped``), or the answer loss plus the
+    weighted selection alignment loss (``answer_align``).
 
     With ``--needle-val-every N``: before the first step, every ``N`` steps and after the last, exact match
     per depth on ``--needle-val-count`` validation probes (training-text fillers, fresh random passages:
@@ -1106,7 +1133,7 @@ def finetune_needles(run: Run, needles: Needles, train_blocks, args, device, nam
     for i in range(run.steps):
         ids, answers = needle_train_batch(needles, train_blocks, i, args.needle_batch_size, args.seed)
         loss = run.step(needle_step_loss(needles, ids.to(device), answers.to(device), loss_kind, micro_batch,
-                                         args.answer_loss_cap))
+                                         args.answer_loss_cap, args.align_weight))
         if i % log_every == 0 or i == run.steps - 1:
             log(f"  {name} needle step {i + 1}/{run.steps}: {loss_kind} loss {loss:.4f} ({run.seconds:.1f} s)")
         if every and ((i + 1) % every == 0 or i == run.steps - 1):
@@ -1504,6 +1531,8 @@ def main(argv=None) -> dict:
             needle_results[name] = {"before": before, "after": after, "finetune": summary, "loss": loss_kind, "lr": lr}
             if loss_kind == "answer_capped":
                 needle_results[name]["answer_loss_cap"] = args.answer_loss_cap
+            if loss_kind == "answer_align":
+                needle_results[name]["align_weight"] = args.align_weight
             del run
             results["needle_partial"] = needle_results  # a run cut short keeps the variants done so far
             (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

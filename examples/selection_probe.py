@@ -53,23 +53,30 @@ class SelectionRecorder:
 
     def _choose(self, q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale) -> torch.Tensor:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        cq, ck, cc = (c.tolist() for c in (cu_q, cu_k, cu_cmp))
         chosen = []
-        for b in range(len(cq) - 1):
-            len_q, len_k = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
-            if self.last_row >= len_k:
-                raise ValueError(f"row {self.last_row} is past sequence {b}'s {len_k} keys")
-            first_q = self.first_row - (len_k - len_q)  # query index of the first row
-            if first_q < 0:
-                raise ValueError(f"row {self.first_row} has no query in sequence {b} (queries are its last {len_q} "
-                                 "positions)")
-            rows = slice(cq[b] + first_q, cq[b] + first_q + self.last_row - self.first_row + 1)
-            keys = slice(ck[b], ck[b] + self.last_row + 1)  # the rows become the last queries of these keys
-            cmp = slice(cc[b], cc[b + 1])
+        for rows, keys, cmp in row_slices(cu_q, cu_k, cu_cmp, self.first_row, self.last_row):
             _, blocks = nsa_sequence(q[rows], k[keys], v[keys], cmp_k[cmp], cmp_v[cmp], gates[rows], params, scale,
                                      return_block_indices=True)
             chosen.append(blocks)
         return torch.stack(chosen).cpu()
+
+
+def row_slices(cu_q, cu_k, cu_cmp, first_row: int, last_row: int):
+    """Per packed sequence: slices of its query rows at sequence positions ``first_row .. last_row``, of
+    its keys up to ``last_row`` (so those rows are the last queries of the keys) and of its compressed
+    blocks, from the ``cu_seqlens`` of an NSA attention call (queries are the last of their keys)."""
+    cq, ck, cc = (c.tolist() for c in (cu_q, cu_k, cu_cmp))
+    out = []
+    for b in range(len(cq) - 1):
+        len_q, len_k = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if last_row >= len_k:
+            raise ValueError(f"row {last_row} is past sequence {b}'s {len_k} keys")
+        first_q = first_row - (len_k - len_q)  # query index of the first row
+        if first_q < 0:
+            raise ValueError(f"row {first_row} has no query in sequence {b} (queries are its last {len_q} positions)")
+        out.append((slice(cq[b] + first_q, cq[b] + first_q + last_row - first_row + 1),
+                    slice(ck[b], ck[b] + last_row + 1), slice(cc[b], cc[b + 1])))
+    return out
 
 
 def source_hits(layers: list[torch.Tensor], source_pos: torch.Tensor, slc_block: int) -> torch.Tensor:

@@ -30,8 +30,8 @@ def tiny_span_run(tmp_path_factory):
     results = quality.main(["--tiny", "--probe", "span", "--out", str(out), "--induction-steps", "3",
                             "--induction-len", "64", "--induction-span", "16", "--induction-batch-size", "4",
                             "--nsa-reference-needle", "--needle-loss", "lm", "--nsa-frozen-needle", "--grad-check",
-                            "--nsa-needle-extra", "lm@2e-3,answer@2e-3,both@2e-3,answer_capped@2e-3",
-                            "--nsa-slc-count-needle", "6"])
+                            "--nsa-needle-extra", "lm@2e-3,answer@2e-3,both@2e-3,answer_capped@2e-3,answer_align@2e-3",
+                            "--nsa-slc-count-needle", "6", "--align-weight", "1000"])
     return out, results
 
 
@@ -348,7 +348,8 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     assert needle["probe"] == "span" and saved["args"]["probe"] == "span"
     assert needle["span_len"] == 12 and needle["span_prefix"] == 4 and needle["answer_tokens"] == 8
     assert needle["distractors"] == 2 and 0 < needle["chance_per_token"] < 0.01
-    extra = {"nsa_lm_lr0.002", "nsa_answer_lr0.002", "nsa_both_lr0.002", "nsa_answer_capped_lr0.002", "nsa_slc6"}
+    extra = {"nsa_lm_lr0.002", "nsa_answer_lr0.002", "nsa_both_lr0.002", "nsa_answer_capped_lr0.002",
+             "nsa_answer_align_lr0.002", "nsa_slc6"}
     assert set(needle["results"]) == {"nsa", "nsa_reference", "nsa_frozen_modules", "window_only", "dense"} | extra
     # the variants the targets need run first, the slow reference last (a run cut short keeps the former)
     order = list(needle["results"])
@@ -367,6 +368,11 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
     # the capped answer loss never exceeds its cap (2 nats by default) and records it
     capped = res["nsa_answer_capped_lr0.002"]
     assert capped["answer_loss_cap"] == 2.0 and max(capped["finetune"]["first_losses"]) <= 2.0 + 1e-6
+    # the aligned loss adds a positive KL (x 1000: the tiny model's attention is near uniform, KL ~1e-6) to
+    # the same first step's answer loss, and records its weight
+    aligned = res["nsa_answer_align_lr0.002"]
+    assert aligned["align_weight"] == 1000.0
+    assert first("nsa_answer_lr0.002") + 1e-5 < first("nsa_answer_align_lr0.002") < first("nsa_answer_lr0.002") + 1.0
     # the selection diagnostic: for the NSA variants only, a fraction per layer and the right/wrong split
     for variant, r in res.items():
         cov = r["after"]["0.5"].get("selection")
@@ -639,3 +645,12 @@ def test_keep_best_needs_validation():
         quality.parse_args(["--needle-keep-best"])
     with pytest.raises(SystemExit):
         quality.parse_args(["--needle-val-every", "-1"])
+
+
+def test_align_weight_must_not_be_negative(capsys):
+    import quality
+
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--align-weight", "-0.5"])
+    assert "--align-weight -0.5: must be >= 0" in capsys.readouterr().err
+    assert quality.parse_args(["--align-weight", "0"]).align_weight == 0.0

@@ -1,0 +1,117 @@
+"""An auxiliary fine-tune loss that moves NSA's selection scores toward where full attention looks
+(an experiment for quality.py; not part of the NSA paper, whose selection is trained only through the
+compression branch's output).
+
+NSA chooses each query's blocks by a top-n over block scores made from the compressed attention
+probabilities (summed over the query heads of a GQA group); the choice has no gradient. quality.py's
+selection diagnostic found that a converted model's copying layer misses the source block of some answer
+tokens and gets every one of those wrong. :func:`selection_alignment_loss` is the KL divergence from the
+block mass of full causal attention (the same queries and keys, no gradient: where the layer would look
+if it could see every key) to the selection's own block scores, both summed over the group and
+normalised over the blocks the selection may choose (eligible, not forced); the queries are detached, so
+its gradient enters through the compressed keys: the compression MLP, the key projection and, through the
+hidden states the keys are made from, the layers below.
+DeepSeek-V3.2's sparse attention trains its block indexer with a loss of this kind.
+:class:`SelectionAligner` adds it, for a few query rows, to every NSA layer of a forward.
+"""
+from __future__ import annotations
+
+import torch
+
+import nsa_hf.attention as nsa_attention
+from nsa_kernels.reference import chunk_overlap_matrix
+from selection_probe import row_slices
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis where ``allowed``; zeros (and zero gradients, never NaN) where a row allows
+    nothing."""
+    return torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1) * allowed
+
+
+def choosable_blocks(q_pos: torch.Tensor, n_slc: int, params) -> torch.Tensor:
+    """``(R, n_slc)`` bool: selection blocks a query at ``q_pos`` may choose by score (causal, neither the
+    initial nor the local blocks, which are always taken)."""
+    j = torch.arange(n_slc, device=q_pos.device)[None, :]
+    own = (q_pos // params.slc_block)[:, None]
+    forced = (j < params.init_blocks) | (j > own - params.local_blocks)
+    return (j <= own) & ~forced
+
+
+def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, cmp_k: torch.Tensor, q_pos: torch.Tensor, params,
+                             scale: float) -> torch.Tensor | None:
+    """KL(full-attention block mass || selection block scores) of one sequence's query rows, mean over rows
+    and KV heads; ``None`` when no row has a block to choose.
+
+    ``q (R, Hq, D)`` rows at positions ``q_pos (R,)``; ``k (Tk, Hkv, D)`` the sequence's keys up to the last
+    row; ``cmp_k (N_cmp, Hkv, D)`` its compressed keys. Only ``cmp_k`` receives gradient (``q``, ``k`` are
+    detached)."""
+    hq, hkv = q.shape[1], k.shape[1]
+    group, tk, n_cmp = hq // hkv, k.shape[0], cmp_k.shape[0]
+    n_slc = -(-tk // params.slc_block)
+    allowed = choosable_blocks(q_pos, n_slc, params)  # (R, n_slc)
+    keep = allowed.any(-1)
+    if not bool(keep.any()):
+        return None
+    qh = q.detach().float().transpose(0, 1)  # (Hq, R, D)
+
+    # predicted: the selection's block scores (compressed attention probabilities @ chunk overlap, group sum)
+    ck = cmp_k.float().transpose(0, 1).repeat_interleave(group, dim=0)  # (Hq, N_cmp, D)
+    cmp_end = torch.arange(n_cmp, device=q.device) * params.cmp_stride + params.cmp_block - 1
+    cmp_ok = cmp_end[None, :] <= q_pos[:, None]
+    p_cmp = masked_softmax(qh @ ck.transpose(1, 2) * scale, cmp_ok)
+    overlap = chunk_overlap_matrix(n_cmp, n_slc, params, q.device)
+    predicted = (p_cmp @ overlap).unflatten(0, (hkv, group)).sum(1)  # (Hkv, R, n_slc)
+
+    # target: full causal attention's mass per selection block, group sum, no gradient
+    with torch.no_grad():
+        kh = k.detach().float().transpose(0, 1).repeat_interleave(group, dim=0)  # (Hq, Tk, D)
+        causal = torch.arange(tk, device=q.device)[None, :] <= q_pos[:, None]
+        p_full = masked_softmax(qh @ kh.transpose(1, 2) * scale, causal)
+        p_full = torch.nn.functional.pad(p_full, (0, n_slc * params.slc_block - tk))
+        target = p_full.unflatten(-1, (n_slc, params.slc_block)).sum(-1).unflatten(0, (hkv, group)).sum(1)
+        target = target * allowed
+        target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    predicted = predicted * allowed
+    log_pred = torch.log(predicted / predicted.sum(-1, keepdim=True).clamp_min(1e-12) + 1e-12)
+    kl = (target * (torch.log(target + 1e-12) - log_pred)).sum(-1)  # (Hkv, R)
+    return kl[:, keep].mean()
+
+
+class SelectionAligner:
+    """Context manager: while active, every NSA attention call (one per layer) also computes
+    :func:`selection_alignment_loss` for the query rows at sequence positions ``first_row .. last_row`` of
+    every packed sequence; :meth:`loss` is their mean over layers and sequences (0 if none ran, e.g. for a
+    dense model). The attention output itself is unchanged."""
+
+    def __init__(self, first_row: int, last_row: int):
+        if not 0 <= first_row <= last_row:
+            raise ValueError(f"rows {first_row}..{last_row}: need 0 <= first_row <= last_row")
+        self.first_row, self.last_row = first_row, last_row
+        self.losses: list[torch.Tensor] = []
+        self._original = None
+
+    def __enter__(self):
+        self._original = nsa_attention._nsa_varlen
+
+        def aligning(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale, *rest):
+            s = q.shape[-1] ** -0.5 if scale is None else scale
+            for rows, keys, cmp in row_slices(cu_q, cu_k, cu_cmp, self.first_row, self.last_row):
+                q_pos = torch.arange(self.first_row, self.last_row + 1, device=q.device)
+                loss = selection_alignment_loss(q[rows], k[keys], cmp_k[cmp], q_pos, params, s)
+                if loss is not None:
+                    self.losses.append(loss)
+            return self._original(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale, *rest)
+
+        nsa_attention._nsa_varlen = aligning
+        return self
+
+    def __exit__(self, *exc):
+        nsa_attention._nsa_varlen = self._original
+        return False
+
+    def loss(self) -> torch.Tensor:
+        if not self.losses:
+            return torch.zeros(())
+        return torch.stack(self.losses).mean()
