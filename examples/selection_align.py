@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-import nsa_hf.attention as nsa_attention
 from nsa_kernels.reference import chunk_overlap_matrix
-from selection_probe import row_slices
+from selection_probe import AnswerRowHook, row_slices
 
 
 def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -79,37 +78,21 @@ def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, cmp_k: torch.Tens
     return kl[:, keep].mean()
 
 
-class SelectionAligner:
-    """Context manager: while active, every NSA attention call (one per layer) also computes
-    :func:`selection_alignment_loss` for the query rows at sequence positions ``first_row .. last_row`` of
-    every packed sequence; :meth:`loss` is their mean over layers and sequences (0 if none ran, e.g. for a
-    dense model). The attention output itself is unchanged."""
+class SelectionAligner(AnswerRowHook):
+    """Adds :func:`selection_alignment_loss` for the query rows at sequence positions ``first_row ..
+    last_row`` of every packed sequence to every NSA layer of a forward; :meth:`loss` is their mean over
+    layers and sequences (0 if none ran, e.g. for a dense model). The attention output is unchanged."""
 
     def __init__(self, first_row: int, last_row: int):
-        if not 0 <= first_row <= last_row:
-            raise ValueError(f"rows {first_row}..{last_row}: need 0 <= first_row <= last_row")
-        self.first_row, self.last_row = first_row, last_row
+        super().__init__(first_row, last_row)
         self.losses: list[torch.Tensor] = []
-        self._original = None
 
-    def __enter__(self):
-        self._original = nsa_attention._nsa_varlen
-
-        def aligning(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale, *rest):
-            s = q.shape[-1] ** -0.5 if scale is None else scale
-            for rows, keys, cmp in row_slices(cu_q, cu_k, cu_cmp, self.first_row, self.last_row):
-                q_pos = torch.arange(self.first_row, self.last_row + 1, device=q.device)
-                loss = selection_alignment_loss(q[rows], k[keys], cmp_k[cmp], q_pos, params, s)
-                if loss is not None:
-                    self.losses.append(loss)
-            return self._original(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale, *rest)
-
-        nsa_attention._nsa_varlen = aligning
-        return self
-
-    def __exit__(self, *exc):
-        nsa_attention._nsa_varlen = self._original
-        return False
+    def observe(self, q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale) -> None:
+        q_pos = torch.arange(self.first_row, self.last_row + 1, device=q.device)
+        for rows, keys, cmp in row_slices(cu_q, cu_k, cu_cmp, self.first_row, self.last_row):
+            loss = selection_alignment_loss(q[rows], k[keys], cmp_k[cmp], q_pos, params, scale)
+            if loss is not None:
+                self.losses.append(loss)
 
     def loss(self) -> torch.Tensor:
         if not self.losses:

@@ -18,47 +18,59 @@ import nsa_hf.attention as nsa_attention
 from nsa_kernels.reference import nsa_sequence
 
 
-class SelectionRecorder:
-    """Context manager: while active, every NSA attention call (one per layer, in layer order, on packed
-    sequences whose queries are the last of their keys) also records the selection blocks of the query
-    rows at sequence positions ``first_row .. last_row``.
-
-    After a forward, ``layers`` holds one int tensor per layer, ``(sequences, rows, kv_heads, slc_count)``
-    (``-1`` padding as in the reference); :meth:`clear` empties it for the next forward."""
+class AnswerRowHook:
+    """Context manager base: while active, every NSA attention call (one per layer, in layer order, on
+    packed sequences whose queries are the last of their keys) first passes its arguments to
+    :meth:`observe` (with ``scale`` resolved), then runs as usual; ``first_row .. last_row`` are the
+    sequence positions of the query rows a subclass looks at (:func:`row_slices`)."""
 
     def __init__(self, first_row: int, last_row: int):
         if not 0 <= first_row <= last_row:
             raise ValueError(f"rows {first_row}..{last_row}: need 0 <= first_row <= last_row")
         self.first_row, self.last_row = first_row, last_row
-        self.layers: list[torch.Tensor] = []
         self._original = None
+
+    def observe(self, q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale) -> None:
+        raise NotImplementedError
 
     def __enter__(self):
         self._original = nsa_attention._nsa_varlen
 
-        def recording(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale, *rest):
-            with torch.no_grad():
-                self.layers.append(self._choose(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale))
+        def hooked(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale, *rest):
+            resolved = q.shape[-1] ** -0.5 if scale is None else scale
+            self.observe(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, resolved)
             return self._original(q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale, *rest)
 
-        nsa_attention._nsa_varlen = recording
+        nsa_attention._nsa_varlen = hooked
         return self
 
     def __exit__(self, *exc):
         nsa_attention._nsa_varlen = self._original
         return False
 
-    def clear(self) -> None:
-        self.layers = []
 
-    def _choose(self, q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale) -> torch.Tensor:
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
+class SelectionRecorder(AnswerRowHook):
+    """Records, for every NSA layer of a forward, the selection blocks of the query rows at sequence
+    positions ``first_row .. last_row``.
+
+    After a forward, ``layers`` holds one int tensor per layer, ``(sequences, rows, kv_heads, slc_count)``
+    (``-1`` padding as in the reference); :meth:`clear` empties it for the next forward."""
+
+    def __init__(self, first_row: int, last_row: int):
+        super().__init__(first_row, last_row)
+        self.layers: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def observe(self, q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale) -> None:
         chosen = []
         for rows, keys, cmp in row_slices(cu_q, cu_k, cu_cmp, self.first_row, self.last_row):
             _, blocks = nsa_sequence(q[rows], k[keys], v[keys], cmp_k[cmp], cmp_v[cmp], gates[rows], params, scale,
                                      return_block_indices=True)
             chosen.append(blocks)
-        return torch.stack(chosen).cpu()
+        self.layers.append(torch.stack(chosen).cpu())
+
+    def clear(self) -> None:
+        self.layers = []
 
 
 def row_slices(cu_q, cu_k, cu_cmp, first_row: int, last_row: int):
