@@ -18,14 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from nsa_kernels.reference import chunk_overlap_matrix
+from nsa_kernels.reference import _masked_softmax, chunk_overlap_matrix
 from selection_probe import AnswerRowHook, row_slices
-
-
-def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis where ``allowed``; zeros (and zero gradients, never NaN) where a row allows
-    nothing."""
-    return torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1) * allowed
 
 
 def choosable_blocks(q_pos: torch.Tensor, n_slc: int, params) -> torch.Tensor:
@@ -58,7 +52,7 @@ def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, cmp_k: torch.Tens
     ck = cmp_k.float().transpose(0, 1).repeat_interleave(group, dim=0)  # (Hq, N_cmp, D)
     cmp_end = torch.arange(n_cmp, device=q.device) * params.cmp_stride + params.cmp_block - 1
     cmp_ok = cmp_end[None, :] <= q_pos[:, None]
-    p_cmp = masked_softmax(qh @ ck.transpose(1, 2) * scale, cmp_ok)
+    p_cmp = _masked_softmax(qh @ ck.transpose(1, 2) * scale, cmp_ok)
     overlap = chunk_overlap_matrix(n_cmp, n_slc, params, q.device)
     predicted = (p_cmp @ overlap).unflatten(0, (hkv, group)).sum(1)  # (Hkv, R, n_slc)
 
@@ -66,7 +60,7 @@ def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, cmp_k: torch.Tens
     with torch.no_grad():
         kh = k.detach().float().transpose(0, 1).repeat_interleave(group, dim=0)  # (Hq, Tk, D)
         causal = torch.arange(tk, device=q.device)[None, :] <= q_pos[:, None]
-        p_full = masked_softmax(qh @ kh.transpose(1, 2) * scale, causal)
+        p_full = _masked_softmax(qh @ kh.transpose(1, 2) * scale, causal)
         p_full = torch.nn.functional.pad(p_full, (0, n_slc * params.slc_block - tk))
         target = p_full.unflatten(-1, (n_slc, params.slc_block)).sum(-1).unflatten(0, (hkv, group)).sum(1)
         target = target * allowed

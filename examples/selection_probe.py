@@ -103,10 +103,9 @@ def source_coverage(hits: torch.Tensor, right: torch.Tensor) -> dict:
     """Summary of ``(L, N, A)`` :func:`source_hits` against ``(N, A)`` bool ``right`` (the model predicted
     the token): over the ``N * A`` scored tokens, ``per_layer`` (fraction whose source block that layer
     chose), ``any_layer``, and among the right and among the wrong tokens the fraction whose source block
-    the most-choosing layer (``best_layer``) / any layer chose; ``best_layer_missed`` counts the tokens
-    whose source block that layer did not choose, ``best_layer_missed_wrong`` those of them the model got
-    wrong (equal counts: every miss of that layer was an error); ``per_layer_missed`` and
-    ``per_layer_missed_wrong`` are the same two counts for every layer."""
+    the most-choosing layer (``best_layer``) / any layer chose; for every layer, ``per_layer_missed`` counts
+    the tokens whose source block it did not choose and ``per_layer_missed_wrong`` those of them the model
+    got wrong (equal counts: every miss of that layer was an error)."""
     per_layer = hits.float().mean(dim=(1, 2))
     best = int(per_layer.argmax())
     any_layer = hits.any(0)
@@ -119,6 +118,5 @@ def source_coverage(hits: torch.Tensor, right: torch.Tensor) -> dict:
             "per_layer": [round(float(x), 4) for x in per_layer], "any_layer": frac(any_layer, right | wrong),
             "best_layer": best, "best_layer_right": frac(hits[best], right), "best_layer_wrong": frac(hits[best], wrong),
             "any_layer_right": frac(any_layer, right), "any_layer_wrong": frac(any_layer, wrong),
-            "best_layer_missed": int((~hits[best]).sum()), "best_layer_missed_wrong": int((~hits[best] & wrong).sum()),
             "per_layer_missed": [int(x) for x in (~hits).sum(dim=(1, 2))],
             "per_layer_missed_wrong": [int(x) for x in (~hits & wrong).sum(dim=(1, 2))]}

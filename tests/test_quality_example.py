@@ -380,8 +380,9 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
         if cov:
             assert len(cov["per_layer"]) == 2 and cov["tokens"] == 4 * 8
             assert all(0.0 <= x <= 1.0 for x in cov["per_layer"]) and cov["any_layer"] >= max(cov["per_layer"]) - 1e-4
-            best_missed = round(cov["tokens"] * (1 - cov["per_layer"][cov["best_layer"]]))
-            assert cov["best_layer_missed"] == best_missed and 0 <= cov["best_layer_missed_wrong"] <= best_missed
+            best, best_missed = cov["best_layer"], round(cov["tokens"] * (1 - cov["per_layer"][cov["best_layer"]]))
+            assert cov["per_layer_missed"][best] == best_missed
+            assert 0 <= cov["per_layer_missed_wrong"][best] <= best_missed
     assert "selection per layer: answer tokens whose source block the layer did not choose" in table
     assert "| NSA, before fine-tune, depth 0.5 |" in table
     assert "NSA, 6 selected blocks, after fine-tune" in table and "--nsa-slc-count-needle 6" in saved["reproduce"]

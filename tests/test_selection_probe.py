@@ -87,8 +87,8 @@ def test_source_coverage_counts_hits_by_layer_and_by_right_or_wrong():
     assert cov["any_layer"] == pytest.approx(2 / 3, abs=1e-4)
     assert (cov["any_layer_right"], cov["any_layer_wrong"]) == (1.0, 0.0)
     assert (cov["best_layer_right"], cov["best_layer_wrong"]) == (1.0, 0.0)
-    assert (cov["best_layer_missed"], cov["best_layer_missed_wrong"]) == (1, 1)  # row 2: missed by layer 1, wrong
-    assert (cov["per_layer_missed"], cov["per_layer_missed_wrong"]) == ([2, 1], [1, 1])
+    assert (cov["per_layer_missed"], cov["per_layer_missed_wrong"]) == ([2, 1], [1, 1])  # row 2: missed by layer 1, wrong
     right_but_missed = source_coverage(hits, torch.tensor([[True, False, True]]))
-    assert (right_but_missed["best_layer_missed"], right_but_missed["best_layer_missed_wrong"]) == (1, 0)
+    best = right_but_missed["best_layer"]
+    assert (right_but_missed["per_layer_missed"][best], right_but_missed["per_layer_missed_wrong"][best]) == (1, 0)
     assert source_coverage(hits, torch.ones_like(right))["any_layer_wrong"] is None
