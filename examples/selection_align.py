@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from nsa_kernels.reference import _masked_softmax, chunk_overlap_matrix
+from nsa_kernels.reference import _masked_softmax, chunk_overlap_matrix, selection_block_masks
 from selection_probe import AnswerRowHook, row_slices
 
 
 def choosable_blocks(q_pos: torch.Tensor, n_slc: int, params) -> torch.Tensor:
     """``(R, n_slc)`` bool: selection blocks a query at ``q_pos`` may choose by score (causal, neither the
     initial nor the local blocks, which are always taken)."""
-    j = torch.arange(n_slc, device=q_pos.device)[None, :]
-    own = (q_pos // params.slc_block)[:, None]
-    forced = (j < params.init_blocks) | (j > own - params.local_blocks)
-    return (j <= own) & ~forced
+    eligible, forced = selection_block_masks(q_pos, n_slc, params)
+    return eligible & ~forced
 
 
 def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, cmp_k: torch.Tensor, q_pos: torch.Tensor, params,

@@ -51,6 +51,17 @@ def chunk_overlap_matrix(n_cmp: int, n_slc: int, params: NSAParams, device=None)
     return m[:, :n_slc]
 
 
+def selection_block_masks(q_pos: torch.Tensor, n_slc: int, params: NSAParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(eligible, forced)``, each ``(Tq, n_slc)`` bool, for queries at ``q_pos``: the causal blocks
+    (``j <= t // l'``), and among them the ones always taken (the first ``init_blocks`` and the
+    ``local_blocks`` most recent). The rest of the eligible blocks compete by score."""
+    j = torch.arange(n_slc, device=q_pos.device)[None, :]
+    own = (q_pos // params.slc_block)[:, None]  # (Tq, 1) the query's own block
+    eligible = j <= own
+    forced = eligible & ((j < params.init_blocks) | (j > own - params.local_blocks))
+    return eligible, forced
+
+
 def select_blocks(
     block_scores: torch.Tensor, q_pos: torch.Tensor, params: NSAParams
 ) -> torch.Tensor:
@@ -66,10 +77,7 @@ def select_blocks(
         ``slc_count`` blocks are eligible.
     """
     n_slc = block_scores.shape[-1]
-    j = torch.arange(n_slc, device=q_pos.device)
-    own = (q_pos // params.slc_block)[:, None]  # (Tq, 1) the query's own block
-    eligible = j[None, :] <= own
-    forced = eligible & ((j[None, :] < params.init_blocks) | (j[None, :] > own - params.local_blocks))
+    eligible, forced = selection_block_masks(q_pos, n_slc, params)
     scores = _acc(block_scores).masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
     # Stable sort: among equal scores the lower block index comes first (deterministic ties).
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : params.slc_count]
