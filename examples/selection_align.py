@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from nsa_kernels import num_cmp_blocks
 from nsa_kernels.reference import _masked_softmax, chunk_overlap_matrix, selection_block_masks
 from selection_probe import AnswerRowHook, row_slices
 
@@ -31,60 +32,71 @@ def choosable_blocks(q_pos: torch.Tensor, n_slc: int, params) -> torch.Tensor:
 
 def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, cmp_k: torch.Tensor, q_pos: torch.Tensor, params,
                              scale: float) -> torch.Tensor | None:
-    """KL(full-attention block mass || selection block scores) of one sequence's query rows, mean over rows
-    and KV heads; ``None`` when no row has a block to choose.
+    """KL(full-attention block mass || selection block scores) of query rows, mean over sequences, rows and
+    KV heads; ``None`` when no row has a block to choose.
 
-    ``q (R, Hq, D)`` rows at positions ``q_pos (R,)``; ``k (Tk, Hkv, D)`` the sequence's keys up to the last
-    row; ``cmp_k (N_cmp, Hkv, D)`` its compressed keys. Only ``cmp_k`` receives gradient (``q``, ``k`` are
-    detached)."""
-    hq, hkv = q.shape[1], k.shape[1]
-    group, tk, n_cmp = hq // hkv, k.shape[0], cmp_k.shape[0]
+    One sequence: ``q (R, Hq, D)`` rows at positions ``q_pos (R,)``; ``k (Tk, Hkv, D)`` the sequence's keys
+    up to the last row; ``cmp_k (N_cmp, Hkv, D)`` its compressed keys. Several sequences: the same with a
+    leading ``(B,)`` axis on ``q``, ``k`` and ``cmp_k``. Only ``cmp_k`` receives gradient (``q``, ``k`` are
+    detached). ``q_pos`` on the CPU avoids a device sync."""
+    if q.dim() == 3:
+        q, k, cmp_k = q[None], k[None], cmp_k[None]
+    hq, hkv = q.shape[2], k.shape[2]
+    group, tk, n_cmp = hq // hkv, k.shape[1], cmp_k.shape[1]
     n_slc = -(-tk // params.slc_block)
     allowed = choosable_blocks(q_pos, n_slc, params)  # (R, n_slc)
     keep = allowed.any(-1)
     if not bool(keep.any()):
         return None
-    qh = q.detach().float().transpose(0, 1)  # (Hq, R, D)
+    allowed, keep, q_pos = allowed.to(q.device), keep.to(q.device), q_pos.to(q.device)
+    qh = q.detach().float().transpose(1, 2)  # (B, Hq, R, D)
 
     # predicted: the selection's block scores (compressed attention probabilities @ chunk overlap, group sum)
-    ck = cmp_k.float().transpose(0, 1).repeat_interleave(group, dim=0)  # (Hq, N_cmp, D)
+    ck = cmp_k.float().transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, N_cmp, D)
     cmp_end = torch.arange(n_cmp, device=q.device) * params.cmp_stride + params.cmp_block - 1
     cmp_ok = cmp_end[None, :] <= q_pos[:, None]
-    p_cmp = _masked_softmax(qh @ ck.transpose(1, 2) * scale, cmp_ok)
+    p_cmp = _masked_softmax(qh @ ck.transpose(-1, -2) * scale, cmp_ok)
     overlap = chunk_overlap_matrix(n_cmp, n_slc, params, q.device)
-    predicted = (p_cmp @ overlap).unflatten(0, (hkv, group)).sum(1)  # (Hkv, R, n_slc)
+    predicted = (p_cmp @ overlap).unflatten(1, (hkv, group)).sum(2)  # (B, Hkv, R, n_slc)
 
     # target: full causal attention's mass per selection block, group sum, no gradient
     with torch.no_grad():
-        kh = k.detach().float().transpose(0, 1).repeat_interleave(group, dim=0)  # (Hq, Tk, D)
+        kh = k.detach().float().transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, Tk, D)
         causal = torch.arange(tk, device=q.device)[None, :] <= q_pos[:, None]
-        p_full = _masked_softmax(qh @ kh.transpose(1, 2) * scale, causal)
+        p_full = _masked_softmax(qh @ kh.transpose(-1, -2) * scale, causal)
         p_full = torch.nn.functional.pad(p_full, (0, n_slc * params.slc_block - tk))
-        target = p_full.unflatten(-1, (n_slc, params.slc_block)).sum(-1).unflatten(0, (hkv, group)).sum(1)
+        target = p_full.unflatten(-1, (n_slc, params.slc_block)).sum(-1).unflatten(1, (hkv, group)).sum(2)
         target = target * allowed
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
 
     predicted = predicted * allowed
     log_pred = torch.log(predicted / predicted.sum(-1, keepdim=True).clamp_min(1e-12) + 1e-12)
-    kl = (target * (torch.log(target + 1e-12) - log_pred)).sum(-1)  # (Hkv, R)
-    return kl[:, keep].mean()
+    kl = (target * (torch.log(target + 1e-12) - log_pred)).sum(-1)  # (B, Hkv, R)
+    return kl[..., keep].mean()
 
 
 class SelectionAligner(AnswerRowHook):
     """Adds :func:`selection_alignment_loss` for the query rows at sequence positions ``first_row ..
-    last_row`` of every packed sequence to every NSA layer of a forward; :meth:`loss` is their mean over
-    layers and sequences (0 if none ran, e.g. for a dense model). The attention output is unchanged."""
+    last_row`` of every packed sequence (one batched loss per NSA layer, the mean over the sequences) to
+    every NSA layer of a forward; :meth:`loss` is their mean over layers (0 if none ran, e.g. for a dense
+    model). The attention output is unchanged."""
 
     def __init__(self, first_row: int, last_row: int):
         super().__init__(first_row, last_row)
         self.losses: list[torch.Tensor] = []
 
     def observe(self, q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale) -> None:
-        q_pos = torch.arange(self.first_row, self.last_row + 1, device=q.device)
-        for rows, keys, cmp in row_slices(cu_q, cu_k, cu_cmp, self.first_row, self.last_row):
-            loss = selection_alignment_loss(q[rows], k[keys], cmp_k[cmp], q_pos, params, scale)
-            if loss is not None:
-                self.losses.append(loss)
+        q_pos = torch.arange(self.first_row, self.last_row + 1)  # CPU: no device sync in the loss
+        slices = row_slices(cu_q, cu_k, cu_cmp, self.first_row, self.last_row)
+        # the rows see only the compressed blocks complete by the last row: every sequence has those, so the
+        # sequences stack into one batched loss whatever their lengths
+        n_cmp = num_cmp_blocks(self.last_row + 1, params.cmp_block, params.cmp_stride)
+        loss = selection_alignment_loss(torch.stack([q[rows] for rows, _, _ in slices]),
+                                        torch.stack([k[keys] for _, keys, _ in slices]),
+                                        torch.stack([cmp_k[cmp.start:cmp.start + n_cmp] for _, _, cmp in slices]),
+                                        q_pos, params, scale)
+        if loss is not None:
+            self.losses.append(loss)
 
     def loss(self) -> torch.Tensor:
         if not self.losses:

@@ -83,6 +83,29 @@ def test_alignment_gradient_reaches_only_the_compressed_keys():
     assert torch.isfinite(cmp_k.grad).all() and cmp_k.grad.abs().sum() > 0
 
 
+def test_aligner_batches_packed_sequences_of_different_lengths_exactly():
+    """observe() on a packed call of sequences of 53, 61 and 48 tokens (rows 40..47) gives the mean of the
+    per-sequence losses computed on each sequence alone with all of its compressed blocks."""
+    from nsa_kernels import num_cmp_blocks
+    from selection_align import SelectionAligner, selection_alignment_loss
+
+    torch.manual_seed(7)
+    params = _params()
+    hq, hkv, d, lengths = 6, 2, 8, [53, 61, 48]
+    n_cmp = [num_cmp_blocks(t, params.cmp_block, params.cmp_stride) for t in lengths]
+    q, k = torch.randn(sum(lengths), hq, d, dtype=torch.float64), torch.randn(sum(lengths), hkv, d, dtype=torch.float64)
+    cmp_k = torch.randn(sum(n_cmp), hkv, d, dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    cu_cmp = torch.tensor([0, *torch.tensor(n_cmp).cumsum(0).tolist()])
+    aligner = SelectionAligner(40, 47)
+    aligner.observe(q, k, None, cmp_k, None, None, cu, cu, cu_cmp, params, d ** -0.5)
+    q_pos = torch.arange(40, 48)
+    alone = [selection_alignment_loss(q[cu[b] + 40:cu[b] + 48], k[cu[b]:cu[b] + 48], cmp_k[cu_cmp[b]:cu_cmp[b + 1]],
+                                      q_pos, params, d ** -0.5) for b in range(3)]
+    assert len(aligner.losses) == 1
+    assert float(aligner.loss()) == pytest.approx(float(torch.stack(alone).mean()), rel=1e-10)
+
+
 def test_training_on_the_alignment_loss_brings_the_attended_block_into_the_selection():
     """Full attention looks at one key in block 3; the compressed keys initially point the selection at
     block 5. Gradient steps on the alignment loss alone (compressed keys free) must make the reference's
@@ -135,7 +158,7 @@ def test_aligner_adds_a_loss_per_layer_and_sequence_without_changing_the_output(
     with SelectionAligner(40, 55) as aligner:
         logits = model(input_ids=ids, use_cache=False).logits
     assert torch.equal(logits, plain)
-    assert len(aligner.losses) == 3 * 2
+    assert len(aligner.losses) == 3  # one per layer, both sequences batched
     aligner.loss().backward()
     for layer in model.model.layers:  # every layer's key compressor learns
         assert layer.self_attn.nsa_cmp_k.down.weight.grad.abs().sum() > 0
