@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from nsa_kernels import num_cmp_blocks
-from nsa_kernels.reference import _masked_softmax, chunk_overlap_matrix, selection_block_masks
+from nsa_kernels.reference import (_acc, _masked_softmax, chunk_overlap_matrix, compressed_attention_probs,
+                                   selection_block_masks, selection_block_scores)
 from selection_probe import AnswerRowHook, row_slices
 
 
@@ -49,21 +50,18 @@ def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, cmp_k: torch.Tens
     if not bool(keep.any()):
         return None
     allowed, keep, q_pos = allowed.to(q.device), keep.to(q.device), q_pos.to(q.device)
-    qh = q.detach().float().transpose(1, 2)  # (B, Hq, R, D)
+    qh = q.detach().transpose(1, 2)  # (B, Hq, R, D)
 
-    # predicted: the selection's block scores (compressed attention probabilities @ chunk overlap, group sum)
-    ck = cmp_k.float().transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, N_cmp, D)
-    cmp_end = torch.arange(n_cmp, device=q.device) * params.cmp_stride + params.cmp_block - 1
-    cmp_ok = cmp_end[None, :] <= q_pos[:, None]
-    p_cmp = _masked_softmax(qh @ ck.transpose(-1, -2) * scale, cmp_ok)
-    overlap = chunk_overlap_matrix(n_cmp, n_slc, params, q.device)
-    predicted = (p_cmp @ overlap).unflatten(1, (hkv, group)).sum(2)  # (B, Hkv, R, n_slc)
+    # predicted: the selection's block scores, computed as the reference computes them
+    ck = cmp_k.transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, N_cmp, D)
+    p_cmp = compressed_attention_probs(qh, ck, q_pos, params, scale)
+    predicted = selection_block_scores(p_cmp, chunk_overlap_matrix(n_cmp, n_slc, params, q.device), group)
 
     # target: full causal attention's mass per selection block, group sum, no gradient
     with torch.no_grad():
-        kh = k.detach().float().transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, Tk, D)
+        kh = _acc(k.detach()).transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, Tk, D)
         causal = torch.arange(tk, device=q.device)[None, :] <= q_pos[:, None]
-        p_full = _masked_softmax(qh @ kh.transpose(-1, -2) * scale, causal)
+        p_full = _masked_softmax(_acc(qh) @ kh.transpose(-1, -2) * scale, causal)
         p_full = torch.nn.functional.pad(p_full, (0, n_slc * params.slc_block - tk))
         target = p_full.unflatten(-1, (n_slc, params.slc_block)).sum(-1).unflatten(1, (hkv, group)).sum(2)
         target = target * allowed

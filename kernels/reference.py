@@ -62,6 +62,24 @@ def selection_block_masks(q_pos: torch.Tensor, n_slc: int, params: NSAParams) ->
     return eligible, forced
 
 
+def compressed_attention_probs(q: torch.Tensor, cmp_k: torch.Tensor, q_pos: torch.Tensor,
+                               params: NSAParams, scale: float) -> torch.Tensor:
+    """``p_cmp (..., H, Tq, N_cmp)``: softmax of the queries ``q (..., H, Tq, D)`` at positions ``q_pos (Tq,)``
+    over the compression blocks of ``cmp_k (..., H, N_cmp, D)`` (heads already matched) that are complete
+    at each query (``i*d + l - 1 <= t``)."""
+    cmp_end = torch.arange(cmp_k.shape[-2], device=q.device) * params.cmp_stride + params.cmp_block - 1
+    scores = torch.einsum("...qd,...cd->...qc", _acc(q), _acc(cmp_k)) * scale
+    return _masked_softmax(scores, cmp_end[None, :] <= q_pos[:, None])
+
+
+def selection_block_scores(p_cmp: torch.Tensor, overlap: torch.Tensor, group: int) -> torch.Tensor:
+    """Block importance ``(..., Hkv, Tq, n_slc)`` from ``p_cmp (..., Hq, Tq, N_cmp)``: each compression
+    block's probability spread over the selection blocks by ``overlap`` (:func:`chunk_overlap_matrix`,
+    the paper's Eq. 9), summed over the ``group`` query heads of each KV head."""
+    scores = p_cmp @ overlap.to(p_cmp.dtype)
+    return scores.unflatten(-3, (scores.shape[-3] // group, group)).sum(dim=-3)
+
+
 def select_blocks(
     block_scores: torch.Tensor, q_pos: torch.Tensor, params: NSAParams
 ) -> torch.Tensor:
@@ -128,7 +146,6 @@ def nsa_sequence(
     ckh, cvh = (x.transpose(0, 1).repeat_interleave(group, dim=0) for x in (cmp_k, cmp_v))
     overlap = chunk_overlap_matrix(n_cmp, n_slc, params, device)
     key_pos = torch.arange(tk, device=device)
-    cmp_end = torch.arange(n_cmp, device=device) * params.cmp_stride + params.cmp_block - 1
 
     outs, chosen = [], []
     for start in range(0, tq, _QUERY_CHUNK):
@@ -136,14 +153,12 @@ def nsa_sequence(
         qc = qh[:, start : start + q_pos.shape[0]]
 
         # cmp: attention over the complete compression blocks.
-        cmp_allowed = cmp_end[None, :] <= q_pos[:, None]
-        cmp_scores = torch.einsum("hqd,hcd->hqc", _acc(qc), _acc(ckh)) * scale
-        p_cmp = _masked_softmax(cmp_scores, cmp_allowed)
+        p_cmp = compressed_attention_probs(qc, ckh, q_pos, params, scale)
         o_cmp = torch.einsum("hqc,hcd->hqd", p_cmp, _acc(cvh))
 
         # slc: block importance from p_cmp, shared by the query heads of a GQA group.
         with torch.no_grad():
-            block_scores = (p_cmp @ overlap.to(p_cmp.dtype)).unflatten(0, (hkv, group)).sum(dim=1)
+            block_scores = selection_block_scores(p_cmp, overlap, group)
             blocks = select_blocks(block_scores, q_pos, params)  # (tq_chunk, Hkv, n)
         in_chosen = torch.zeros(q_pos.shape[0], hkv, n_slc + 1, dtype=torch.bool, device=device)
         in_chosen.scatter_(-1, torch.where(blocks < 0, n_slc, blocks).long(), True)
