@@ -147,7 +147,7 @@ def test_training_on_the_alignment_loss_brings_the_attended_block_into_the_selec
     assert 3 in chosen()
 
 
-def test_aligner_adds_a_loss_per_layer_and_sequence_without_changing_the_output():
+def test_aligner_adds_a_loss_per_layer_without_changing_the_output():
     from selection_align import SelectionAligner
     from test_selection_probe import _tiny_nsa
 
