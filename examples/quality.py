@@ -57,7 +57,9 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
      ``(-1e4, -1e4, +1e4)``, i.e. gates exactly ``(0, 0, 1)`` after the sigmoid, so the compressed and
      selected branches contribute exactly nothing (their outputs are multiplied by 0.0, their weights
      get zero gradients) and the layer computes sliding-window attention only; the script checks
-     this against an independent banded-mask SDPA implementation (``window_only_check``);
+     this against an independent banded-mask SDPA implementation (``window_only_check``); with
+     ``--needle-loss answer_align`` it fine-tunes on the answer loss alone (its selection is off, so
+     there is nothing to align);
    * the dense model (continued from step 2), as a reference (``--no-dense-needle`` skips it);
    * with ``--nsa-reference-needle``, the NSA model once more, fine-tuned and evaluated through the
      PyTorch reference instead of the Triton kernels (``nsa_hf.attention.VARLEN_BACKEND``; micro-batches
@@ -1040,6 +1042,15 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
     return out
 
 
+def window_only_needle_loss(kind: str) -> str:
+    """The window-only control's fine-tune loss for ``--needle-loss kind``: the same, except that
+    ``answer_align`` becomes ``answer``. The control's gates (0, 0, 1) switch its selection off, so the
+    alignment term, which trains the selection's scores, has nothing to align there (and costs time)."""
+    if kind not in NEEDLE_LOSSES:
+        raise ValueError(f"needle loss {kind!r}: expected one of {NEEDLE_LOSSES}")
+    return "answer" if kind == "answer_align" else kind
+
+
 def needle_step_loss(needles: Needles, ids: torch.Tensor, answers: torch.Tensor, kind: str, micro_batch: int = 0,
                      cap: float = 2.0, align_weight: float = 1.0):
     """The fine-tune loss of one batch (``kind`` as ``--needle-loss``), as one loss function or, with
@@ -1488,6 +1499,7 @@ def main(argv=None) -> dict:
     # last: a run cut short by a device time limit keeps what the targets need.
     variants = {"nsa": nsa, "window_only": window_only(nsa)}
     settings = {"nsa": (args.needle_loss, args.needle_lr)}  # fine-tune loss and peak LR per variant
+    settings["window_only"] = (window_only_needle_loss(args.needle_loss), args.needle_lr)
     if not args.no_dense_needle:
         variants["dense"] = dense
     for loss_kind, lr in args.nsa_needle_variants:

@@ -655,3 +655,14 @@ def test_align_weight_must_not_be_negative(capsys):
         quality.parse_args(["--align-weight", "-0.5"])
     assert "--align-weight -0.5: must be >= 0" in capsys.readouterr().err
     assert quality.parse_args(["--align-weight", "0"]).align_weight == 0.0
+
+
+def test_window_only_control_drops_only_the_alignment_term():
+    import quality
+
+    # the control's selection is switched off (gates 0, 0, 1): nothing to align, the answer loss stays
+    assert quality.window_only_needle_loss("answer_align") == "answer"
+    for kind in ("answer", "lm", "both", "answer_capped"):
+        assert quality.window_only_needle_loss(kind) == kind
+    with pytest.raises(ValueError, match="'align'"):
+        quality.window_only_needle_loss("align")
