@@ -1006,10 +1006,13 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
     """Per depth: exact-match accuracy (whole answer) and per-token accuracy (``"digit"`` for the kv probe,
     ``"token"`` for the span probe) on ``count`` held-out probes, teacher-forced argmax (``answer_hits``).
     ``selection`` (span probe, NSA models): also ``"selection"``, how often the NSA layers chose the
-    selection block of each answer token's source in the passage (``selection_probe.source_coverage``)."""
+    selection block of each answer token's source in the passage (``selection_probe.source_coverage``),
+    ``"gates"``, the mean gates per layer and head at the right and at the wrong answer tokens
+    (``selection_probe.gate_means``), and ``"errors"``, what the wrong tokens were
+    (``selection_probe.error_kinds``)."""
     from contextlib import nullcontext
 
-    from selection_probe import SelectionRecorder, source_coverage, source_hits
+    from selection_probe import SelectionRecorder, error_kinds, gate_means, source_coverage, source_hits
 
     selection = selection and needles.kind == "span"
     model.eval()
@@ -1020,7 +1023,8 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
         for d_i, depth in enumerate(depths):
             g = torch.Generator().manual_seed(seed * 31 + 17 + d_i)
             exact = digit = 0
-            source_hit_batches, right_batches = [], []
+            source_hit_batches, right_batches, gate_batches = [], [], []
+            errors = None
             source = needles.start(depth) + needles.prefix + torch.arange(needles.answer_len) if selection else None
             for start in range(0, count, batch_size):
                 n = min(batch_size, count - start)
@@ -1033,12 +1037,20 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
                 if selection and recorder.layers:
                     source_hit_batches.append(source_hits(recorder.layers, source.expand(n, -1),
                                                           model.config.nsa_slc_block))
-                    right_batches.append(logits.argmax(-1) == answers[:, 0])
+                    pred = logits.argmax(-1)
+                    right_batches.append(pred == answers[:, 0])
+                    gate_batches.append(recorder.gates)
+                    kinds = error_kinds(pred, answers[:, 0], ids, needles.start(depth), needles.prefix,
+                                        needles.answer_pos)
+                    errors = kinds if errors is None else {k: errors[k] + v for k, v in kinds.items()}
                     recorder.clear()
             out[f"{depth:g}"] = {"exact": exact / count, needles.token_metric: digit / (count * needles.answer_len)}
             if source_hit_batches:
-                out[f"{depth:g}"]["selection"] = source_coverage(torch.cat(source_hit_batches, dim=1),
-                                                                 torch.cat(right_batches))
+                right = torch.cat(right_batches)
+                out[f"{depth:g}"]["selection"] = source_coverage(torch.cat(source_hit_batches, dim=1), right)
+                out[f"{depth:g}"]["gates"] = gate_means([torch.cat(per_layer) for per_layer in zip(*gate_batches)],
+                                                        right)
+                out[f"{depth:g}"]["errors"] = errors
     return out
 
 
@@ -1305,6 +1317,17 @@ def markdown(results: dict) -> str:
                     cells = (f"{w}/{m}" for w, m in zip(c["per_layer_missed_wrong"], c["per_layer_missed"]))
                     lines.append(f"| {label}, {when} fine-tune, depth {d} | {c['wrong_tokens']} | " + " | ".join(cells)
                                  + " |")
+        lines.append("")
+        lines.append("| wrong answer tokens by what was predicted: target passage one position off / elsewhere in "
+                     "the target passage / elsewhere in the probe / not in the probe | "
+                     + " | ".join(f"depth {d}" for d in depths) + " |")
+        lines.append("|---|" + "---|" * len(depths))
+        for variant, label in selected:
+            for when in ("before", "after"):
+                kinds = [nd["results"][variant][when][d].get("errors") or {} for d in depths]
+                lines.append(f"| {label}, {when} fine-tune | " + " | ".join(
+                    " / ".join(str(k.get(name, "-")) for name in ("target_adjacent", "target_other", "in_context",
+                                                                  "not_in_context")) for k in kinds) + " |")
         lines.append("")
     validated = [(v, label) for v, label in needle_variant_labels(nd["results"])
                  if "validation" in (nd["results"][v].get("finetune") or {})]

@@ -54,23 +54,28 @@ class SelectionRecorder(AnswerRowHook):
     positions ``first_row .. last_row``.
 
     After a forward, ``layers`` holds one int tensor per layer, ``(sequences, rows, kv_heads, slc_count)``
-    (``-1`` padding as in the reference); :meth:`clear` empties it for the next forward."""
+    (``-1`` padding as in the reference), and ``gates`` one float tensor per layer, ``(sequences, rows,
+    heads, 3)``, the gate values (cmp, slc, win) at those rows; :meth:`clear` empties both for the next
+    forward."""
 
     def __init__(self, first_row: int, last_row: int):
         super().__init__(first_row, last_row)
         self.layers: list[torch.Tensor] = []
+        self.gates: list[torch.Tensor] = []
 
     @torch.no_grad()
     def observe(self, q, k, v, cmp_k, cmp_v, gates, cu_q, cu_k, cu_cmp, params, scale) -> None:
-        chosen = []
+        chosen, row_gates = [], []
         for rows, keys, cmp in row_slices(cu_q, cu_k, cu_cmp, self.first_row, self.last_row):
             _, blocks = nsa_sequence(q[rows], k[keys], v[keys], cmp_k[cmp], cmp_v[cmp], gates[rows], params, scale,
                                      return_block_indices=True)
             chosen.append(blocks)
+            row_gates.append(gates[rows])
         self.layers.append(torch.stack(chosen).cpu())
+        self.gates.append(torch.stack(row_gates).float().cpu())
 
     def clear(self) -> None:
-        self.layers = []
+        self.layers, self.gates = [], []
 
 
 def row_slices(cu_q, cu_k, cu_cmp, first_row: int, last_row: int):
@@ -120,3 +125,42 @@ def source_coverage(hits: torch.Tensor, right: torch.Tensor) -> dict:
             "any_layer_right": frac(any_layer, right), "any_layer_wrong": frac(any_layer, wrong),
             "per_layer_missed": [int(x) for x in (~hits).sum(dim=(1, 2))],
             "per_layer_missed_wrong": [int(x) for x in (~hits & wrong).sum(dim=(1, 2))]}
+
+
+def gate_means(gates: list[torch.Tensor], right: torch.Tensor) -> dict:
+    """Mean gate values per layer and head at the scored rows, split by whether the model got the token
+    right: ``{"right": [L][H][3], "wrong": [L][H][3]}`` (cmp, slc, win; ``None`` where there is no such
+    token). ``gates``: per layer ``(N, A, H, 3)`` (:class:`SelectionRecorder`); ``right``: ``(N, A)`` bool.
+    Shows whether the copying layer's heads lean on the selected branch where the copy fails."""
+    out = {}
+    for name, where in (("right", right), ("wrong", ~right)):
+        if not bool(where.any()):
+            out[name] = None
+            continue
+        out[name] = [[[round(float(x), 4) for x in head] for head in layer[where].mean(0)] for layer in gates]
+    return out
+
+
+def error_kinds(pred: torch.Tensor, answers: torch.Tensor, ids: torch.Tensor, passage_start: int, prefix: int,
+                answer_pos: torch.Tensor) -> dict:
+    """What the model predicted instead of each wrong answer token of the span probe.
+
+    ``pred`` / ``answers``: ``(N, A)`` predicted and correct tokens; ``ids``: ``(N, S)`` the probes, whose
+    target passage starts at ``passage_start`` (the answer copies its tokens from ``prefix`` on);
+    ``answer_pos``: ``(A,)`` the answers' positions. Each wrong token counts once, as the first that fits of
+    ``target_adjacent`` (the target passage's token one position before or after the right one: the copy
+    slipped by a position), ``target_other`` (another token of the target passage), ``in_context`` (a token
+    found earlier in the probe, e.g. a distractor passage or the filler) and ``not_in_context``."""
+    span_len = prefix + answers.shape[1]
+    kinds = dict.fromkeys(("target_adjacent", "target_other", "in_context", "not_in_context"), 0)
+    for n, a in (pred != answers).nonzero().tolist():
+        token = pred[n, a]
+        passage = ids[n, passage_start : passage_start + span_len]
+        offsets = ((passage == token).nonzero().flatten() - (prefix + a)).tolist()
+        if offsets:
+            kinds["target_adjacent" if any(abs(o) == 1 for o in offsets) else "target_other"] += 1
+        elif bool((ids[n, : int(answer_pos[a])] == token).any()):
+            kinds["in_context"] += 1
+        else:
+            kinds["not_in_context"] += 1
+    return kinds

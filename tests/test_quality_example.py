@@ -383,7 +383,15 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
             best, best_missed = cov["best_layer"], round(cov["tokens"] * (1 - cov["per_layer"][cov["best_layer"]]))
             assert cov["per_layer_missed"][best] == best_missed
             assert 0 <= cov["per_layer_missed_wrong"][best] <= best_missed
+            # every wrong token is classified once; gates per layer and head (4 heads) at right / wrong tokens
+            after = r["after"]["0.5"]
+            assert sum(after["errors"].values()) == cov["wrong_tokens"]
+            for split in ("right", "wrong"):
+                if after["gates"][split] is not None:
+                    assert len(after["gates"][split]) == 2 and len(after["gates"][split][0]) == 4
+                    assert all(0.0 <= x <= 1.0 for layer in after["gates"][split] for head in layer for x in head)
     assert "selection per layer: answer tokens whose source block the layer did not choose" in table
+    assert "wrong answer tokens by what was predicted" in table
     assert "| NSA, before fine-tune, depth 0.5 |" in table
     assert "NSA, 6 selected blocks, after fine-tune" in table and "--nsa-slc-count-needle 6" in saved["reproduce"]
     # More selected blocks see more of the context: a different first fine-tune loss than the main variant.
@@ -417,7 +425,7 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
         for when in ("before", "after"):
             assert set(variant[when]) == set(needle["geometry"])
             for acc in variant[when].values():
-                assert set(acc) - {"selection"} == {"exact", "token"} and 0.0 <= acc["exact"] <= acc["token"] <= 1.0
+                assert set(acc) - {"selection", "gates", "errors"} == {"exact", "token"} and 0.0 <= acc["exact"] <= acc["token"] <= 1.0
         assert variant["finetune"]["steps"] == 3
     for depth, geo in needle["geometry"].items():
         assert geo["outside_window"] and geo["distance"] >= saved["args"]["window"]

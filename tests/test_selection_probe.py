@@ -56,8 +56,14 @@ def test_recorded_rows_match_the_full_sequence_selection():
             _, full = nsa_sequence(q[s], k[s], v[s], cmp_k[c], cmp_v[c], g[s], params,
                                    scale or q.shape[-1] ** -0.5, return_block_indices=True)
             assert torch.equal(blocks[b], full[first : last + 1])
+    # the gates at the rows, per layer: those the layer passed to the kernel, (sequences, rows, heads, 3)
+    assert len(rec.gates) == 3
+    for row_gates, (q, k, v, cmp_k, cmp_v, g, cu_q, *_) in zip(rec.gates, calls):
+        assert row_gates.shape == (2, last - first + 1, 4, 3)
+        for b in range(2):
+            assert torch.equal(row_gates[b], g[int(cu_q[b]) + first : int(cu_q[b]) + last + 1].float())
     rec.clear()
-    assert rec.layers == []
+    assert rec.layers == [] and rec.gates == []
 
 
 def test_recorder_rejects_rows_outside_the_sequence():
@@ -92,3 +98,37 @@ def test_source_coverage_counts_hits_by_layer_and_by_right_or_wrong():
     best = right_but_missed["best_layer"]
     assert (right_but_missed["per_layer_missed"][best], right_but_missed["per_layer_missed_wrong"][best]) == (1, 0)
     assert source_coverage(hits, torch.ones_like(right))["any_layer_wrong"] is None
+
+
+def test_error_kinds_classifies_each_wrong_token_once():
+    from selection_probe import error_kinds
+
+    # one probe: filler 100..139, target passage at 10 (prefix 2, answer 4: tokens 202..205 copied at 40..43)
+    ids = torch.arange(100, 144)[None].clone()
+    ids[0, 10:16] = torch.tensor([200, 201, 202, 203, 204, 205])
+    ids[0, 20] = 300  # a distractor's token
+    answer_pos = torch.arange(40, 44)
+    answers = torch.tensor([[202, 203, 204, 205]])
+    ids[0, 40:44] = answers[0]
+    assert error_kinds(answers.clone(), answers, ids, 10, 2, answer_pos) == dict.fromkeys(
+        ("target_adjacent", "target_other", "in_context", "not_in_context"), 0)
+    # 203 instead of 202 (next token), 200 instead of 203 (3 back), 300 (the distractor), 999 (nowhere)
+    pred = torch.tensor([[203, 200, 300, 999]])
+    assert error_kinds(pred, answers, ids, 10, 2, answer_pos) == {
+        "target_adjacent": 1, "target_other": 1, "in_context": 1, "not_in_context": 1}
+    # a token of the probe only after the answer row is not "in context"
+    ids[0, 42] = 777
+    assert error_kinds(torch.tensor([[202, 777, 204, 205]]), answers, ids, 10, 2, answer_pos)["not_in_context"] == 1
+
+
+def test_gate_means_split_by_right_and_wrong():
+    from selection_probe import gate_means
+
+    g0 = torch.zeros(2, 3, 2, 3)
+    g0[0, 0] = 1.0  # the only wrong token's gates (sequence 0, row 0): all ones
+    right = torch.ones(2, 3, dtype=torch.bool)
+    right[0, 0] = False
+    out = gate_means([g0, g0 + 0.5], right)
+    assert out["wrong"] == [[[1.0] * 3] * 2, [[1.5] * 3] * 2]
+    assert out["right"] == [[[0.0] * 3] * 2, [[0.5] * 3] * 2]
+    assert gate_means([g0], torch.ones(2, 3, dtype=torch.bool))["wrong"] is None
