@@ -425,7 +425,8 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
         for when in ("before", "after"):
             assert set(variant[when]) == set(needle["geometry"])
             for acc in variant[when].values():
-                assert set(acc) - {"selection", "gates", "errors"} == {"exact", "token"} and 0.0 <= acc["exact"] <= acc["token"] <= 1.0
+                assert set(acc) - {"selection", "gates", "errors"} == {"exact", "token"}
+                assert 0.0 <= acc["exact"] <= acc["token"] <= 1.0
         assert variant["finetune"]["steps"] == 3
     for depth, geo in needle["geometry"].items():
         assert geo["outside_window"] and geo["distance"] >= saved["args"]["window"]
