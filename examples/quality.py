@@ -1010,6 +1010,7 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
     ``"gates"``, the mean gates per layer and head at the right and at the wrong answer tokens
     (``selection_probe.gate_means``), and ``"errors"``, what the wrong tokens were
     (``selection_probe.error_kinds``)."""
+    from collections import Counter
     from contextlib import nullcontext
 
     from selection_probe import SelectionRecorder, error_kinds, gate_means, source_coverage, source_hits
@@ -1024,7 +1025,7 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
             g = torch.Generator().manual_seed(seed * 31 + 17 + d_i)
             exact = digit = 0
             source_hit_batches, right_batches, gate_batches = [], [], []
-            errors = None
+            errors = Counter()  # summed over the batches, every kind kept (also at 0)
             source = needles.start(depth) + needles.prefix + torch.arange(needles.answer_len) if selection else None
             for start in range(0, count, batch_size):
                 n = min(batch_size, count - start)
@@ -1040,9 +1041,8 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
                     pred = logits.argmax(-1)
                     right_batches.append(pred == answers[:, 0])
                     gate_batches.append(recorder.gates)
-                    kinds = error_kinds(pred, answers[:, 0], ids, needles.start(depth), needles.prefix,
-                                        needles.answer_pos)
-                    errors = kinds if errors is None else {k: errors[k] + v for k, v in kinds.items()}
+                    errors.update(error_kinds(pred, answers[:, 0], ids, needles.start(depth), needles.prefix,
+                                              needles.answer_pos))
                     recorder.clear()
             out[f"{depth:g}"] = {"exact": exact / count, needles.token_metric: digit / (count * needles.answer_len)}
             if source_hit_batches:
@@ -1050,7 +1050,7 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
                 out[f"{depth:g}"]["selection"] = source_coverage(torch.cat(source_hit_batches, dim=1), right)
                 out[f"{depth:g}"]["gates"] = gate_means([torch.cat(per_layer) for per_layer in zip(*gate_batches)],
                                                         right)
-                out[f"{depth:g}"]["errors"] = errors
+                out[f"{depth:g}"]["errors"] = dict(errors)
     return out
 
 
