@@ -102,8 +102,8 @@ def main(argv=None) -> dict:
         opt.zero_grad()
         if step % args.log_every == 0 or step == args.steps - 1:
             acc = copy_accuracy(logits.detach(), ids, mask)
-            history.append({"step": step, "loss": float(loss), "copy_accuracy": acc})
-            print(f"step {step} loss {float(loss):.3f} copy accuracy {acc:.3f} ({time.time() - t0:.0f} s)", flush=True)
+            history.append({"step": step, "loss": loss.item(), "copy_accuracy": acc})
+            print(f"step {step} loss {loss.item():.3f} copy accuracy {acc:.3f} ({time.time() - t0:.0f} s)", flush=True)
     moved = transfer(model, vocab, gen)
     for dist, acc in moved.items():
         print(f"16-token span repeated {dist} tokens later: copy accuracy {acc:.3f}")
