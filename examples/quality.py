@@ -1245,6 +1245,28 @@ NEEDLE_VARIANT_LABELS = (("nsa", "NSA"), ("nsa_reference", "NSA, reference backe
                          ("dense", "dense"))
 
 
+def wilson_interval(hits: int, count: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a success rate measured as ``hits`` of ``count`` (95 % for z = 1.96): how far a
+    depth's exact match of 128 probes can sit from the model's true rate (121 / 128 -> 0.891-0.973)."""
+    if count < 1 or not 0 <= hits <= count:
+        raise ValueError(f"wilson_interval: need 0 <= hits <= count and count >= 1, got hits={hits}, count={count}")
+    rate = hits / count
+    denom = 1 + z * z / count
+    centre = rate + z * z / (2 * count)
+    half = z * math.sqrt(rate * (1 - rate) / count + z * z / (4 * count * count))
+    return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)
+
+
+def retrieval_summary(exact_by_depth: dict, per_depth: int) -> dict:
+    """After-fine-tune exact match of one model: pooled over the depths (equal probe counts), the worst depth with
+    its Wilson interval, and whether every depth reaches the 95 % target."""
+    hits = {d: round(acc * per_depth) for d, acc in exact_by_depth.items()}
+    worst = min(hits, key=hits.get)
+    return {"pooled": sum(hits.values()) / (per_depth * len(hits)), "worst_depth": worst,
+            "worst": hits[worst] / per_depth, "worst_interval": wilson_interval(hits[worst], per_depth),
+            "every_depth_ge_95pct": all(h >= 0.95 * per_depth for h in hits.values())}
+
+
 def needle_variant_labels(variants) -> list[tuple[str, str]]:
     """(name, label) of the needle variants in ``variants``, the fixed ones first, in table order."""
     fixed = [(v, label) for v, label in NEEDLE_VARIANT_LABELS if v in variants]
@@ -1302,6 +1324,16 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {label}, {when} fine-tune | " + " | ".join(f"{acc[d][metric]:.3f}" for d in depths)
                              + " |")
         lines.append("")
+    per_depth = nd["per_depth"]
+    lines.append(f"| exact match after the fine-tune, {per_depth} probes per depth | pooled over the depths | "
+                 "worst depth (95 % Wilson interval) | >= 95 % at every depth |")
+    lines.append("|---|---|---|---|")
+    for variant, label in needle_variant_labels(nd["results"]):
+        summary = retrieval_summary({d: nd["results"][variant]["after"][d]["exact"] for d in depths}, per_depth)
+        low, high = summary["worst_interval"]
+        lines.append(f"| {label} | {summary['pooled']:.3f} | {summary['worst']:.3f} at depth {summary['worst_depth']} "
+                     f"({low:.3f}-{high:.3f}) | {'yes' if summary['every_depth_ge_95pct'] else 'no'} |")
+    lines.append("")
     selected = [(v, label) for v, label in needle_variant_labels(nd["results"])
                 if "selection" in nd["results"][v]["after"][depths[0]]]
     if selected:
@@ -1591,6 +1623,9 @@ def main(argv=None) -> dict:
         results["needle"].update(span_len=args.span_len, span_prefix=args.span_prefix,
                                  answer_tokens=needles.answer_len, distractors=args.span_distractors,
                                  chance_per_token=1.0 / len(needles.vocab_ids))
+    results["needle"]["summary"] = {
+        v: retrieval_summary({d: x["exact"] for d, x in r["after"].items()}, args.needle_eval)
+        for v, r in needle_results.items() if "after" in r}
     results.pop("needle_partial", None)
     results["training"] = training
     after = lambda v: [x["exact"] for x in needle_results[v]["after"].values()] if v in needle_results else None  # noqa: E731

@@ -54,6 +54,14 @@ def test_tiny_run_writes_results(tiny_run):
                                   "window_only_needle_le_10pct"}
     needle = saved["needle"]
     assert needle["probe"] == "kv" and needle["digits"] == 3
+    # the retrieval summary restates the per-depth results: pooled mean, worst depth, the 95 % verdict
+    assert set(needle["summary"]) == set(needle["results"])
+    for name, summary in needle["summary"].items():
+        exact = {d: acc["exact"] for d, acc in needle["results"][name]["after"].items()}
+        assert summary["pooled"] == pytest.approx(sum(exact.values()) / len(exact))
+        assert summary["worst"] == pytest.approx(min(exact.values()))
+        assert summary["every_depth_ge_95pct"] == (min(exact.values()) >= 0.95)
+    assert "| exact match after the fine-tune, " in (out / "results.md").read_text()
     assert set(needle["results"]) == {"nsa", "window_only", "dense"}
     for variant in needle["results"].values():
         for when in ("before", "after"):
@@ -675,3 +683,30 @@ def test_window_only_control_drops_only_the_alignment_term():
         assert quality.window_only_needle_loss(kind) == kind
     with pytest.raises(ValueError, match="'align'"):
         quality.window_only_needle_loss("align")
+
+
+def test_wilson_interval():
+    from quality import wilson_interval
+
+    low, high = wilson_interval(121, 128)
+    assert low == pytest.approx(0.8914, abs=1e-4) and high == pytest.approx(0.9733, abs=1e-4)
+    assert low < 121 / 128 < high
+    # mirror image: k of n successes is n - k failures
+    low2, high2 = wilson_interval(7, 128)
+    assert low2 == pytest.approx(1 - high) and high2 == pytest.approx(1 - low)
+    assert wilson_interval(0, 128)[0] == 0.0 and 0.02 < wilson_interval(0, 128)[1] < 0.04
+    # more probes, narrower interval around the same rate
+    assert wilson_interval(242, 256)[1] - wilson_interval(242, 256)[0] < high - low
+    for hits, count in ((5, 4), (-1, 4), (0, 0)):
+        with pytest.raises(ValueError, match=f"hits={hits}, count={count}"):
+            wilson_interval(hits, count)
+
+
+def test_retrieval_summary():
+    from quality import retrieval_summary
+
+    summary = retrieval_summary({"0.1": 126 / 128, "0.3": 127 / 128, "0.5": 121 / 128, "0.7": 125 / 128}, 128)
+    assert summary["pooled"] == pytest.approx(499 / 512)
+    assert summary["worst_depth"] == "0.5" and summary["worst"] == pytest.approx(121 / 128)
+    assert not summary["every_depth_ge_95pct"]
+    assert retrieval_summary({"0.1": 122 / 128, "0.5": 1.0}, 128)["every_depth_ge_95pct"]
