@@ -141,6 +141,9 @@ def gate_means(gates: list[torch.Tensor], right: torch.Tensor) -> dict:
     return out
 
 
+ERROR_KINDS = ("target_adjacent", "target_other", "in_context", "not_in_context")  # error_kinds' keys, in order
+
+
 def error_kinds(pred: torch.Tensor, answers: torch.Tensor, ids: torch.Tensor, passage_start: int, prefix: int,
                 answer_pos: torch.Tensor) -> dict:
     """What the model predicted instead of each wrong answer token of the span probe.
@@ -152,7 +155,7 @@ def error_kinds(pred: torch.Tensor, answers: torch.Tensor, ids: torch.Tensor, pa
     slipped by a position), ``target_other`` (another token of the target passage), ``in_context`` (a token
     found earlier in the probe, e.g. a distractor passage or the filler) and ``not_in_context``."""
     span_len = prefix + answers.shape[1]
-    kinds = dict.fromkeys(("target_adjacent", "target_other", "in_context", "not_in_context"), 0)
+    kinds = dict.fromkeys(ERROR_KINDS, 0)
     for n, a in (pred != answers).nonzero().tolist():
         token = pred[n, a]
         passage = ids[n, passage_start : passage_start + span_len]
