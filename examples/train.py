@@ -32,7 +32,14 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import nsa_hf  # noqa: F401  (registers NSA-Llama and attn_implementation="nsa")
-from nsa_hf.training import ThroughputCallback, chunk_documents, load_text_dataset, set_trainable
+from nsa_hf.training import (
+    ThroughputCallback,
+    chunk_documents,
+    fsdp_units,
+    load_text_dataset,
+    save_trained_model,
+    set_trainable,
+)
 
 
 def parse_args(argv=None):
@@ -59,15 +66,6 @@ def parse_args(argv=None):
                     help="shuffle the pieces once with --seed and read them in order (same order for any process count)")
     ap.add_argument("--no-save", action="store_true", help="do not save the final model")
     return ap.parse_args(argv)
-
-
-def fsdp_units(model) -> int:
-    """Modules of ``model`` sharded by FSDP2 (``fully_shard`` makes them ``FSDPModule``\ s); 0 without FSDP."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return 0
-    return sum(isinstance(m, FSDPModule) for m in model.modules()) if model is not None else 0
 
 
 class LossLogCallback(TrainerCallback):
@@ -154,13 +152,7 @@ def main(argv=None):
     if args.no_save:
         return history
     final = os.path.join(args.output_dir, "final")
-    if trainer.args.world_size > 1:  # FSDP/DDP: the Trainer gathers the weights and writes once
-        trainer.save_model(final)
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(final)
-    else:
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+    save_trained_model(trainer.model, final, tokenizer)  # under FSDP2 the sharded weights are gathered first
     print(f"[train] saved {final}")
     return history
 

@@ -1,5 +1,6 @@
 """Helpers for continued training of NSA models with `transformers.Trainer`: datasets from local
-files, document chunking for packed batches, staged trainability, and a throughput log."""
+files, document chunking for packed batches, staged trainability, a throughput log, and saving a model
+trained in one process, under DDP or sharded by FSDP2."""
 from __future__ import annotations
 
 import os
@@ -96,3 +97,35 @@ class ThroughputCallback(TrainerCallback):
             state.log_history[-1]["tokens_per_second"] = rate
         if state.is_world_process_zero:
             print(f"[train] step {state.global_step}: loss {logs['loss']:.4f}, {rate:,.0f} tokens/s", flush=True)
+
+
+def fsdp_units(model) -> int:
+    """Modules of ``model`` sharded by FSDP2 (``fully_shard`` turns them into ``FSDPModule`` instances);
+    0 without FSDP."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return 0
+    return sum(isinstance(m, FSDPModule) for m in model.modules()) if model is not None else 0
+
+
+def save_trained_model(model, output_dir, tokenizer=None) -> None:
+    """``save_pretrained`` of a trained model, written once: in one process, under DDP (every process
+    holds all weights; rank 0 writes) and under FSDP2 with any number of processes, one included (the
+    full state dict is gathered to CPU on rank 0 and written as an ordinary checkpoint). Under
+    ``torch.distributed`` every process must call it (the gathering is a collective; all wait for rank 0)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    state_dict = None
+    if fsdp_units(model) > 0:  # sharded parameters are DTensors: safetensors cannot write them as they are
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(output_dir, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+    if distributed:
+        dist.barrier()

@@ -1,19 +1,19 @@
 """Worker of ``tests/test_fsdp_cpu.py``: a few AdamW steps of an NSA-Llama checkpoint on fixed packed
 batches, either in one process (the reference: the ranks' batches one after another, gradients
 accumulated) or under ``torchrun`` with FSDP2 (``fully_shard`` on every decoder layer and the root,
-gloo on CPU). The loss of a step is the token mean over the whole global batch in both cases.
+gloo on CPU; 1 or 2 processes, each taking every other rank's batches when there is one process). The
+loss of a step is the token mean over the whole global batch in every case.
 
     python tests/fsdp_worker.py MODEL_DIR OUT_DIR                    # reference, one process
     torchrun --nproc_per_node 2 tests/fsdp_worker.py MODEL_DIR OUT_DIR --fsdp
 
 Writes ``OUT_DIR/losses.json`` (``{"losses", "world_size", "fsdp_units"}``) and the trained model
-(``save_pretrained``; under FSDP the full state dict gathered on rank 0).
+(``nsa_hf.training.save_trained_model``: under FSDP the full state dict gathered on rank 0).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
 import nsa_hf  # noqa: F401  (registers NSA-Llama)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from train import fsdp_units  # noqa: E402
+from nsa_hf.training import fsdp_units, save_trained_model
 
 RANKS = 2
 # Document lengths per step and rank: packed rows of one or two documents, odd lengths, and at step 2 a
@@ -74,8 +72,8 @@ def main() -> None:
 
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if world != RANKS:
-            raise SystemExit(f"--fsdp needs {RANKS} processes, got {world}")
+        if RANKS % world:
+            raise SystemExit(f"--fsdp needs a number of processes that divides {RANKS}, got {world}")
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
@@ -87,7 +85,7 @@ def main() -> None:
         total = label_count(step)
         if args.fsdp:
             # FSDP averages gradients over the ranks: scale by the world size to get the global token mean.
-            local = summed_loss(model, documents(step, rank, model.config.vocab_size))
+            local = sum(summed_loss(model, documents(step, r, model.config.vocab_size)) for r in range(rank, RANKS, world))
             (local * world / total).backward()
             value = local.detach().clone()
             dist.all_reduce(value)
@@ -101,15 +99,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         losses.append(float(value) / total)
     out = Path(args.out)
-    if args.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            model.save_pretrained(out, state_dict=full)
-        dist.barrier()
-    else:
-        model.save_pretrained(out)
+    save_trained_model(model, out)
     if rank == 0:
         (out / "losses.json").write_text(json.dumps({"losses": losses, "world_size": world, "fsdp_units": units}))
     if args.fsdp:

@@ -74,7 +74,7 @@ def test_train_script_loss_log_is_independent_of_the_micro_batch_split(nsa_dir_a
 
     root, data = nsa_dir_and_data
     common = ["--model", str(root / "nsa"), "--data", *data, "--seq-len", "64", "--max-steps", "3",
-              "--logging-steps", "1", "--save-steps", "100", "--lr", "3e-3", "--sequential", "--no-save"]
+              "--logging-steps", "1", "--save-steps", "100", "--lr", "3e-3", "--sequential"]
     logs = {}
     for name, split in (("packed", ["--batch-size", "2", "--grad-accum", "1"]),
                         ("accum", ["--batch-size", "1", "--grad-accum", "2"]),
@@ -153,7 +153,7 @@ def test_two_processes_match_one_process_with_grad_accum(nsa_dir_and_data):
     root, data = nsa_dir_and_data
     repo = Path(__file__).resolve().parents[1]
     common = ["--model", str(root / "nsa"), "--data", *data, "--seq-len", "64", "--max-steps", "2",
-              "--logging-steps", "1", "--save-steps", "100", "--lr", "3e-3", "--sequential", "--no-save"]
+              "--logging-steps", "1", "--save-steps", "100", "--lr", "3e-3", "--sequential"]
     train.main(common + ["--batch-size", "1", "--grad-accum", "2", "--output-dir", str(root / "run-1proc"),
                          "--log-file", str(root / "loss-1proc.json")])
     env = dict(os.environ, HF_DATASETS_CACHE=str(root / "datasets-2proc"), OMP_NUM_THREADS="1")
@@ -171,3 +171,12 @@ def test_two_processes_match_one_process_with_grad_accum(nsa_dir_and_data):
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    # Both write the trained model once (under DDP rank 0 writes, nsa_hf.training.save_trained_model),
+    # and the two trained the same weights.
+    saved = [AutoModelForCausalLM.from_pretrained(root / run / "final").state_dict()
+             for run in ("run-1proc", "run-2proc")]
+    start = AutoModelForCausalLM.from_pretrained(root / "nsa").state_dict()
+    assert set(saved[0]) == set(saved[1]) == set(start)
+    for name in start:
+        torch.testing.assert_close(saved[1][name], saved[0][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.equal(saved[0][name], start[name]) for name in start)

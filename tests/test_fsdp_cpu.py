@@ -31,6 +31,10 @@ def fsdp_runs(tmp_path_factory):
         "one": [sys.executable, str(WORKER), str(root / "nsa"), str(root / "one")],
         "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                  str(WORKER), str(root / "nsa"), str(root / "fsdp"), "--fsdp"],
+        # FSDP2 in a single process (as `accelerate launch --num_processes 1` with an FSDP config): the
+        # parameters are still sharded DTensors, and saving them must gather them like with two ranks.
+        "fsdp1": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                  str(WORKER), str(root / "nsa"), str(root / "fsdp1"), "--fsdp"],
     }
     for name, cmd in runs.items():
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -56,6 +60,19 @@ def test_fsdp_two_ranks_train_like_one_process(fsdp_runs):
     # at step 2: its compressors still took part in the backward, or the reduce-scatter would hang).
     moved = {name for name in a if not torch.equal(a[name], start[name])}
     assert {n for n in a if "nsa_cmp" in n or "nsa_gate" in n} <= moved
+
+
+def test_fsdp_single_process_trains_and_saves_like_one_process(fsdp_runs):
+    one = json.loads((fsdp_runs / "one" / "losses.json").read_text())
+    single = json.loads((fsdp_runs / "fsdp1" / "losses.json").read_text())
+    layers = AutoModelForCausalLM.from_pretrained(fsdp_runs / "nsa").config.num_hidden_layers
+    assert (single["world_size"], single["fsdp_units"]) == (1, layers + 1)
+    assert single["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(fsdp_runs / "one").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(fsdp_runs / "fsdp1").state_dict()
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_fsdp_saved_model_is_an_ordinary_checkpoint(fsdp_runs, tmp_path):
