@@ -14,6 +14,8 @@
 #    through FSDP and reloads it.
 # The two single-GPU runs share the machine (GPU 0 and GPU 1 at once); the FSDP runs follow.
 # Logs, loss files and comparisons land in OUT_DIR; the exit status is non-zero if a check failed.
+# Only one GPU: FSDP_CHECK_NPROC=1 FSDP_CHECK_GPU_B=0 runs FSDP2 in one process (sharding, mixed precision
+# and the save are exercised; the gradient reduce-scatter across ranks is not).
 set -uo pipefail
 OUT=${1:?usage: bash examples/fsdp_check.sh OUT_DIR [STEPS]}
 STEPS=${2:-16}
