@@ -1,8 +1,8 @@
 """Worker of ``tests/test_fsdp_cpu.py``: a few AdamW steps of an NSA-Llama checkpoint on fixed packed
 batches, either in one process (the reference: the ranks' batches one after another, gradients
 accumulated) or under ``torchrun`` with FSDP2 (``fully_shard`` on every decoder layer and the root,
-gloo on CPU; 1 or 2 processes, each taking every other rank's batches when there is one process). The
-loss of a step is the token mean over the whole global batch in every case.
+gloo on CPU; 2 processes, or 1 that runs both ranks' batches). The loss of a step is the token mean
+over the whole global batch in every case.
 
     python tests/fsdp_worker.py MODEL_DIR OUT_DIR                    # reference, one process
     torchrun --nproc_per_node 2 tests/fsdp_worker.py MODEL_DIR OUT_DIR --fsdp
