@@ -74,7 +74,7 @@ def test_train_script_loss_log_is_independent_of_the_micro_batch_split(nsa_dir_a
 
     root, data = nsa_dir_and_data
     common = ["--model", str(root / "nsa"), "--data", *data, "--seq-len", "64", "--max-steps", "3",
-              "--logging-steps", "1", "--save-steps", "100", "--lr", "3e-3", "--sequential"]
+              "--logging-steps", "1", "--save-steps", "100", "--lr", "3e-3", "--sequential", "--no-save"]
     logs = {}
     for name, split in (("packed", ["--batch-size", "2", "--grad-accum", "1"]),
                         ("accum", ["--batch-size", "1", "--grad-accum", "2"]),
