@@ -143,7 +143,7 @@ def test_training_on_the_alignment_loss_brings_the_attended_block_into_the_selec
         first = loss.item() if first is None else first
         loss.backward()
         opt.step()
-    assert float(loss) < 0.5 * first
+    assert loss.item() < 0.5 * first
     assert 3 in chosen()
 
 
