@@ -17,6 +17,7 @@ on each of two GPUs train on the same two pieces in every optimizer step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -95,6 +96,13 @@ class SequentialTrainer(Trainer):
         return torch.utils.data.SequentialSampler(dataset)
 
 
+def checkpointing_argument(enabled: bool) -> dict:
+    """TrainingArguments' activation-checkpointing switch under the installed transformers' name
+    (``activation_checkpointing`` since 5.23, which warns on the old ``gradient_checkpointing``)."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
 def training_args(args, output_dir, max_steps, lr):
     return TrainingArguments(
         output_dir=output_dir,
@@ -103,7 +111,7 @@ def training_args(args, output_dir, max_steps, lr):
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        **checkpointing_argument(args.gradient_checkpointing),
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
         lr_scheduler_type="cosine",

@@ -180,3 +180,19 @@ def test_two_processes_match_one_process_with_grad_accum(nsa_dir_and_data):
     for name in start:
         torch.testing.assert_close(saved[1][name], saved[0][name], rtol=1e-4, atol=1e-5, msg=name)
     assert any(not torch.equal(saved[0][name], start[name]) for name in start)
+
+
+def test_gradient_checkpointing_flag_reaches_training_arguments(tmp_path):
+    """--gradient-checkpointing sets the Trainer's activation checkpointing under the name the installed
+    transformers uses, without its deprecation warning for the old name."""
+    import warnings
+
+    import train
+
+    base = ["--model", "m", "--data", "d.txt", "--output-dir", str(tmp_path)]
+    name = next(iter(train.checkpointing_argument(True)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        on = train.training_args(train.parse_args(base + ["--gradient-checkpointing"]), str(tmp_path), 1, 1e-4)
+        off = train.training_args(train.parse_args(base), str(tmp_path), 1, 1e-4)
+    assert getattr(on, name) is True and getattr(off, name) is False
