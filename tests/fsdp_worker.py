@@ -1,8 +1,9 @@
 """Worker of ``tests/test_fsdp_cpu.py``: a few AdamW steps of an NSA-Llama checkpoint on fixed packed
-batches, either in one process (the reference: the ranks' batches one after another, gradients
-accumulated) or under ``torchrun`` with FSDP2 (``fully_shard`` on every decoder layer and the root,
-gloo on CPU; 2 processes, or 1 that runs both ranks' batches). The loss of a step is the token mean
-over the whole global batch in every case.
+batches (the first ``NSA_ONLY_STEPS`` with only the NSA modules trainable, then all weights), either in
+one process (the reference: the ranks' batches one after another, gradients accumulated) or under
+``torchrun`` with FSDP2 (``fully_shard`` on every decoder layer and the root, gloo on CPU; 2 processes,
+or 1 that runs both ranks' batches). The loss of a step is the token mean over the whole global batch
+in every case.
 
     python tests/fsdp_worker.py MODEL_DIR OUT_DIR                    # reference, one process
     torchrun --nproc_per_node 2 tests/fsdp_worker.py MODEL_DIR OUT_DIR --fsdp
@@ -22,9 +23,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
 import nsa_hf  # noqa: F401  (registers NSA-Llama)
-from nsa_hf.training import fsdp_units, save_trained_model
+from nsa_hf.training import fsdp_units, save_trained_model, set_trainable
 
 RANKS = 2
+NSA_ONLY_STEPS = 2  # the first steps train only the NSA modules (train.py's --nsa-only-steps), then all
 # Document lengths per step and rank: packed rows of one or two documents, odd lengths, and at step 2 a
 # rank whose only document (5 tokens) is shorter than a compression block, so that rank's compressors
 # see no complete block (every parameter must still take part in the backward, or FSDP's gradient
@@ -82,6 +84,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     losses = []
     for step in range(len(DOC_LENGTHS)):
+        if step in (0, NSA_ONLY_STEPS):  # frozen and trainable parameters share FSDP units in the first phase
+            set_trainable(model, "nsa" if step < NSA_ONLY_STEPS else "all")
         total = label_count(step)
         if args.fsdp:
             # FSDP averages gradients over the ranks: scale by the world size to get the global token mean.

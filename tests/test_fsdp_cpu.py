@@ -1,5 +1,5 @@
 """FSDP2 on CPU: two gloo processes with every NSA decoder layer sharded (``fully_shard``) train exactly
-like one process on the same global batch, and the model they save is an ordinary NSA-Llama
+like one process on the same global batch (first only the NSA modules, then all weights), and the model they save is an ordinary NSA-Llama
 checkpoint whose remote code loads without nsa_hf. (The Trainer / ``accelerate launch`` path on two
 GPUs is ``examples/fsdp_check.sh``; accelerate runs the Trainer as plain DDP on CPU.)"""
 import json
