@@ -1,7 +1,8 @@
-"""FSDP2 on CPU: two gloo processes with every NSA decoder layer sharded (``fully_shard``) train exactly
-like one process on the same global batch (first only the NSA modules, then all weights), and the model they save is an ordinary NSA-Llama
-checkpoint whose remote code loads without nsa_hf. (The Trainer / ``accelerate launch`` path on two
-GPUs is ``examples/fsdp_check.sh``; accelerate runs the Trainer as plain DDP on CPU.)"""
+"""FSDP2 on CPU: two gloo processes (and one) with every NSA decoder layer sharded (``fully_shard``) train
+exactly like one process on the same global batch (first only the NSA modules, then all weights), and the
+model they save is an ordinary NSA-Llama checkpoint whose remote code loads without nsa_hf. (The Trainer /
+``accelerate launch`` path on two GPUs is ``examples/fsdp_check.sh``; accelerate runs the Trainer as plain
+DDP on CPU.)"""
 import json
 import os
 import shutil
@@ -42,20 +43,27 @@ def fsdp_runs(tmp_path_factory):
     return root
 
 
-def test_fsdp_two_ranks_train_like_one_process(fsdp_runs):
+def assert_trained_like_one_process(fsdp_runs, run: str, world_size: int) -> dict:
+    """The FSDP ``run`` (``world_size`` processes) sharded every decoder layer and the root, logged the
+    one-process reference's losses (1e-5) and saved its weights (1e-4); returns the reference's weights."""
     one = json.loads((fsdp_runs / "one" / "losses.json").read_text())
-    two = json.loads((fsdp_runs / "fsdp" / "losses.json").read_text())
+    sharded = json.loads((fsdp_runs / run / "losses.json").read_text())
     layers = AutoModelForCausalLM.from_pretrained(fsdp_runs / "nsa").config.num_hidden_layers
     assert (one["world_size"], one["fsdp_units"]) == (1, 0)
-    assert (two["world_size"], two["fsdp_units"]) == (2, layers + 1)  # every decoder layer and the root
+    assert (sharded["world_size"], sharded["fsdp_units"]) == (world_size, layers + 1)
     assert len(one["losses"]) == 4
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert sharded["losses"] == pytest.approx(one["losses"], rel=1e-5)
     a = AutoModelForCausalLM.from_pretrained(fsdp_runs / "one").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(fsdp_runs / "fsdp").state_dict()
-    start = AutoModelForCausalLM.from_pretrained(fsdp_runs / "nsa").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(fsdp_runs / run).state_dict()
     assert set(a) == set(b)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    return a
+
+
+def test_fsdp_two_ranks_train_like_one_process(fsdp_runs):
+    a = assert_trained_like_one_process(fsdp_runs, "fsdp", 2)
+    start = AutoModelForCausalLM.from_pretrained(fsdp_runs / "nsa").state_dict()
     # Training moved every parameter, the compressors included (a rank had no complete compression block
     # at step 2: its compressors still took part in the backward, or the reduce-scatter would hang).
     moved = {name for name in a if not torch.equal(a[name], start[name])}
@@ -63,16 +71,7 @@ def test_fsdp_two_ranks_train_like_one_process(fsdp_runs):
 
 
 def test_fsdp_single_process_trains_and_saves_like_one_process(fsdp_runs):
-    one = json.loads((fsdp_runs / "one" / "losses.json").read_text())
-    single = json.loads((fsdp_runs / "fsdp1" / "losses.json").read_text())
-    layers = AutoModelForCausalLM.from_pretrained(fsdp_runs / "nsa").config.num_hidden_layers
-    assert (single["world_size"], single["fsdp_units"]) == (1, layers + 1)
-    assert single["losses"] == pytest.approx(one["losses"], rel=1e-5)
-    a = AutoModelForCausalLM.from_pretrained(fsdp_runs / "one").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(fsdp_runs / "fsdp1").state_dict()
-    assert set(a) == set(b)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_trained_like_one_process(fsdp_runs, "fsdp1", 1)
 
 
 def test_fsdp_saved_model_is_an_ordinary_checkpoint(fsdp_runs, tmp_path):
