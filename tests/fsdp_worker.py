@@ -89,7 +89,8 @@ def main() -> None:
         total = label_count(step)
         if args.fsdp:
             # FSDP averages gradients over the ranks: scale by the world size to get the global token mean.
-            local = sum(summed_loss(model, documents(step, r, model.config.vocab_size)) for r in range(rank, RANKS, world))
+            local = sum(summed_loss(model, documents(step, r, model.config.vocab_size))
+                        for r in range(rank, RANKS, world))  # this process's ranks of the global batch
             (local * world / total).backward()
             value = local.detach().clone()
             dist.all_reduce(value)
