@@ -125,9 +125,20 @@ from pathlib import Path
 
 import torch
 import nsa_hf  # noqa: F401
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 out = Path(sys.argv[1])
+
+
+def saved_names(folder):
+    with safe_open(folder / "model.safetensors", "pt") as checkpoint:
+        return set(checkpoint.keys())
+
+
+# The same tensors as the converted checkpoint's file (a tied embedding written once).
+assert saved_names(out / "run-fsdp-bf16" / "final") == saved_names(out / "nsa"), \
+    saved_names(out / "run-fsdp-bf16" / "final") ^ saved_names(out / "nsa")
 a = AutoModelForCausalLM.from_pretrained(out / "nsa").state_dict()
 b = AutoModelForCausalLM.from_pretrained(out / "run-fsdp-bf16" / "final").state_dict()
 assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]

@@ -109,6 +109,18 @@ def fsdp_units(model) -> int:
     return sum(isinstance(m, FSDPModule) for m in model.modules()) if model is not None else 0
 
 
+def share_tied_entries(model, state_dict: dict) -> None:
+    """Point the names of one shared parameter (tied embeddings) at one tensor of ``state_dict``. A gathered
+    full state dict holds a separate copy per name; ``save_pretrained`` recognises tied weights by shared
+    storage, so without this it would write the tied copy too (one more embedding matrix in the file)."""
+    first_name_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in state_dict:
+            first = first_name_of.setdefault(id(param), name)
+            if first != name:
+                state_dict[name] = state_dict[first]
+
+
 def save_trained_model(model, output_dir, tokenizer=None) -> None:
     """``save_pretrained`` of a trained model, written once: in one process, under DDP (every process
     holds all weights; rank 0 writes) and under FSDP2 with any number of processes, one included (the
@@ -123,6 +135,7 @@ def save_trained_model(model, output_dir, tokenizer=None) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        share_tied_entries(model, state_dict)
     if rank == 0:
         model.save_pretrained(output_dir, state_dict=state_dict)
         if tokenizer is not None:

@@ -27,12 +27,12 @@ from nsa_kernels.reference import nsa_sequence
 SMALL = dict(cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, init_blocks=1, local_blocks=2, window=32)
 
 
-def tiny_llama(vocab_size=320, seed=0) -> LlamaForCausalLM:
+def tiny_llama(vocab_size=320, seed=0, tie_word_embeddings=False) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=0, eos_token_id=0,
+        bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie_word_embeddings,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger weights than the default init: peaked attention, visible gaps

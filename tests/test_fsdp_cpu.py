@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from test_convert import SMALL, assert_loads_as_remote_code, tiny_llama
 from transformers import AutoModelForCausalLM
 
@@ -25,7 +26,10 @@ WORKER = REPO / "tests" / "fsdp_worker.py"
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_cpu")
-    convert_llama_to_nsa(tiny_llama(), root / "nsa", evaluate=False, progress=False, remote_code=False, **SMALL)
+    # Tied embeddings (as in fsdp_check.sh and small Llamas): the gathered state dict holds the tied weight
+    # under both names, and the save must still write it once.
+    convert_llama_to_nsa(tiny_llama(tie_word_embeddings=True), root / "nsa", evaluate=False, progress=False,
+                         remote_code=False, **SMALL)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     runs = {
@@ -43,6 +47,11 @@ def fsdp_runs(tmp_path_factory):
     return root
 
 
+def saved_tensor_names(folder: Path) -> set:
+    with safe_open(folder / "model.safetensors", "pt") as checkpoint:
+        return set(checkpoint.keys())
+
+
 def assert_trained_like_one_process(fsdp_runs, run: str, world_size: int) -> dict:
     """The FSDP ``run`` (``world_size`` processes) sharded every decoder layer and the root, logged the
     one-process reference's losses (1e-5) and saved its weights (1e-4); returns the reference's weights."""
@@ -53,8 +62,11 @@ def assert_trained_like_one_process(fsdp_runs, run: str, world_size: int) -> dic
     assert (sharded["world_size"], sharded["fsdp_units"]) == (world_size, layers + 1)
     assert len(one["losses"]) == 4
     assert sharded["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert saved_tensor_names(fsdp_runs / run) == saved_tensor_names(fsdp_runs / "one")
+    reloaded = AutoModelForCausalLM.from_pretrained(fsdp_runs / run)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight  # still tied
     a = AutoModelForCausalLM.from_pretrained(fsdp_runs / "one").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(fsdp_runs / run).state_dict()
+    b = reloaded.state_dict()
     assert set(a) == set(b)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
