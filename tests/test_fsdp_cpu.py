@@ -54,7 +54,8 @@ def saved_tensor_names(folder: Path) -> set:
 
 def assert_trained_like_one_process(fsdp_runs, run: str, world_size: int) -> dict:
     """The FSDP ``run`` (``world_size`` processes) sharded every decoder layer and the root, logged the
-    one-process reference's losses (1e-5) and saved its weights (1e-4); returns the reference's weights."""
+    one-process reference's losses (1e-5) and saved the same tensors (the tied embedding once, still tied on
+    reload) with its weights (1e-4); returns the reference's weights."""
     one = json.loads((fsdp_runs / "one" / "losses.json").read_text())
     sharded = json.loads((fsdp_runs / run / "losses.json").read_text())
     layers = AutoModelForCausalLM.from_pretrained(fsdp_runs / "nsa").config.num_hidden_layers
