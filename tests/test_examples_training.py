@@ -7,6 +7,8 @@ import torch
 from test_convert import SMALL, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+import nsa_kernels.compression
+import nsa_kernels.reference
 from nsa_hf.convert import convert_llama_to_nsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -15,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 @pytest.fixture(scope="module")
 def nsa_dir_and_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
-    docs = [(Path(__file__).resolve().parents[1] / "kernels" / f).read_text() for f in ("reference.py", "compression.py")]
+    docs = [Path(module.__file__).read_text() for module in (nsa_kernels.reference, nsa_kernels.compression)]
     data = []
     for i, d in enumerate(docs):
         (root / f"doc{i}.txt").write_text(d)
