@@ -1,7 +1,8 @@
 """Does a small Llama learn to copy? The CPU checks behind the quality experiment's diagnosis of the
-retrieval probe (research/RUNS.md): a 2-layer ``LlamaForCausalLM`` (hidden 128, 4 heads) trained from scratch on random-token
-sequences with repeated spans, reporting the teacher-forced accuracy on the repeated tokens (the copies),
-then, for the trained model, on a 16-token span repeated 100 / 400 / 800 tokens later.
+retrieval probe (research/RUNS.md): a 2-layer ``LlamaForCausalLM`` (hidden 128, 4 heads) trained from
+scratch on random-token sequences with repeated spans, reporting the teacher-forced accuracy on the
+repeated tokens (the copies), then, for the trained model, on a 16-token span repeated 100 / 400 / 800
+tokens later.
 
 Tasks (``--task``):
 

@@ -1,5 +1,6 @@
 """Does a converted NSA model get better at copying from beyond its window when fine-tuned on it? The CPU
-check behind run 4 of the quality experiment (research/RUNS.md), where the NSA needle fine-tune on the GPU made retrieval worse.
+check behind run 4 of the quality experiment (research/RUNS.md), where the NSA needle fine-tune on the GPU
+made retrieval worse.
 
 1. A 2-layer dense ``LlamaForCausalLM`` (hidden 128, 4 query / 2 KV heads) learns to copy on synthetic
    sequences (``quality.induction_batch``: 192 random tokens from a vocabulary of 128, a 48-token span

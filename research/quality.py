@@ -160,7 +160,7 @@ def parse_args(argv=None):
     n.add_argument("--cmp-stride", type=int, default=16)
     n.add_argument("--slc-block", type=int, default=64)
     n.add_argument("--slc-count", type=int, default=16,
-                   help="selected blocks per query (the paper's and NSA-Llama's 16; runs 1-5 in research/RUNS.md used 8)")
+                   help="selected blocks per query (the paper's and NSA-Llama's 16; runs 1-5 of research/RUNS.md: 8)")
     n.add_argument("--init-blocks", type=int, default=1)
     n.add_argument("--local-blocks", type=int, default=2)
     n.add_argument("--window", type=int, default=128)

@@ -36,16 +36,16 @@ def command_argv(arguments: str) -> list[str]:
 
 def test_docs_quote_the_harness_commands():
     commands = documented_commands()
-    assert {"docs/quality.md", "research/RUNS.md", "research/README.md", "docs/fallback.md"} <= {d for d, _, _ in commands}
+    quoted_in = {doc for doc, _, _ in commands}
+    assert {"docs/quality.md", "research/RUNS.md", "research/README.md", "docs/fallback.md"} <= quoted_in
     assert sum(doc == "research/RUNS.md" for doc, _, _ in commands) >= 25  # the run log's commands
 
 
 @pytest.mark.parametrize("doc, module, arguments", documented_commands())
 def test_documented_command_parses(doc, module, arguments):
-    harness = importlib.import_module(f"research.{module}")
-    args = harness.parse_args(command_argv(arguments))
-    if module == "quality":
-        assert args.out.startswith("/tmp/out")
+    argv = command_argv(arguments)
+    assert not any("$" in a for a in argv), argv  # a shell variable the placeholders do not cover
+    importlib.import_module(f"research.{module}").parse_args(argv)
 
 
 def test_unknown_flag_is_rejected():
