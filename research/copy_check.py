@@ -72,7 +72,7 @@ def transfer(model, vocab: int, gen: torch.Generator, distances=(100, 400, 800),
 
 def parse_args(argv=None):
     """The command line (``argv``: the arguments after the program name; ``None``: ``sys.argv``)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m research.copy_check", description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=list(TASKS), default="varied")
     ap.add_argument("--loss", choices=["lm", "copy"], default="copy", help="sparse task: every token or the copies only")
     ap.add_argument("--steps", type=int, default=2400)

@@ -97,7 +97,8 @@ def compare(model, windows: torch.Tensor, sizes: dict) -> dict:
 
 def parse_args(argv=None):
     """The command line (``argv``: the arguments after the program name; ``None``: ``sys.argv``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m research.measure_fallback", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--windows", type=int, default=4, help="evaluation windows per length")
     parser.add_argument("--train-steps", type=int, default=300)

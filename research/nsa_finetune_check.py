@@ -36,7 +36,8 @@ NSA_FLAGS = ["--hidden-size", "128", "--layers", "2", "--heads", "4", "--kv-head
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m research.nsa_finetune_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/nsa_finetune_check", help="results.json and the warm-up model go here")
     ap.add_argument("--warmup-steps", type=int, default=1100, help="dense copy warm-up steps (batches of 32)")
     ap.add_argument("--finetune-steps", type=int, default=200)

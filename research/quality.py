@@ -122,7 +122,8 @@ WINDOW_ONLY_GATE_LOGITS = (-1.0e4, -1.0e4, 1.0e4)  # sigmoid -> exactly (0, 0, 1
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m research.quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/quality", help="output directory (results.json, results.md)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, few steps, short context")
     ap.add_argument("--budget", type=float, default=None,
