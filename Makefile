@@ -11,7 +11,7 @@ demo: install
 	$(PYTHON) examples/demo.py
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q
 
 # The suite against the oldest supported transformers (5.17), in its own virtual environment.
 OLDEST_VENV ?= .venv-oldest
@@ -20,7 +20,7 @@ test-oldest:
 	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(OLDEST_VENV)/bin/python -m pip install -q torch==2.13.0 || $(OLDEST_VENV)/bin/python -m pip install -q torch
 	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[test]" "transformers==5.17.0" "huggingface_hub<2"
-	$(OLDEST_VENV)/bin/python -m pytest -q tests
+	$(OLDEST_VENV)/bin/python -m pytest -q
 
 test-gpu:
 	$(PYTHON) -m pytest -q -m gpu tests

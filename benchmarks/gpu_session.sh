@@ -7,7 +7,7 @@
 #   model     benchmarks/bench_model_training.py       (~1B NSA-Llama training step vs sdpa, 32k tokens)
 #   generate  benchmarks/bench_generate.py             (~1B NSA-Llama prefill + decode vs sdpa; $GEN_PROMPTS)
 #   decode    benchmarks/bench_decode.py               (per-layer decode kernels vs dense and fla-core)
-#   quality   examples/quality.py                      (dense vs NSA continued training, needle probe;
+#   quality   python -m research.quality               (dense vs NSA continued training, needle probe;
 #                                                       $QUALITY_ARGS, default --budget $QUALITY_BUDGET s)
 # .whl holds the wheels the GPU image lacks (../shared/gpu-wheels/get-wheels .whl): fla-core, datasets.
 set -uo pipefail
@@ -43,7 +43,7 @@ for stage in "${@:-tests}"; do
     quality)
       # shellcheck disable=SC2086
       # tokenizing --extra-code text is ~1 min on one core: let the tokenizer use all of them (no forks follow)
-      TOKENIZERS_PARALLELISM=true python3 examples/quality.py --out "$OUT/quality" ${QUALITY_ARGS:---budget ${QUALITY_BUDGET:-330}} 2>&1 | tee "$OUT/quality.log" | tail -40 ;;
+      TOKENIZERS_PARALLELISM=true python3 -m research.quality --out "$OUT/quality" ${QUALITY_ARGS:---budget ${QUALITY_BUDGET:-330}} 2>&1 | tee "$OUT/quality.log" | tail -40 ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
 done

@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from data import stdlib_documents, token_blocks, train_tokenizer  # noqa: E402
+from nsa_hf.sample_data import stdlib_documents, token_blocks, train_tokenizer
 
 
 def parse_args(argv=None):

@@ -35,12 +35,11 @@ python - "$OUT" > "$OUT/setup.log" 2>&1 <<'EOF'
 import sys
 from pathlib import Path
 
-sys.path.insert(0, "examples")
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data import stdlib_documents, train_tokenizer
 from nsa_hf.convert import convert_llama_to_nsa
+from nsa_hf.sample_data import stdlib_documents, train_tokenizer
 
 out = Path(sys.argv[1])
 train, _ = stdlib_documents(max_chars=2_000_000)

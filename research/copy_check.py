@@ -1,7 +1,8 @@
-"""Does a small Llama learn to copy? The CPU checks behind docs/quality.md's diagnosis of the retrieval
-probe: a 2-layer ``LlamaForCausalLM`` (hidden 128, 4 heads) trained from scratch on random-token
-sequences with repeated spans, reporting the teacher-forced accuracy on the repeated tokens (the copies),
-then, for the trained model, on a 16-token span repeated 100 / 400 / 800 tokens later.
+"""Does a small Llama learn to copy? The CPU checks behind the quality experiment's diagnosis of the
+retrieval probe (research/RUNS.md): a 2-layer ``LlamaForCausalLM`` (hidden 128, 4 heads) trained from
+scratch on random-token sequences with repeated spans, reporting the teacher-forced accuracy on the
+repeated tokens (the copies), then, for the trained model, on a 16-token span repeated 100 / 400 / 800
+tokens later.
 
 Tasks (``--task``):
 
@@ -9,9 +10,9 @@ Tasks (``--task``):
   (``--loss lm``: every token; ``--loss copy``: the repeats only) - the probe's situation: few copies;
 * ``half``: 128 tokens (vocabulary 128), the second half repeats the first - always the same offset;
 * ``varied``: 192 tokens (vocabulary 128), a 48-token span repeated at a random earlier offset, loss on
-  the repeats (``examples/quality.py --induction-steps`` uses this kind of data).
+  the repeats (``research/quality.py --induction-steps`` uses this kind of data).
 
-    python examples/copy_check.py --task varied --steps 2400     # ~10 min on 1 CPU thread
+    python -m research.copy_check --task varied --steps 2400     # ~10 min on 1 CPU thread
 """
 from __future__ import annotations
 
@@ -69,8 +70,9 @@ def transfer(model, vocab: int, gen: torch.Generator, distances=(100, 400, 800),
     return out
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    """The command line (``argv``: the arguments after the program name; ``None``: ``sys.argv``)."""
+    ap = argparse.ArgumentParser(prog="python -m research.copy_check", description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=list(TASKS), default="varied")
     ap.add_argument("--loss", choices=["lm", "copy"], default="copy", help="sparse task: every token or the copies only")
     ap.add_argument("--steps", type=int, default=2400)
@@ -81,6 +83,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps {args.steps}: must be >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     vocab = TASKS[args.task]["vocab"]

@@ -1,12 +1,8 @@
-"""examples/selection_probe.py: the blocks an NSA model chose at a few query rows, and how often they
+"""research/selection_probe.py: the blocks an NSA model chose at a few query rows, and how often they
 hold the source of the token to copy."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def _tiny_nsa(layers=2):
@@ -28,7 +24,7 @@ def test_recorded_rows_match_the_full_sequence_selection():
     layer by layer and sequence by sequence, odd lengths, with the rows in the middle."""
     import nsa_hf.attention as nsa_attention
     from nsa_kernels.reference import nsa_sequence
-    from selection_probe import SelectionRecorder
+    from research.selection_probe import SelectionRecorder
 
     model = _tiny_nsa(layers=3)
     calls = []
@@ -67,7 +63,7 @@ def test_recorded_rows_match_the_full_sequence_selection():
 
 
 def test_recorder_rejects_rows_outside_the_sequence():
-    from selection_probe import SelectionRecorder
+    from research.selection_probe import SelectionRecorder
 
     model = _tiny_nsa(layers=1)
     with pytest.raises(ValueError, match="row 30 is past"), SelectionRecorder(10, 30), torch.no_grad():
@@ -77,7 +73,7 @@ def test_recorder_rejects_rows_outside_the_sequence():
 
 
 def test_source_coverage_counts_hits_by_layer_and_by_right_or_wrong():
-    from selection_probe import source_coverage, source_hits
+    from research.selection_probe import source_coverage, source_hits
 
     slc = 8
     # 2 layers, 1 sequence, 3 answer rows, 1 KV head, 2 blocks each; sources in blocks 2, 3, 5
@@ -101,7 +97,7 @@ def test_source_coverage_counts_hits_by_layer_and_by_right_or_wrong():
 
 
 def test_error_kinds_classifies_each_wrong_token_once():
-    from selection_probe import error_kinds
+    from research.selection_probe import error_kinds
 
     # one probe: filler 100..139, target passage at 10 (prefix 2, answer 4: tokens 202..205 copied at 40..43)
     ids = torch.arange(100, 144)[None].clone()
@@ -122,7 +118,7 @@ def test_error_kinds_classifies_each_wrong_token_once():
 
 
 def test_gate_means_split_by_right_and_wrong():
-    from selection_probe import gate_means
+    from research.selection_probe import gate_means
 
     g0 = torch.zeros(2, 3, 2, 3)
     g0[0, 0] = 1.0  # the only wrong token's gates (sequence 0, row 0): all ones

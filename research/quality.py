@@ -2,13 +2,13 @@
 and can it retrieve what its sliding window cannot see?
 
 Real text that ships with Python (the standard library's sources; held-out files for evaluation), a
-byte-level BPE tokenizer trained on it (``examples/data.py``), then:
+byte-level BPE tokenizer trained on it (``nsa_hf.sample_data``), then:
 
 0. Optionally (``--induction-curriculum`` or ``--induction-steps``), a **copy warm-up** of the dense
    model on synthetic sequences (random tokens in which spans repeat at random earlier offsets, loss on
    the repeated tokens): without it, the small models trained here never learn to copy, and every probe
    stays at chance for dense and NSA alike. At 2048 tokens the copy circuit does not form from scratch;
-   ``--induction-curriculum 0:256:1000,0:2048:500`` (short sequences first) forms it (docs/quality.md,
+   ``--induction-curriculum 0:256:1000,0:2048:500`` (short sequences first) forms it (research/RUNS.md,
    run 4). A held-out **copy probe** (synthetic copy sequences, accuracy by copy distance) is scored for
    every model after every stage (``copy_probe`` in the results).
 1. **Pretrain** a small dense ``LlamaForCausalLM`` (26.2M parameters by default) for
@@ -43,11 +43,11 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
    ``--needle-loss lm``: next-token loss on every token of those sequences instead; ``both``: the sum;
    ``answer_capped``: the answer loss with each token's cross-entropy clamped at ``--answer-loss-cap``, so
    tokens the model cannot currently copy add no gradient; ``answer_align``: the answer loss plus
-   ``--align-weight`` x the selection alignment loss of ``examples/selection_align.py``, which moves the NSA
+   ``--align-weight`` x the selection alignment loss of ``research/selection_align.py``, which moves the NSA
    layers' selection scores at the answer positions toward full attention's block mass, an experiment
    outside the NSA paper), then evaluated on
    ``--needle-eval`` held-out sequences per depth (span probe, NSA variants: also which blocks each layer
-   selected at the answers, ``examples/selection_probe.py``). ``--needle-val-every N`` scores validation
+   selected at the answers, ``research/selection_probe.py``). ``--needle-val-every N`` scores validation
    probes (training-text fillers, other random passages) every N fine-tune steps, and
    ``--needle-keep-best`` ends each fine-tune with the weights of its best validation point (early
    stopping, the same rule for every model). The models:
@@ -71,7 +71,7 @@ byte-level BPE tokenizer trained on it (``examples/data.py``), then:
      blocks per query (same weights; is the selection's coverage what limits retrieval?).
 
    ``--grad-check`` first compares the continued NSA model's gradients through the Triton kernels and
-   the reference (``examples/grad_check.py``; ``grad_check`` in the results).
+   the reference (``research/grad_check.py``; ``grad_check`` in the results).
 
    ``--needle-mix`` (default 0.5) plants the probe (``span``: passages + the repeated target;
    ``kv``: lines + questions) in that fraction of the sequences of every pretraining and
@@ -86,7 +86,7 @@ Run on one H100 (about 4-5 minutes with the defaults; ``--budget SECONDS`` shrin
 after timing a few steps of each model so the whole run fits, and prints the explicit command that
 reproduces the run)::
 
-    python examples/quality.py --out $OUT/quality --budget 300
+    python -m research.quality --out $OUT/quality --budget 300
 
 ``--tiny`` is a CPU smoke run of the whole pipeline in well under a minute (tests), with either probe.
 Writes ``results.json`` and ``results.md`` (the tables) under ``--out``.
@@ -107,9 +107,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from data import EOS, stdlib_documents, token_blocks, train_tokenizer  # noqa: E402
+from nsa_hf.sample_data import EOS, stdlib_documents, token_blocks, train_tokenizer
 
 DEFAULT_STEPS = {"pretrain_steps": 450, "continue_steps": 150, "needle_steps": 300}
 TINY = dict(
@@ -124,7 +122,8 @@ WINDOW_ONLY_GATE_LOGITS = (-1.0e4, -1.0e4, 1.0e4)  # sigmoid -> exactly (0, 0, 1
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m research.quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/quality", help="output directory (results.json, results.md)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, few steps, short context")
     ap.add_argument("--budget", type=float, default=None,
@@ -162,7 +161,7 @@ def parse_args(argv=None):
     n.add_argument("--cmp-stride", type=int, default=16)
     n.add_argument("--slc-block", type=int, default=64)
     n.add_argument("--slc-count", type=int, default=16,
-                   help="selected blocks per query (the paper's and NSA-Llama's 16; runs 1-5 in docs/quality.md used 8)")
+                   help="selected blocks per query (the paper's and NSA-Llama's 16; runs 1-5 of research/RUNS.md: 8)")
     n.add_argument("--init-blocks", type=int, default=1)
     n.add_argument("--local-blocks", type=int, default=2)
     n.add_argument("--window", type=int, default=128)
@@ -212,7 +211,7 @@ def parse_args(argv=None):
                         "the planted sequences, answers included (lm), the sum of the two from one forward (both), or "
                         "the answer loss with each token's cross-entropy clamped at --answer-loss-cap (answer_capped), "
                         "or the answer loss plus --align-weight x the selection alignment loss at the answer positions "
-                        "(answer_align; examples/selection_align.py; NSA models only, outside the paper)")
+                        "(answer_align; research/selection_align.py; NSA models only, outside the paper)")
     k.add_argument("--answer-loss-cap", type=float, default=2.0, metavar="NATS",
                    help="answer_capped: per-token cross-entropy cap; an answer token the model cannot currently copy "
                         "(loss above the cap, e.g. NSA did not select its source block) adds no gradient")
@@ -247,7 +246,7 @@ def parse_args(argv=None):
     k.add_argument("--grad-check", action="store_true",
                    help="after continued training, compare the NSA model's gradients (answer loss and LM loss on "
                         "--grad-check-batch probe sequences) through the Triton kernels and the PyTorch reference "
-                        "(examples/grad_check.py; results: grad_check). Needs CUDA (or TRITON_INTERPRET=1)")
+                        "(research/grad_check.py; results: grad_check). Needs CUDA (or TRITON_INTERPRET=1)")
     k.add_argument("--grad-check-batch", type=int, default=2, help="sequences in the --grad-check batch")
     k.add_argument("--no-dense-needle", action="store_true", help="skip the dense reference in the needle probe")
     k.add_argument("--needle-mix", type=float, default=0.5,
@@ -659,7 +658,7 @@ def induction_batch(vocab_ids: torch.Tensor, batch: int, length: int, span: int,
     with one short repeat per long sequence it stayed at chance for 3650 steps, and with the copy always at
     the same offset it learned a positional shortcut that does not copy anything else. It copied spans at
     distances inside its training length only, hence the default ``--induction-len`` = ``--seq-len``
-    (docs/quality.md)."""
+    (research/RUNS.md)."""
     segment = length // repeats
     if segment < 2 * span:
         raise ValueError(f"{repeats} repeats of {span} tokens do not fit in {length} tokens: "
@@ -981,7 +980,7 @@ def lm_and_answer_loss(needles: Needles, ids, answers):
 def aligned_answer_loss(needles: Needles, ids, answers, weight: float):
     """The answer loss plus ``weight`` x the selection alignment loss of every NSA layer at the positions that
     predict the answers (``--needle-loss answer_align``; ``selection_align.SelectionAligner``)."""
-    from selection_align import SelectionAligner
+    from .selection_align import SelectionAligner
 
     rows = needles.answer_pos - 1
 
@@ -1013,7 +1012,7 @@ def needle_accuracy(model, needles: Needles, eval_blocks, depths, count: int, ba
     from collections import Counter
     from contextlib import nullcontext
 
-    from selection_probe import SelectionRecorder, error_kinds, gate_means, source_coverage, source_hits
+    from .selection_probe import SelectionRecorder, error_kinds, gate_means, source_coverage, source_hits
 
     selection = selection and needles.kind == "span"
     model.eval()
@@ -1109,7 +1108,7 @@ def frozen_nsa_modules(model):
 def grad_check(nsa, needles, train_blocks, args, device, dtype) -> dict:
     """Gradients of the continued NSA model through the Triton kernels vs the reference
     (:mod:`grad_check`) for the answer loss and the LM loss of one fine-tune batch."""
-    from grad_check import compare_backends, summary_lines
+    from .grad_check import compare_backends, summary_lines
 
     ids, answers = needle_train_batch(needles, train_blocks, 0, args.grad_check_batch, args.seed + 1)
     ids, answers = ids.to(device), answers.to(device)
@@ -1218,7 +1217,7 @@ def plan_steps(args, dense, stream, needles, train_blocks, device, dtype, elapse
 
 
 def reproduce_command(args) -> str:
-    parts = ["python", "examples/quality.py"]
+    parts = ["python", "-m", "research.quality"]
     skip = {"budget", "tiny", "depths", "extra_code", "fp32", "no_dense_needle", "device", "warmup_only",
             "induction_stages", "nsa_needle_variants", "nsa_reference_needle", "nsa_frozen_needle", "grad_check",
             "needle_keep_best"}
@@ -1350,7 +1349,7 @@ def markdown(results: dict) -> str:
                     lines.append(f"| {label}, {when} fine-tune, depth {d} | {c['wrong_tokens']} | " + " | ".join(cells)
                                  + " |")
         lines.append("")
-        from selection_probe import ERROR_KINDS
+        from .selection_probe import ERROR_KINDS
 
         lines.append("| wrong answer tokens by what was predicted: target passage one position off / elsewhere in "
                      "the target passage / elsewhere in the probe / not in the probe | "

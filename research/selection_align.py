@@ -21,7 +21,7 @@ import torch
 from nsa_kernels import num_cmp_blocks
 from nsa_kernels.reference import (_acc, _masked_softmax, chunk_overlap_matrix, compressed_attention_probs,
                                    selection_block_masks, selection_block_scores)
-from selection_probe import AnswerRowHook, row_slices
+from .selection_probe import AnswerRowHook, row_slices
 
 
 def choosable_blocks(q_pos: torch.Tensor, n_slc: int, params) -> torch.Tensor:

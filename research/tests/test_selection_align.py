@@ -1,13 +1,9 @@
-"""examples/selection_align.py: the auxiliary loss that moves NSA's selection scores toward full attention's
+"""research/selection_align.py: the auxiliary loss that moves NSA's selection scores toward full attention's
 block mass (an experiment of quality.py)."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def _params(**kw):
@@ -53,7 +49,7 @@ def _brute_force_kl(q, k, cmp_k, q_pos, params, scale):
 
 @pytest.mark.parametrize("group", [1, 3])
 def test_alignment_loss_matches_a_loop_written_version(group):
-    from selection_align import selection_alignment_loss
+    from research.selection_align import selection_alignment_loss
 
     torch.manual_seed(group)
     params = _params()
@@ -71,7 +67,7 @@ def test_alignment_loss_matches_a_loop_written_version(group):
 
 
 def test_alignment_gradient_reaches_only_the_compressed_keys():
-    from selection_align import selection_alignment_loss
+    from research.selection_align import selection_alignment_loss
 
     torch.manual_seed(0)
     params = _params()
@@ -87,7 +83,7 @@ def test_aligner_batches_packed_sequences_of_different_lengths_exactly():
     """observe() on a packed call of sequences of 53, 61 and 48 tokens (rows 40..47) gives the mean of the
     per-sequence losses computed on each sequence alone with all of its compressed blocks."""
     from nsa_kernels import num_cmp_blocks
-    from selection_align import SelectionAligner, selection_alignment_loss
+    from research.selection_align import SelectionAligner, selection_alignment_loss
 
     torch.manual_seed(7)
     params = _params()
@@ -111,7 +107,7 @@ def test_training_on_the_alignment_loss_brings_the_attended_block_into_the_selec
     block 5. Gradient steps on the alignment loss alone (compressed keys free) must make the reference's
     selection choose block 3."""
     from nsa_kernels.reference import nsa_sequence
-    from selection_align import selection_alignment_loss
+    from research.selection_align import selection_alignment_loss
 
     torch.manual_seed(1)
     params = _params(slc_count=3)  # initial block + local block + one chosen by score
@@ -148,7 +144,7 @@ def test_training_on_the_alignment_loss_brings_the_attended_block_into_the_selec
 
 
 def test_aligner_adds_a_loss_per_layer_without_changing_the_output():
-    from selection_align import SelectionAligner
+    from research.selection_align import SelectionAligner
     from test_selection_probe import _tiny_nsa
 
     model = _tiny_nsa(layers=3)

@@ -10,7 +10,7 @@ compression and fixed gates (cmp 0, slc 0.5, win 0.5). This script compares its 
 
 Usage::
 
-    python examples/measure_fallback.py --lengths 256 1024 2048 --train-steps 300
+    python -m research.measure_fallback --lengths 256 1024 2048 --train-steps 300
 
 Prints one markdown table row per (model, NSA sizes, length): mean/max |logit difference|, dense and NSA
 losses (nats per byte) and top-1 agreement.
@@ -95,8 +95,10 @@ def compare(model, windows: torch.Tensor, sizes: dict) -> dict:
                 agree=agree)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    """The command line (``argv``: the arguments after the program name; ``None``: ``sys.argv``)."""
+    parser = argparse.ArgumentParser(prog="python -m research.measure_fallback", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--windows", type=int, default=4, help="evaluation windows per length")
     parser.add_argument("--train-steps", type=int, default=300)
@@ -105,8 +107,11 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*without NSA weights.*")
     torch.manual_seed(args.seed)
     data = stdlib_bytes()

@@ -13,7 +13,7 @@ MLP, embeddings and norms, everything): cosine similarity and relative error ``|
 against ``reference_fp32``. Kernels that are right give ``triton`` about the agreement that
 ``reference`` (same dtype, exact attention) has; a kernel error shows as a clearly lower cosine.
 
-Used by ``examples/quality.py --grad-check``; :func:`compare_backends` works on any NSA-Llama.
+Used by ``research/quality.py --grad-check``; :func:`compare_backends` works on any NSA-Llama.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Data helpers for the examples: real text that is on every machine with Python (the standard
+"""Sample data for demos and checks: real text that is on every machine with Python (the standard
 library's sources), a small byte-level BPE tokenizer trained on it, and fixed-length token blocks.
 
+Used by ``examples/demo.py``, the FSDP recipe (``examples/fsdp_check.sh``) and the research harnesses.
 Nothing here touches the network.
 """
 from __future__ import annotations

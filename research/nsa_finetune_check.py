@@ -1,5 +1,6 @@
 """Does a converted NSA model get better at copying from beyond its window when fine-tuned on it? The CPU
-check behind docs/quality.md's run 4, where the NSA needle fine-tune on the GPU made retrieval worse.
+check behind run 4 of the quality experiment (research/RUNS.md), where the NSA needle fine-tune on the GPU
+made retrieval worse.
 
 1. A 2-layer dense ``LlamaForCausalLM`` (hidden 128, 4 query / 2 KV heads) learns to copy on synthetic
    sequences (``quality.induction_batch``: 192 random tokens from a vocabulary of 128, a 48-token span
@@ -15,22 +16,19 @@ Reports the copy accuracy by copy distance (``quality.CopyProbe``) before and af
 fine-tune loss over its first and last tenth. The warm-up takes ~5 min on 2 CPU threads; ``--dense``
 reuses a saved warm-up model.
 
-    python examples/nsa_finetune_check.py --out /tmp/nsa_ft --dtype bfloat16
+    python -m research.nsa_finetune_check --out /tmp/nsa_ft --dtype bfloat16
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import quality  # noqa: E402
+from . import quality
 
 VOCAB, LENGTH, SPAN, WINDOW = 128, 192, 48, 16
 NSA_FLAGS = ["--hidden-size", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--window", str(WINDOW),
@@ -38,7 +36,8 @@ NSA_FLAGS = ["--hidden-size", "128", "--layers", "2", "--heads", "4", "--kv-head
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m research.nsa_finetune_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/nsa_finetune_check", help="results.json and the warm-up model go here")
     ap.add_argument("--warmup-steps", type=int, default=1100, help="dense copy warm-up steps (batches of 32)")
     ap.add_argument("--finetune-steps", type=int, default=200)

@@ -1,20 +1,16 @@
-"""examples/quality.py end to end in its --tiny CPU mode, and the pieces its claims rest on: the
+"""research/quality.py end to end in its --tiny CPU mode, and the pieces its claims rest on: the
 window-only variant really is sliding-window attention, needles lie outside the window, batches are
 the same for the dense and the NSA run."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    import quality
+    from research import quality
 
     out = tmp_path_factory.mktemp("quality")
     results = quality.main(["--tiny", "--probe", "kv", "--out", str(out), "--needle-val-every", "2",
@@ -24,7 +20,7 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_span_run(tmp_path_factory):
-    import quality
+    from research import quality
 
     out = tmp_path_factory.mktemp("quality_span")
     results = quality.main(["--tiny", "--probe", "span", "--out", str(out), "--induction-steps", "3",
@@ -95,8 +91,8 @@ def test_window_only_variant_is_sliding_window_attention(tiny_run):
 
 def test_frozen_nsa_modules_train_only_the_llama_weights():
     """The --nsa-frozen-needle variant: a step moves the Llama weights, never a compressor or gate."""
-    import quality
     from nsa_hf.training import is_nsa_parameter
+    from research import quality
 
     args = quality.parse_args(["--tiny"])
     nsa = quality.frozen_nsa_modules(quality.convert(quality.build_dense(args, 512, 0), args))
@@ -115,7 +111,7 @@ def test_frozen_nsa_modules_train_only_the_llama_weights():
 def test_window_only_differs_from_nsa_and_ignores_far_tokens():
     """On a fresh converted model: the window-only output at the last position does not change when a
     token outside the window changes, the NSA output does (cmp/slc see it); inside the window both do."""
-    import quality
+    from research import quality
 
     args = quality.parse_args(["--tiny"])
     dense = quality.build_dense(args, 512, 0)
@@ -146,13 +142,13 @@ def test_window_only_differs_from_nsa_and_ignores_far_tokens():
 
 
 def _tiny_tokenizer():
-    from data import train_tokenizer
+    from nsa_hf.sample_data import train_tokenizer
 
     return train_tokenizer(["x = 1\nprint(x)\n" * 200, "def f(a):\n    return a + 0123456789\n" * 50], 300)
 
 
 def test_needles_layout_and_depth_check():
-    import quality
+    from research import quality
 
     tok = _tiny_tokenizer()
     seq, digits, window, pairs = 160, 3, 16, 3
@@ -201,7 +197,7 @@ def test_needles_layout_and_depth_check():
 
 
 def test_batch_stream_is_deterministic_and_covers_epochs():
-    import quality
+    from research import quality
 
     blocks = torch.arange(10 * 4).view(10, 4)
     a, b = quality.BatchStream(blocks, 3, seed=1), quality.BatchStream(blocks, 3, seed=1)
@@ -211,7 +207,7 @@ def test_batch_stream_is_deterministic_and_covers_epochs():
 
 
 def test_needle_mix_batches_are_shared_and_marked():
-    import quality
+    from research import quality
 
     needles = quality.Needles(_tiny_tokenizer(), 128, 3, 16, 2)
     stream = quality.BatchStream(torch.randint(100, 200, (20, 128)), 8, seed=0)
@@ -233,7 +229,7 @@ def test_spans_layout_and_geometry():
     """The planted target passage is the cue + the answer, the cue directly precedes the answer at the
     end, every planted passage lies outside the window of the first answer position at every depth,
     and no span token is special."""
-    import quality
+    from research import quality
 
     tok = _tiny_tokenizer()
     special = set(tok.all_special_ids)
@@ -285,7 +281,7 @@ def test_spans_layout_and_geometry():
 
 
 def test_score_answers_exact_and_per_token():
-    import quality
+    from research import quality
 
     g = torch.Generator().manual_seed(0)
     vocab, n, a = 50, 3, 16
@@ -315,7 +311,7 @@ class _Oracle(torch.nn.Module):
 
 
 def test_span_accuracy_of_an_oracle_and_a_blind_model():
-    import quality
+    from research import quality
 
     tok = _tiny_tokenizer()
     spans = quality.Spans(tok, 160, 12, 4, 16, 3)
@@ -333,7 +329,7 @@ def test_span_accuracy_of_an_oracle_and_a_blind_model():
 
 
 def test_span_mix_batches_carry_the_repeat():
-    import quality
+    from research import quality
 
     spans = quality.Spans(_tiny_tokenizer(), 128, 12, 4, 16, 2)
     stream = quality.BatchStream(torch.randint(100, 200, (20, 128)), 8, seed=0)
@@ -455,7 +451,7 @@ def test_tiny_span_run_writes_span_metrics(tiny_span_run):
 
 
 def test_induction_batches_repeat_a_span_at_varied_offsets():
-    import quality
+    from research import quality
 
     vocab = torch.arange(5, 300)
     g = torch.Generator().manual_seed(0)
@@ -486,7 +482,7 @@ def test_induction_batches_repeat_a_span_at_varied_offsets():
 
 
 def test_induction_batches_with_several_repeats_and_the_copy_probe():
-    import quality
+    from research import quality
 
     vocab = torch.arange(5, 300)
     g = torch.Generator().manual_seed(1)
@@ -523,7 +519,7 @@ def test_induction_batches_with_several_repeats_and_the_copy_probe():
 
 
 def test_warmup_only_curriculum_stops_after_the_copy_probe(tmp_path):
-    import quality
+    from research import quality
 
     results = quality.main(["--tiny", "--out", str(tmp_path), "--induction-span", "16",
                             "--induction-curriculum", "16:64:3,0:128:2", "--warmup-only"])
@@ -542,8 +538,7 @@ def test_warmup_only_curriculum_stops_after_the_copy_probe(tmp_path):
 
 
 def test_copy_check_script_runs_and_builds_copies():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    import copy_check
+    from research import copy_check
 
     g = torch.Generator().manual_seed(0)
     for task in copy_check.TASKS:
@@ -556,7 +551,7 @@ def test_copy_check_script_runs_and_builds_copies():
 
 
 def test_nsa_finetune_check_script_runs(tmp_path):
-    import nsa_finetune_check
+    from research import nsa_finetune_check
 
     res = nsa_finetune_check.main(["--out", str(tmp_path), "--warmup-steps", "2", "--finetune-steps", "2",
                                    "--batch", "2", "--threads", "1"])
@@ -573,7 +568,7 @@ def test_nsa_finetune_check_script_runs(tmp_path):
 
 @pytest.mark.parametrize("spec", ["lm", "lm@", "lm@-1", "dense@1e-3", "answer@x"])
 def test_needle_variant_spec_errors_name_the_item(spec):
-    import quality
+    from research import quality
 
     with pytest.raises(SystemExit):
         quality.parse_args(["--nsa-needle-extra", spec])
@@ -582,7 +577,7 @@ def test_needle_variant_spec_errors_name_the_item(spec):
 
 
 def test_needle_variant_spec_parses():
-    import quality
+    from research import quality
 
     assert quality.parse_needle_variants("lm@5e-4, answer@1e-4") == [("lm", 5e-4), ("answer", 1e-4)]
     assert quality.parse_needle_variants(None) == []
@@ -590,7 +585,7 @@ def test_needle_variant_spec_parses():
 
 
 def test_with_slc_count_selects_more_blocks_and_checks_the_count():
-    import quality
+    from research import quality
     from nsa_hf import NSALlamaConfig, NSALlamaForCausalLM
 
     torch.manual_seed(0)
@@ -610,7 +605,7 @@ def test_with_slc_count_selects_more_blocks_and_checks_the_count():
 def test_capped_answer_loss_drops_the_gradient_of_tokens_above_the_cap():
     """answer_capped: a token whose cross-entropy is above the cap adds no gradient; below it, the gradient is
     the plain answer loss's (both are means over the same tokens)."""
-    import quality
+    from research import quality
 
     class OneQuestion:  # the probe interface needle_loss uses: logits (B, 1, A, V) of the answer tokens
         def __init__(self, logits):
@@ -641,7 +636,7 @@ def test_capped_answer_loss_drops_the_gradient_of_tokens_above_the_cap():
 def test_run_restore_brings_back_master_and_working_copy():
     """Run.snapshot / restore (early stopping): after steps, restore gives back the snapshot's float32 master
     weights and a working copy in the run's dtype equal to them."""
-    import quality
+    from research import quality
 
     args = quality.parse_args(["--tiny"])
     run = quality.Run(quality.build_dense(args, 512, 0), torch.bfloat16, 1e-2, 3, args)
@@ -657,7 +652,7 @@ def test_run_restore_brings_back_master_and_working_copy():
 
 
 def test_keep_best_needs_validation():
-    import quality
+    from research import quality
 
     with pytest.raises(SystemExit):
         quality.parse_args(["--needle-keep-best"])
@@ -666,7 +661,7 @@ def test_keep_best_needs_validation():
 
 
 def test_align_weight_must_not_be_negative(capsys):
-    import quality
+    from research import quality
 
     with pytest.raises(SystemExit):
         quality.parse_args(["--align-weight", "-0.5"])
@@ -675,7 +670,7 @@ def test_align_weight_must_not_be_negative(capsys):
 
 
 def test_window_only_control_drops_only_the_alignment_term():
-    import quality
+    from research import quality
 
     # the control's selection is switched off (gates 0, 0, 1): nothing to align, the answer loss stays
     assert quality.window_only_needle_loss("answer_align") == "answer"
@@ -686,7 +681,7 @@ def test_window_only_control_drops_only_the_alignment_term():
 
 
 def test_wilson_interval():
-    from quality import wilson_interval
+    from research.quality import wilson_interval
 
     low, high = wilson_interval(121, 128)
     assert low == pytest.approx(0.8914, abs=1e-4) and high == pytest.approx(0.9733, abs=1e-4)
@@ -703,7 +698,7 @@ def test_wilson_interval():
 
 
 def test_retrieval_summary():
-    from quality import retrieval_summary
+    from research.quality import retrieval_summary
 
     summary = retrieval_summary({"0.1": 126 / 128, "0.3": 127 / 128, "0.5": 121 / 128, "0.7": 125 / 128}, 128)
     assert summary["pooled"] == pytest.approx(499 / 512)
