@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from collections.abc import Callable
 
 import torch
@@ -45,6 +46,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .attention import MLPCompressor
 from .cache import NSACache, NSAStaticCache, nsa_cache_layer
 from .configuration_nsa_llama import NSALlamaConfig
+from .remote_code import bundle_if_remote_code
 
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (5.17-5.23 use
@@ -228,20 +230,39 @@ class NSALlamaPreTrainedModel(PreTrainedModel):
         "attentions": NSALlamaAttention,
     }
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained``, also for a model sharded by FSDP2 (``fully_shard``, e.g. by the
-        Trainer under ``accelerate launch``): FSDP2 gives the model a generated class defined in torch, and
-        saving under that class would copy torch's FSDP sources as the checkpoint's remote code and point
-        ``auto_map`` at them, so the model is saved as its own class."""
+    def save_pretrained(self, save_directory, *args, remote_code: bool = True, **kwargs):
+        """``PreTrainedModel.save_pretrained``, plus:
+
+        * the checkpoint loads with ``trust_remote_code=True`` where nsa-hf is not installed: the modeling
+          files that transformers copies (NSA-Llama is registered for auto classes) get the NSA reference
+          bundled (:mod:`.remote_code`), also under ``push_to_hub``;
+        * ``remote_code=False`` writes no modeling code and no ``auto_map`` (loading then needs nsa-hf);
+        * a model sharded by FSDP2 (``fully_shard``, e.g. by the Trainer under ``accelerate launch``) is saved
+          as its own class: FSDP2 gives the model a generated class defined in torch, whose sources would
+          otherwise become the remote code."""
         sharded_cls = type(self)
-        original = _class_before_fsdp(sharded_cls)
-        if original is sharded_cls:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        self.__class__ = original
+        saved_cls = _class_before_fsdp(sharded_cls)
+        hidden = {}
+        if not remote_code:
+            saved_cls = type(saved_cls.__name__, (saved_cls,), {"_auto_class": None, "__module__": saved_cls.__module__})
+            hidden = {k: self.config.__dict__.pop(k) for k in ("_auto_class", "auto_map") if k in self.config.__dict__}
+            self.config._auto_class = None
+        self.__class__ = saved_cls
         try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            result = super().save_pretrained(save_directory, *args, **kwargs)
         finally:
             self.__class__ = sharded_cls
+            if not remote_code:
+                del self.config._auto_class
+                self.config.__dict__.update(hidden)
+        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+            bundle_if_remote_code(save_directory)
+        return result
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        # `save_pretrained(push_to_hub=True)` uploads before it returns: bundle the remote code first.
+        bundle_if_remote_code(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         return super().get_correct_attn_implementation(requested_attention or "nsa", is_init_check)
