@@ -52,5 +52,6 @@ def test_demo_help_and_bad_flags(capsys):
         demo.parse_args(["--help"])
     assert info.value.code == 0
     assert "--steps" in capsys.readouterr().out
+    assert not [a.option_strings for a in demo.build_parser()._actions if not a.help]  # every flag explained
     with pytest.raises(SystemExit):
         demo.parse_args(["--steps", "0"])
