@@ -72,6 +72,14 @@ def _uses_nsa(config) -> bool:
     return (getattr(config, "_attn_implementation", None) or "").split("|")[-1] == "nsa"
 
 
+def _is_dense(implementation: str) -> bool:
+    """Whether ``implementation`` is one of transformers' dense attention functions (eager, sdpa, flash,
+    flex, a kernel from the Hub), which ignore the NSA compressors and gates. Names registered by users
+    (a wrapper around ``"nsa"``, say) are not judged."""
+    name = implementation.split("|")[-1]
+    return name in ("eager", "sdpa", "flex_attention") or name.startswith("flash_attention") or "/" in name
+
+
 def _output_cache(outputs) -> Cache | None:
     """The cache field of a model output under either name."""
     return getattr(outputs, CACHE_NAME, None)
@@ -286,7 +294,7 @@ class NSALlamaPreTrainedModel(PreTrainedModel):
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         implementation = super().get_correct_attn_implementation(requested_attention or "nsa", is_init_check)
-        if implementation.split("|")[-1] != "nsa":
+        if _is_dense(implementation):
             warnings.warn(
                 f"attn_implementation={implementation!r} computes dense attention: the NSA compressors and gates "
                 "of this model are unused; keep attn_implementation='nsa' (the default) for NSA",
