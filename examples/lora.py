@@ -48,7 +48,7 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps", "rank"):
         if getattr(args, name) < 1:
-            usage_error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+            usage_error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1", "lora.py")
     return args
 
 
@@ -59,7 +59,7 @@ def main(argv=None):
     try:
         check_data(args.data)
     except (FileNotFoundError, ValueError) as err:
-        usage_error(f"--data: {err}")
+        usage_error(f"--data: {err}", "lora.py")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="nsa")

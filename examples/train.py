@@ -85,9 +85,9 @@ def parse_args(argv=None):
     return args
 
 
-def usage_error(message: str):
+def usage_error(message: str, prog: str = "train.py"):
     """One line on stderr and exit status 2, as argparse does for a bad command line."""
-    print(f"{os.path.basename(sys.argv[0]) or 'train.py'}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -73,6 +73,12 @@ def test_train_script_command_line_errors(nsa_dir_and_data, capsys):
         assert info.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
         assert "Hub" not in err or "Hub dataset id" in err
     assert not (root / "never").exists()
+    import lora
+
+    with pytest.raises(SystemExit) as info:
+        lora.main(base + ["--data", "missing.txt"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("lora.py: error: --data: data file 'missing.txt' not found"), err
 
 
 @pytest.mark.parametrize("script", ["train", "lora"])
