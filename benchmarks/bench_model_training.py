@@ -62,7 +62,9 @@ def build(kind: str, kwargs: dict, tiny: bool, device, dtype):
 
 def time_training(model, args, device) -> dict:
     if not args.no_grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from nsa_hf.training import enable_activation_checkpointing  # the installed transformers' name
+
+        enable_activation_checkpointing(model, {"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     ids = torch.randint(0, args.vocab, (1, args.tokens), device=device)
     cuda = device.type == "cuda"

@@ -27,33 +27,38 @@ import torch
 from nsa_hf.sample_data import stdlib_documents, token_blocks, train_tokenizer
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=120, help="dense training steps (default 120)")
     ap.add_argument("--nsa-steps", type=int, default=None, help="NSA continued-training steps (default: half of --steps)")
     ap.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per training and held-out block (default 512)")
+    ap.add_argument("--batch-size", type=int, default=8, help="blocks per training batch (default 8)")
     ap.add_argument("--lr", type=float, default=2e-3, help="dense learning rate")
     ap.add_argument("--nsa-lr", type=float, default=1e-3, help="NSA continued-training learning rate")
     m = ap.add_argument_group("model and data")
-    m.add_argument("--vocab-size", type=int, default=4096)
-    m.add_argument("--hidden-size", type=int, default=256)
-    m.add_argument("--layers", type=int, default=4)
-    m.add_argument("--heads", type=int, default=4)
-    m.add_argument("--kv-heads", type=int, default=2)
+    m.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    m.add_argument("--hidden-size", type=int, default=256, help="model width (default 256)")
+    m.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    m.add_argument("--heads", type=int, default=4, help="query heads (default 4)")
+    m.add_argument("--kv-heads", type=int, default=2, help="key-value heads (default 2)")
     m.add_argument("--max-chars", type=int, default=3_000_000, help="characters of stdlib source to read")
     m.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks of --seq-len tokens")
     m.add_argument("--gen-tokens", type=int, default=48, help="tokens to generate at the end")
     n = ap.add_argument_group("NSA sizes (tokens)")
-    n.add_argument("--cmp-block", type=int, default=16)
-    n.add_argument("--cmp-stride", type=int, default=8)
-    n.add_argument("--slc-block", type=int, default=32)
-    n.add_argument("--slc-count", type=int, default=4)
-    n.add_argument("--init-blocks", type=int, default=1)
-    n.add_argument("--local-blocks", type=int, default=2)
-    n.add_argument("--window", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    n.add_argument("--cmp-block", type=int, default=16, help="compression block length l (default 16)")
+    n.add_argument("--cmp-stride", type=int, default=8, help="compression stride d (default 8)")
+    n.add_argument("--slc-block", type=int, default=32, help="selection block length l' (default 32)")
+    n.add_argument("--slc-count", type=int, default=4, help="selected blocks per query n (default 4)")
+    n.add_argument("--init-blocks", type=int, default=1, help="initial blocks always selected (default 1)")
+    n.add_argument("--local-blocks", type=int, default=2, help="local blocks always selected (default 2)")
+    n.add_argument("--window", type=int, default=64, help="sliding window w (default 64)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.nsa_steps is None:
         args.nsa_steps = max(1, args.steps // 2)

@@ -5,8 +5,8 @@
 
 Documents are cut into pieces of at most --seq-len tokens; each batch is packed into one row by
 `DataCollatorWithFlattening` with `cu_seq_lens` so NSA never attends across documents. With
---nsa-only-steps N the first N steps train only the new NSA modules (compressors, gates), then all
-weights train. --resume continues from the last checkpoint in --output-dir.
+--nsa-only-steps N the first N of the --max-steps steps train only the new NSA modules (compressors,
+gates), then all weights train. --resume continues from the last checkpoint in --output-dir.
 
 Multi-GPU: the same script under `accelerate launch` (FSDP: see docs/multi_gpu.md and
 examples/fsdp.yaml). --log-file writes every logged step's loss as JSON (main process), and
@@ -17,9 +17,9 @@ on each of two GPUs train on the same two pieces in every optimizer step.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import sys
 
 import torch
 from transformers import (
@@ -33,8 +33,10 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import nsa_hf  # noqa: F401  (registers NSA-Llama and attn_implementation="nsa")
-from nsa_hf.training import (
+from nsa_hf.training import (  # noqa: F401  (checkpointing_argument: examples/lora.py and tests use it from here)
     ThroughputCallback,
+    check_data,
+    checkpointing_argument,
     chunk_documents,
     fsdp_units,
     load_text_dataset,
@@ -43,30 +45,50 @@ from nsa_hf.training import (
 )
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="NSA-Llama checkpoint directory (see `nsa-hf convert`)")
     ap.add_argument("--data", nargs="+", required=True, help="local .txt/.py/.json/.jsonl/.parquet files, or a Hub dataset name")
-    ap.add_argument("--text-column", default="text")
-    ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--batch-size", type=int, default=1, help="documents pieces per device batch (packed into one row)")
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--max-steps", type=int, default=1000)
-    ap.add_argument("--nsa-only-steps", type=int, default=0, help="first train only the NSA modules for this many steps")
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--text-column", default="text", help="column holding the text in .json/.jsonl/.parquet/.csv data (default text)")
+    ap.add_argument("--output-dir", required=True, help="directory for checkpoints and the final model (OUTPUT_DIR/final)")
+    ap.add_argument("--seq-len", type=int, default=4096, help="tokens per document piece (default 4096)")
+    ap.add_argument("--batch-size", type=int, default=1, help="document pieces per device batch (packed into one row)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step (default 1)")
+    ap.add_argument("--max-steps", type=int, default=1000, help="optimizer steps in all, --nsa-only-steps included (default 1000)")
+    ap.add_argument("--nsa-only-steps", type=int, default=0,
+                    help="train only the NSA modules for the first this many of the --max-steps steps (default 0)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="learning rate when all weights train (default 1e-4)")
     ap.add_argument("--nsa-lr", type=float, default=None, help="learning rate of the NSA-only phase (default --lr x 10)")
-    ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--logging-steps", type=int, default=10)
-    ap.add_argument("--save-steps", type=int, default=500)
+    ap.add_argument("--bf16", action="store_true", help="load the model in bfloat16 and train in bf16 mixed precision")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute activations in the backward pass (less memory, slower)")
+    ap.add_argument("--logging-steps", type=int, default=10, help="log the loss every this many steps (default 10)")
+    ap.add_argument("--save-steps", type=int, default=500, help="save a checkpoint every this many steps (default 500)")
     ap.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--log-file", default=None, help="write the logged losses (every --logging-steps) as JSON here")
     ap.add_argument("--sequential", action="store_true",
                     help="shuffle the pieces once with --seed and read them in order (same order for any process count)")
     ap.add_argument("--no-save", action="store_true", help="do not save the final model")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
+        if getattr(args, name) < 1:
+            usage_error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if not 0 <= args.nsa_only_steps < args.max_steps:
+        usage_error(f"--nsa-only-steps {args.nsa_only_steps}: must be >= 0 and below --max-steps {args.max_steps} "
+                    "(the total; the rest train all weights)")
+    return args
+
+
+def usage_error(message: str, prog: str = "train.py"):
+    """One line on stderr and exit status 2, as argparse does for a bad command line."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 class LossLogCallback(TrainerCallback):
@@ -96,13 +118,6 @@ class SequentialTrainer(Trainer):
         return torch.utils.data.SequentialSampler(dataset)
 
 
-def checkpointing_argument(enabled: bool) -> dict:
-    """TrainingArguments' activation-checkpointing switch under the installed transformers' name
-    (``activation_checkpointing`` since 5.23, which warns on the old ``gradient_checkpointing``)."""
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
-
-
 def training_args(args, output_dir, max_steps, lr):
     return TrainingArguments(
         output_dir=output_dir,
@@ -127,6 +142,10 @@ def training_args(args, output_dir, max_steps, lr):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        check_data(args.data)
+    except (FileNotFoundError, ValueError) as err:
+        usage_error(f"--data: {err}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="nsa")
@@ -145,7 +164,7 @@ def main(argv=None):
     phases = []
     if args.nsa_only_steps > 0:
         phases.append(("nsa", os.path.join(args.output_dir, "phase1-nsa-only"), args.nsa_only_steps, args.nsa_lr or args.lr * 10))
-    phases.append(("all", os.path.join(args.output_dir, "phase2-all"), args.max_steps, args.lr))
+    phases.append(("all", os.path.join(args.output_dir, "phase2-all"), args.max_steps - args.nsa_only_steps, args.lr))
     for which, out, steps, lr in phases:
         n = set_trainable(model, which)
         print(f"[train] phase '{which}': {n:,} trainable parameters, {steps} steps, lr {lr}")

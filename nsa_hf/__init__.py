@@ -9,6 +9,8 @@ Importing the package registers
 """
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from ._version import __version__
+
 from .attention import nsa_attention_forward, nsa_padding_mask, nsa_params_from_config
 from .cache import NSACache, NSACacheLayer, NSAStaticCache, NSAStaticCacheLayer
 from .configuration_nsa_llama import NSALlamaConfig
@@ -23,6 +25,7 @@ NSALlamaModel.register_for_auto_class("AutoModel")
 NSALlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "__version__",
     "NSACache",
     "NSACacheLayer",
     "NSALlamaConfig",

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from ._version import installed_version
+
 
 def _int(text: str) -> int:
     try:
@@ -28,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nsa-hf",
         description="Native Sparse Attention for HuggingFace Transformers: tools for NSA-Llama checkpoints.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}",
+                        help="print the installed nsa-hf version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="run `nsa-hf COMMAND --help` for its options")
     conv = sub.add_parser(
         "convert",
         help="convert a dense Llama checkpoint into NSA-Llama",

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -45,6 +47,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .attention import MLPCompressor
 from .cache import NSACache, NSAStaticCache, nsa_cache_layer
 from .configuration_nsa_llama import NSALlamaConfig
+from .remote_code import bundle_if_remote_code
 
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (5.17-5.23 use
@@ -62,6 +65,19 @@ def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | No
     if past_key_values is not None and past_key_values is not cache:
         raise ValueError("Pass the cache as `cache` or `past_key_values`, not both.")
     return cache
+
+
+def _uses_nsa(config) -> bool:
+    """Whether ``config`` selects the ``"nsa"`` attention implementation."""
+    return (getattr(config, "_attn_implementation", None) or "").split("|")[-1] == "nsa"
+
+
+def _is_dense(implementation: str) -> bool:
+    """Whether ``implementation`` is one of transformers' dense attention functions (eager, sdpa, flash,
+    flex, a kernel from the Hub), which ignore the NSA compressors and gates. Names registered by users
+    (a wrapper around ``"nsa"``, say) are not judged."""
+    name = implementation.split("|")[-1]
+    return name in ("eager", "sdpa", "flex_attention") or name.startswith("flash_attention") or "/" in name
 
 
 def _output_cache(outputs) -> Cache | None:
@@ -102,6 +118,12 @@ class NSALlamaAttention(nn.Module):
         self.nsa_cmp_k = MLPCompressor(self.head_dim, config.nsa_cmp_block, cmp_hidden)
         self.nsa_cmp_v = MLPCompressor(self.head_dim, config.nsa_cmp_block, cmp_hidden)
         self.nsa_gate = NSAGate(config.hidden_size, self.num_heads * 3)
+
+    def extra_repr(self) -> str:
+        p = self.nsa_params
+        return (f"heads={self.num_heads}, kv_heads={self.config.num_key_value_heads}, head_dim={self.head_dim}, "
+                f"cmp_block={p.cmp_block}, cmp_stride={p.cmp_stride}, slc_block={p.slc_block}, "
+                f"slc_count={p.slc_count}, init_blocks={p.init_blocks}, local_blocks={p.local_blocks}, window={p.window}")
 
     def forward(
         self,
@@ -148,6 +170,14 @@ class NSALlamaAttention(nn.Module):
             nsa_cache_layer=nsa_cache_layer(past_key_values, self.layer_idx),
             **kwargs,
         )
+        if attn_weights is None and _uses_nsa(self.config) and (
+            kwargs.get("output_attentions") or getattr(self.config, "output_attentions", False)
+        ):
+            warnings.warn(
+                "output_attentions=True: attn_implementation='nsa' computes no attention matrix, so `attentions` "
+                "stays empty; for dense attention weights load with attn_implementation='eager' (dense, not NSA)",
+                UserWarning, stacklevel=2,
+            )
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)
@@ -228,23 +258,49 @@ class NSALlamaPreTrainedModel(PreTrainedModel):
         "attentions": NSALlamaAttention,
     }
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained``, also for a model sharded by FSDP2 (``fully_shard``, e.g. by the
-        Trainer under ``accelerate launch``): FSDP2 gives the model a generated class defined in torch, and
-        saving under that class would copy torch's FSDP sources as the checkpoint's remote code and point
-        ``auto_map`` at them, so the model is saved as its own class."""
+    def save_pretrained(self, save_directory, *args, remote_code: bool = True, **kwargs):
+        """``PreTrainedModel.save_pretrained``, plus:
+
+        * the checkpoint loads with ``trust_remote_code=True`` where nsa-hf is not installed: the modeling
+          files that transformers copies (NSA-Llama is registered for auto classes) get the NSA reference
+          bundled (:mod:`.remote_code`), also under ``push_to_hub``;
+        * ``remote_code=False`` writes no modeling code and no ``auto_map`` (loading then needs nsa-hf);
+        * a model sharded by FSDP2 (``fully_shard``, e.g. by the Trainer under ``accelerate launch``) is saved
+          as its own class: FSDP2 gives the model a generated class defined in torch, whose sources would
+          otherwise become the remote code."""
         sharded_cls = type(self)
-        original = _class_before_fsdp(sharded_cls)
-        if original is sharded_cls:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        self.__class__ = original
+        saved_cls = _class_before_fsdp(sharded_cls)
+        hidden = {}
+        if not remote_code:
+            saved_cls = type(saved_cls.__name__, (saved_cls,), {"_auto_class": None, "__module__": saved_cls.__module__})
+            hidden = {k: self.config.__dict__.pop(k) for k in ("_auto_class", "auto_map") if k in self.config.__dict__}
+            self.config._auto_class = None
+        self.__class__ = saved_cls
         try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            result = super().save_pretrained(save_directory, *args, **kwargs)
         finally:
             self.__class__ = sharded_cls
+            if not remote_code:
+                del self.config._auto_class
+                self.config.__dict__.update(hidden)
+        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+            bundle_if_remote_code(save_directory)
+        return result
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        # `save_pretrained(push_to_hub=True)` uploads before it returns: bundle the remote code first.
+        bundle_if_remote_code(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
-        return super().get_correct_attn_implementation(requested_attention or "nsa", is_init_check)
+        implementation = super().get_correct_attn_implementation(requested_attention or "nsa", is_init_check)
+        if _is_dense(implementation):
+            warnings.warn(
+                f"attn_implementation={implementation!r} computes dense attention: the NSA compressors and gates "
+                "of this model are unused; keep attn_implementation='nsa' (the default) for NSA",
+                UserWarning, stacklevel=3,
+            )
+        return implementation
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -1,13 +1,15 @@
 """Helpers for continued training of NSA models with `transformers.Trainer`: datasets from local
-files, document chunking for packed batches, staged trainability, a throughput log, and saving a model
-trained in one process, under DDP or sharded by FSDP2."""
+files, document chunking for packed batches, staged trainability, a throughput log, activation
+checkpointing under the installed transformers' names, and saving a model trained in one process,
+under DDP or sharded by FSDP2."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
 NSA_MODULE_NAMES = ("nsa_cmp_k", "nsa_cmp_v", "nsa_gate")
 """Names of the modules NSA adds to each attention layer (new weights after conversion)."""
@@ -34,17 +36,37 @@ def set_trainable(model, which: str) -> int:
     return count
 
 
+def _looks_like_a_file(name: str) -> bool:
+    """Whether ``name`` reads as a local path rather than a Hub dataset id (``name`` or ``owner/name``)."""
+    return (os.path.splitext(name)[1].lower() in _BUILDERS or name.startswith((".", "/", "~"))
+            or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
+
+
+def check_data(data: Sequence[str]) -> None:
+    """Raise ``FileNotFoundError`` naming the first entry of ``data`` that is a missing local file: every
+    entry when there are several, or a single one that looks like a path (an extension such as ``.txt``,
+    a leading ``.``, ``/`` or ``~``). A single name without one is taken for a Hub dataset id."""
+    paths = [os.fspath(p) for p in data]
+    if not paths:
+        raise ValueError("no data given: name local files or one Hub dataset")
+    for p in paths:
+        if not os.path.exists(p) and (len(paths) > 1 or _looks_like_a_file(p)):
+            raise FileNotFoundError(
+                f"data file {p!r} not found: give existing local files "
+                f"({', '.join(sorted(_BUILDERS))}) or a single Hub dataset id such as 'owner/name'"
+            )
+
+
 def load_text_dataset(data: Sequence[str], split: str = "train"):
     """A `datasets.Dataset` from local files (.txt/.py/.md one document per file, .json/.jsonl/.parquet/.csv
-    rows) or, when ``data`` is a single name that is not a local path, a dataset from the Hub."""
+    rows) or, when ``data`` is a single name that is not a local path, a dataset from the Hub.
+    A missing local file raises ``FileNotFoundError`` (see :func:`check_data`)."""
     import datasets
 
+    check_data(data)
     paths = [os.fspath(p) for p in data]
     if len(paths) == 1 and not os.path.exists(paths[0]):
         return datasets.load_dataset(paths[0], split=split)
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"data files not found: {missing}")
     kinds = {os.path.splitext(p)[1].lower() for p in paths}
     unknown = kinds - set(_BUILDERS)
     if unknown or len({_BUILDERS[k] for k in kinds}) != 1:
@@ -77,9 +99,9 @@ def chunk_documents(dataset, tokenizer, seq_len: int, text_column: str = "text",
 
 
 class ThroughputCallback(TrainerCallback):
-    """Records ``tokens_per_second`` (input tokens since the previous log over the wall time) in the
-    log history and prints one line per log with the loss. Needs
-    ``TrainingArguments(include_num_input_tokens_seen=True)``."""
+    """Adds ``tokens_per_second`` (input tokens since the previous log over the wall time) to each log
+    with a loss: to the log history and to the line the Trainer prints for it (its progress callback runs
+    after the callbacks given to the Trainer). Needs ``TrainingArguments(include_num_input_tokens_seen=True)``."""
 
     def __init__(self):
         self._last = None
@@ -93,10 +115,28 @@ class ThroughputCallback(TrainerCallback):
             return
         rate = round((seen - self._last[1]) / (now - self._last[0]), 1)
         self._last = (now, seen)
+        logs["tokens_per_second"] = rate
         if state.log_history:
             state.log_history[-1]["tokens_per_second"] = rate
-        if state.is_world_process_zero:
-            print(f"[train] step {state.global_step}: loss {logs['loss']:.4f}, {rate:,.0f} tokens/s", flush=True)
+
+
+def checkpointing_argument(enabled: bool) -> dict:
+    """``TrainingArguments``' activation-checkpointing switch under the installed transformers' name
+    (``activation_checkpointing`` since 5.23, which warns on the old ``gradient_checkpointing``)."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+def enable_activation_checkpointing(model, checkpoint_kwargs: dict | None = None) -> None:
+    """Turn on activation checkpointing of ``model`` under the installed transformers' name
+    (``activation_checkpointing_enable`` since 5.23, which warns on the old ``gradient_checkpointing_enable``).
+    ``checkpoint_kwargs`` go to ``torch.utils.checkpoint.checkpoint`` (default ``use_reentrant=False``)."""
+    kwargs = {"use_reentrant": False} if checkpoint_kwargs is None else dict(checkpoint_kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
 
 
 def fsdp_units(model) -> int:

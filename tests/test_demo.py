@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from test_hub import assert_loads_without_nsa_hf
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
 
@@ -39,6 +40,10 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path):
     for sub in ("dense", "nsa-converted", "nsa-trained"):
         assert (out / sub / "config.json").is_file()
     assert json.loads((out / "results.json").read_text())["loss"] == pytest.approx(loss)
+    # The trained folder (its card shows trust_remote_code loading) loads where nsa-hf is not installed.
+    from transformers import AutoTokenizer
+
+    assert_loads_without_nsa_hf(out / "nsa-trained", tmp_path, tokenizer=AutoTokenizer.from_pretrained(out / "nsa-trained"))
 
 
 def test_demo_help_and_bad_flags(capsys):
@@ -47,5 +52,6 @@ def test_demo_help_and_bad_flags(capsys):
         demo.parse_args(["--help"])
     assert info.value.code == 0
     assert "--steps" in capsys.readouterr().out
+    assert not [a.option_strings for a in demo.build_parser()._actions if not a.help]  # every flag explained
     with pytest.raises(SystemExit):
         demo.parse_args(["--steps", "0"])

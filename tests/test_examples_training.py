@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_convert import SMALL, tiny_llama, tiny_tokenizer
+from test_hub import assert_loads_without_nsa_hf
 from transformers import AutoModelForCausalLM
 
 import nsa_kernels.compression
@@ -28,28 +29,71 @@ def nsa_dir_and_data(tmp_path_factory):
     return root, data
 
 
-def test_train_script_two_phases_and_resume(nsa_dir_and_data):
+def test_train_script_two_phases_and_resume(nsa_dir_and_data, capsys, tmp_path):
     import train
+    from transformers import AutoTokenizer
 
     root, data = nsa_dir_and_data
     out = root / "run"
+    # --max-steps is the total: 2 NSA-only steps, then 4 with all weights.
     args = ["--model", str(root / "nsa"), "--data", *data, "--output-dir", str(out), "--seq-len", "96",
-            "--batch-size", "4", "--max-steps", "4", "--nsa-only-steps", "2", "--logging-steps", "1",
+            "--batch-size", "4", "--max-steps", "6", "--nsa-only-steps", "2", "--logging-steps", "1",
             "--save-steps", "2", "--lr", "3e-3"]
     history = train.main(args)
     assert len(history) == 6 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert all(h["tokens_per_second"] > 0 for h in history[1:])
+    printed = capsys.readouterr().out
+    # One line per logged step (the Trainer's, with the throughput added), not two.
+    assert printed.count("'loss'") == 6 and printed.count("'tokens_per_second'") == 6 and "[train] step" not in printed, printed
     before = AutoModelForCausalLM.from_pretrained(root / "nsa")
     after = AutoModelForCausalLM.from_pretrained(out / "final")
     sb, sa = before.state_dict(), after.state_dict()
     assert any(not torch.equal(sb[k], sa[k]) for k in sb if "nsa_gate" in k)
     assert any(not torch.equal(sb[k], sa[k]) for k in sb if "q_proj" in k)
+    # The final folder loads as remote code where nsa-hf is not installed, tokenizer included.
+    assert_loads_without_nsa_hf(out / "final", tmp_path, after, AutoTokenizer.from_pretrained(out / "final"))
     # Resuming a finished run continues from its last checkpoint and trains no further steps.
     assert (out / "phase2-all" / "checkpoint-4").is_dir()
     train.main(args + ["--resume"])
 
 
-def test_lora_script_saves_adapter_and_merges(nsa_dir_and_data):
+def test_train_script_command_line_errors(nsa_dir_and_data, capsys):
+    """Bad values end with one line naming the value and exit status 2, before any model is loaded."""
+    import train
+
+    root, data = nsa_dir_and_data
+    base = ["--model", str(root / "nsa"), "--output-dir", str(root / "never")]
+    for extra, expected in (
+        (["--data", "missing.txt"], "'missing.txt' not found"),
+        (["--data", data[0], str(root / "nope.txt")], "nope.txt' not found"),
+        (["--data", *data, "--max-steps", "6", "--nsa-only-steps", "6"], "--nsa-only-steps 6"),
+        (["--data", *data, "--seq-len", "0"], "--seq-len 0"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            train.main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
+        assert "Hub" not in err or "Hub dataset id" in err
+    assert not (root / "never").exists()
+    import lora
+
+    with pytest.raises(SystemExit) as info:
+        lora.main(base + ["--data", "missing.txt"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("lora.py: error: --data: data file 'missing.txt' not found"), err
+
+
+@pytest.mark.parametrize("script", ["train", "lora"])
+def test_every_example_flag_has_help(script):
+    import importlib
+
+    module = importlib.import_module(script)
+    parser = module.build_parser()
+    missing = [a.option_strings for a in parser._actions if not a.help]
+    assert not missing, f"{script}: flags without help: {missing}"
+
+
+def test_lora_script_saves_adapter_and_merges(nsa_dir_and_data, tmp_path):
     import lora
 
     root, data = nsa_dir_and_data
@@ -63,6 +107,8 @@ def test_lora_script_saves_adapter_and_merges(nsa_dir_and_data):
     assert set(sb) == set(sm)  # a plain NSA-Llama checkpoint: no lora_* or modules_to_save keys left
     assert any(not torch.equal(sb[k], sm[k]) for k in sb if "nsa_gate" in k)
     assert any(not torch.equal(sb[k], sm[k]) for k in sb if k.endswith("q_proj.weight"))
+    # The merged folder loads as remote code where nsa-hf is not installed.
+    assert_loads_without_nsa_hf(out / "merged", tmp_path, merged)
 
 
 def test_train_script_loss_log_is_independent_of_the_micro_batch_split(nsa_dir_and_data):

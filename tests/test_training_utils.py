@@ -72,3 +72,33 @@ def test_set_trainable_stages():
         set_trainable(model, "some")
     with pytest.raises(ValueError, match="no NSA modules"):
         set_trainable(torch.nn.Linear(2, 2), "nsa")
+
+
+def test_check_data_tells_missing_files_from_hub_names(tmp_path):
+    from nsa_hf.training import check_data
+
+    (tmp_path / "a.txt").write_text("x")
+    check_data([tmp_path / "a.txt"])
+    for hub_name in ("wikitext", "owner/name"):
+        check_data([hub_name])  # taken for a Hub dataset id: not checked here
+    for missing in (["missing.txt"], ["./data"], [str(tmp_path / "dir" / "x")], [tmp_path / "a.txt", "owner/name"]):
+        with pytest.raises(FileNotFoundError, match="not found"):
+            check_data(missing)
+    with pytest.raises(FileNotFoundError, match="'missing.jsonl' not found"):
+        load_text_dataset(["missing.jsonl"])  # not sent to the Hub
+
+
+def test_activation_checkpointing_helper_uses_the_installed_name():
+    import warnings
+
+    from test_hub import tiny_nsa_model
+
+    from nsa_hf.training import enable_activation_checkpointing
+
+    model = tiny_nsa_model().train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=FutureWarning)
+        enable_activation_checkpointing(model)
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    ids = torch.randint(0, 96, (1, 24))
+    model(input_ids=ids, labels=ids).loss.backward()  # recomputes in the backward without error
