@@ -6,7 +6,7 @@ import importlib.resources
 from collections.abc import Mapping
 
 TEMPLATE = "nsa_llama.md"
-TAGS = ["nsa", "native-sparse-attention", "sparse-attention", "llama"]
+TAGS = ["nsa", "native-sparse-attention", "sparse-attention"]
 
 _SETTINGS = (
     ("compression block (l)", "cmp_block", "tokens per compression block"),
@@ -35,6 +35,12 @@ def nsa_settings_rows(config) -> list[dict]:
     return rows
 
 
+def _family(config) -> str:
+    """The dense family's name as the architecture spells it: 'Llama', 'Qwen2', ..."""
+    arch = (getattr(config, "architectures", None) or ["NSALlamaForCausalLM"])[0]
+    return arch.removeprefix("NSA").removesuffix("ForCausalLM") or "Llama"
+
+
 def _as_mapping(report):
     if report is None or isinstance(report, Mapping):
         return report
@@ -51,6 +57,7 @@ def render_model_card(
     repo_id: str | None = None,
     model_name: str | None = None,
     datasets: list[str] | None = None,
+    remote_code: bool = True,
 ):
     """Render the NSA-Llama model card.
 
@@ -64,6 +71,8 @@ def render_model_card(
         repo_id: the id shown in the usage snippets (default ``"path/to/this/model"``).
         model_name: the title (default: ``repo_id``'s last part, or ``<base>-NSA``).
         datasets: Hub ids of training data sets, for the metadata.
+        remote_code: whether the checkpoint carries self-contained modeling code (the card then shows
+            ``trust_remote_code=True`` loading; otherwise it says nsa-hf is needed).
 
     Returns:
         a ``huggingface_hub.ModelCard``; ``.save(path)`` writes it.
@@ -77,13 +86,13 @@ def render_model_card(
         elif base_model:
             model_name = f"{base_model.split('/')[-1]}-NSA"
         else:
-            model_name = "NSA-Llama"
+            model_name = f"NSA-{_family(config)}"
     data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
         license=license,
         pipeline_tag="text-generation",
-        tags=list(TAGS),
+        tags=[*TAGS, config.model_type.removeprefix("nsa_")],
         datasets=datasets,
         model_name=model_name,
     )
@@ -97,6 +106,10 @@ def render_model_card(
         report=report,
         training=dict(training) if training else None,
         repo_id=repo_id or "path/to/this/model",
+        remote_code=remote_code,
+        family=_family(config),
+        architecture=(getattr(config, "architectures", None) or ["NSALlamaForCausalLM"])[0],
+        model_type=config.model_type,
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         num_heads=config.num_attention_heads,

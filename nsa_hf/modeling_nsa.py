@@ -48,6 +48,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from nsa_kernels import MLPCompressor
 
+from .attention import nsa_attention_forward  # noqa: F401  (registers attn_implementation "nsa", also as remote code)
 from .cache import NSACache, NSAStaticCache, nsa_cache_layer
 from .configuration_nsa import NSAConfigMixin
 
