@@ -300,38 +300,28 @@ def _source_card_data(src) -> dict:
     return {"license": getattr(data, "license", None)}
 
 
-@contextlib.contextmanager
-def _without_auto_class(model):
-    """``save_pretrained`` under this writes no modeling files and no ``auto_map`` (the classes are
-    registered for auto classes when nsa_hf is imported)."""
-    saved = {obj: obj.__dict__.get("_auto_class", None) for obj in (model, model.config)}
-    auto_map = model.config.__dict__.pop("auto_map", None)
-    for obj in saved:
-        obj._auto_class = None
-    try:
-        yield
-    finally:
-        for obj, value in saved.items():
-            if value is None:
-                del obj._auto_class
-            else:
-                obj._auto_class = value
-        if auto_map is not None:
-            model.config.auto_map = auto_map
+def _strip_remote_code(folder: Path) -> None:
+    """Remove what ``save_pretrained`` writes for remote code (the classes are registered for auto classes
+    when nsa_hf is imported): the modeling files and the config's ``auto_map``."""
+    for path in folder.glob("*.py"):
+        path.unlink()
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("auto_map", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _save(model, tokenizer, src, dst: Path, card, remote_code: bool) -> None:
     if dst.is_dir():
         shutil.rmtree(dst)  # _check_destination allowed it (empty, or overwrite=True)
     dst.mkdir(parents=True)
+    model.save_pretrained(dst)  # into a new directory: every *.py file in it is save_pretrained's
     if remote_code:
         from .hub import bundle_remote_code
 
-        model.save_pretrained(dst)
         bundle_remote_code(dst)
     else:
-        with _without_auto_class(model):
-            model.save_pretrained(dst)
+        _strip_remote_code(dst)
     copied = False
     if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
         for name in TOKENIZER_FILES:
