@@ -189,6 +189,13 @@ def _check_destination(dst: Path, src, overwrite: bool) -> None:
             raise ValueError(f"dst={os.fspath(dst)!r} overlaps the source {os.fspath(src)!r}: choose another directory")
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"dst={os.fspath(dst)!r} is a file: choose a directory")
+    if dst.is_dir() and any(dst.iterdir()) and overwrite:
+        d, cwd = dst.resolve(), Path.cwd().resolve()
+        if d == cwd or d in cwd.parents or d == Path.home().resolve():
+            raise ValueError(
+                f"dst={os.fspath(dst)!r} is the working directory, one above it or the home directory: refusing to "
+                "clear it with overwrite; choose a directory of its own"
+            )
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ValueError(
             f"dst={os.fspath(dst)!r} already exists and is not empty: pass overwrite=True (--overwrite) to replace "
