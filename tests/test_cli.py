@@ -114,6 +114,7 @@ def test_convert_refuses_other_model_types_and_offline_hub_ids(tmp_path, capsys,
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()
     assert main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out")]) == 2
     _one_error_line(capsys, "model_type 'gpt2'", "'llama', 'mistral', 'qwen2', 'qwen3'")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
