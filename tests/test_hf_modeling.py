@@ -425,13 +425,13 @@ def converted_family(family):
 FAMILY_NAMES = ["llama", "mistral", "qwen2", "qwen3"]
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])  # Llama: tests/test_hf_generate.py
 def test_family_generate_cached_equals_uncached_and_left_padding_equals_single_runs(family):
     """Greedy decoding with the NSA cache crosses compression (8) and selection (16) block boundaries and
     gives the tokens of uncached decoding; a left-padded batch gives each row's own tokens."""
     _, model = converted_family(family)
-    gen = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
-    prompts = [torch.randint(3, 100, (n,)) for n in (30, 13)]
+    gen = dict(max_new_tokens=14, do_sample=False, pad_token_id=0)
+    prompts = [torch.randint(3, 100, (n,)) for n in (21, 10)]  # the first decodes positions 21..34
     singles = []
     for p in prompts:
         cached = model.generate(p[None], use_cache=True, **gen)
