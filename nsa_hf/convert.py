@@ -173,10 +173,13 @@ def _source_config(source: str):
         return AutoConfig.from_pretrained(source, local_files_only=offline), offline
     except OSError as err:
         if offline:
-            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
+            if constants.HF_HUB_OFFLINE:
+                why, fix = "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE"
+            else:
+                why, fix = f"{constants.ENDPOINT} cannot be reached", "connect to the network"
             raise ValueError(
                 f"src={source!r} is not a local directory, {why} and the model is not in the local Hub cache: "
-                "connect to the network (or unset HF_HUB_OFFLINE) or pass a local checkpoint directory"
+                f"{fix}, or pass a local checkpoint directory"
             ) from None
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"src={source!r}: could not load its config from the Hub: {first_line}") from None
