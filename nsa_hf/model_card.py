@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.resources
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 TEMPLATE = "nsa_llama.md"
 TAGS = ["nsa", "native-sparse-attention", "sparse-attention"]
@@ -33,6 +35,41 @@ def nsa_settings_rows(config) -> list[dict]:
         field = f"nsa_{key}"
         rows.append({"name": name, "field": field, "value": getattr(config, field, None), "meaning": meaning})
     return rows
+
+
+def source_metadata(source) -> dict:
+    """Card metadata a local source checkpoint gives: ``base_model`` when the folder is a snapshot in the
+    Hugging Face cache (``.../models--OWNER--NAME/snapshots/REVISION``), ``license`` from its own model card.
+    Empty for anything else (a Hub id names itself)."""
+    if source is None or not os.path.isdir(os.fspath(source)):
+        return {}
+    path = Path(source).resolve()
+    meta = {}
+    for part in path.parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            meta["base_model"] = "/".join(part[len("models--"):].split("--", 1))
+    readme = path / "README.md"
+    if readme.is_file():
+        try:
+            from huggingface_hub import ModelCard
+
+            license = getattr(ModelCard.load(readme).data, "license", None)
+        except Exception:  # a malformed card gives no metadata, it does not stop the card
+            license = None
+        if license:
+            meta["license"] = license
+    return meta
+
+
+def source_label(source) -> str | None:
+    """How the card names the source: a Hub id as it is, a local folder by its name only (the path of
+    the machine that converted it means nothing to a reader)."""
+    if source is None:
+        return None
+    text = os.fspath(source)
+    if os.path.isabs(text) or os.path.exists(text) or text.startswith((".", "~")):
+        return f"a local Llama checkpoint (`{Path(text).name or text}`)"
+    return text
 
 
 def _family(config) -> str:
@@ -71,8 +108,12 @@ def render_model_card(
         repo_id: the id shown in the usage snippets (default ``"path/to/this/model"``).
         model_name: the title (default: ``repo_id``'s last part, or ``<base>-NSA``).
         datasets: Hub ids of training data sets, for the metadata.
-        remote_code: whether the checkpoint carries self-contained modeling code (the card then shows
-            ``trust_remote_code=True`` loading; otherwise it says nsa-hf is needed).
+        remote_code: whether the checkpoint carries its modeling code (``save_pretrained`` of an NSA model
+            writes it unless given ``remote_code=False``): the card then shows ``trust_remote_code`` loading;
+            else it says that loading needs nsa-hf.
+
+    ``base_model`` and ``license`` left out are read from a local source checkpoint where it has them
+    (:func:`source_metadata`).
 
     Returns:
         a ``huggingface_hub.ModelCard``; ``.save(path)`` writes it.
@@ -80,6 +121,10 @@ def render_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     report = _as_mapping(report)
+    source = (report or {}).get("source")
+    found = source_metadata(source)
+    base_model = base_model or found.get("base_model")
+    license = license or found.get("license")
     if model_name is None:
         if repo_id:
             model_name = repo_id.rstrip("/").split("/")[-1]
@@ -101,12 +146,12 @@ def render_model_card(
         template_str=template_text(),
         model_name=model_name,
         base_model=base_model,
-        source=(report or {}).get("source"),
+        source=source_label(source),
+        remote_code=remote_code,
         settings=nsa_settings_rows(config),
         report=report,
         training=dict(training) if training else None,
         repo_id=repo_id or "path/to/this/model",
-        remote_code=remote_code,
         family=_family(config),
         architecture=(getattr(config, "architectures", None) or ["NSALlamaForCausalLM"])[0],
         model_type=config.model_type,

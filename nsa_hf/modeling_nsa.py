@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -104,6 +105,19 @@ def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | No
     return cache
 
 
+def _uses_nsa(config) -> bool:
+    """Whether ``config`` selects the ``"nsa"`` attention implementation."""
+    return (getattr(config, "_attn_implementation", None) or "").split("|")[-1] == "nsa"
+
+
+def _is_dense(implementation: str) -> bool:
+    """Whether ``implementation`` is one of transformers' dense attention functions (eager, sdpa, flash,
+    flex, a kernel from the Hub), which ignore the NSA compressors and gates. Names registered by users
+    (a wrapper around ``"nsa"``, say) are not judged."""
+    name = implementation.split("|")[-1]
+    return name in ("eager", "sdpa", "flex_attention") or name.startswith("flash_attention") or "/" in name
+
+
 def _output_cache(outputs) -> Cache | None:
     """The cache field of a model output under either name."""
     return getattr(outputs, CACHE_NAME, None)
@@ -150,6 +164,12 @@ class NSAAttention(nn.Module):
         self.nsa_cmp_k = MLPCompressor(self.head_dim, config.nsa_cmp_block, cmp_hidden)
         self.nsa_cmp_v = MLPCompressor(self.head_dim, config.nsa_cmp_block, cmp_hidden)
         self.nsa_gate = NSAGate(config.hidden_size, self.num_heads * 3)
+
+    def extra_repr(self) -> str:
+        p = self.nsa_params
+        return (f"heads={self.num_heads}, kv_heads={self.config.num_key_value_heads}, head_dim={self.head_dim}, "
+                f"cmp_block={p.cmp_block}, cmp_stride={p.cmp_stride}, slc_block={p.slc_block}, "
+                f"slc_count={p.slc_count}, init_blocks={p.init_blocks}, local_blocks={p.local_blocks}, window={p.window}")
 
     def forward(
         self,
@@ -202,6 +222,14 @@ class NSAAttention(nn.Module):
             nsa_cache_layer=nsa_cache_layer(past_key_values, self.layer_idx),
             **kwargs,
         )
+        if attn_weights is None and _uses_nsa(self.config) and (
+            kwargs.get("output_attentions") or getattr(self.config, "output_attentions", False)
+        ):
+            warnings.warn(
+                "output_attentions=True: attn_implementation='nsa' computes no attention matrix, so `attentions` "
+                "stays empty; for dense attention weights load with attn_implementation='eager' (dense, not NSA)",
+                UserWarning, stacklevel=2,
+            )
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)
@@ -300,7 +328,14 @@ class NSAPreTrainedModel(PreTrainedModel):
             self.__class__ = sharded_cls
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
-        return super().get_correct_attn_implementation(requested_attention or "nsa", is_init_check)
+        implementation = super().get_correct_attn_implementation(requested_attention or "nsa", is_init_check)
+        if _is_dense(implementation):
+            warnings.warn(
+                f"attn_implementation={implementation!r} computes dense attention: the NSA compressors and gates "
+                "of this model are unused; keep attn_implementation='nsa' (the default) for NSA",
+                UserWarning, stacklevel=3,
+            )
+        return implementation
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

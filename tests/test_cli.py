@@ -130,4 +130,4 @@ def test_convert_no_remote_code(llama_dir, tmp_path, capsys):
                  "--no-remote-code"]) == 0
     assert not list((tmp_path / "plain").glob("*.py"))
     assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
-    assert "trust_remote_code" not in (tmp_path / "plain" / "README.md").read_text()
+    assert "trust_remote_code=True)" not in (tmp_path / "plain" / "README.md").read_text()

@@ -457,7 +457,7 @@ def test_no_remote_code_writes_no_modeling_code_and_says_so(llama_dir, tmp_path)
     assert not list((tmp_path / "plain").glob("*.py"))
     assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
     card = (tmp_path / "plain" / "README.md").read_text()
-    assert "trust_remote_code=True" not in card and "needs nsa-hf" in card
+    assert "trust_remote_code=True)" not in card and "carries no modeling code" in card
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     assert torch.equal(reloaded.state_dict()["lm_head.weight"], model.state_dict()["lm_head.weight"])
     model.save_pretrained(tmp_path / "again")  # the model itself still exports remote code afterwards
