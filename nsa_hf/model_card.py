@@ -28,6 +28,12 @@ def template_text() -> str:
     return importlib.resources.files("nsa_hf.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
 
 
+def _family(config) -> str:
+    """The dense family's name as the architecture spells it: 'Llama', 'Qwen2', ..."""
+    arch = (getattr(config, "architectures", None) or ["NSALlamaForCausalLM"])[0]
+    return arch.removeprefix("NSA").removesuffix("ForCausalLM") or "Llama"
+
+
 def nsa_settings_rows(config) -> list[dict]:
     """One row per NSA setting of an ``NSALlamaConfig``: name, config field, value, meaning."""
     rows = []
@@ -70,12 +76,6 @@ def source_label(source) -> str | None:
     if os.path.isabs(text) or os.path.exists(text) or text.startswith((".", "~")):
         return f"a local Llama checkpoint (`{Path(text).name or text}`)"
     return text
-
-
-def _family(config) -> str:
-    """The dense family's name as the architecture spells it: 'Llama', 'Qwen2', ..."""
-    arch = (getattr(config, "architectures", None) or ["NSALlamaForCausalLM"])[0]
-    return arch.removeprefix("NSA").removesuffix("ForCausalLM") or "Llama"
 
 
 def _as_mapping(report):
