@@ -217,6 +217,7 @@ def main(argv=None) -> dict:
         slc_count=args.slc_count, init_blocks=args.init_blocks, local_blocks=args.local_blocks,
         window=args.window, dtype="float32", sample_text=eval_docs, eval_len=args.seq_len,
         eval_sequences=min(4, len(eval_blocks)), device="cpu" if not torch.cuda.is_available() else None,
+        overwrite=True,  # the demo's own output folder: a re-run replaces it
     )
     print(report.format(), flush=True)
     results["conversion"] = report.to_dict()

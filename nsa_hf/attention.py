@@ -60,6 +60,7 @@ from nsa_kernels import MLPCompressor, MeanPoolCompressor, NSAParams, num_cmp_bl
 from nsa_kernels import nsa_attention_varlen
 
 from .cache import NSACompressedState, NSAStaticCacheLayer
+from .families import NSA_MODEL_TYPES, supported_model_types
 
 __all__ = [
     "MLPCompressor",
@@ -77,14 +78,20 @@ FALLBACK_GATES = (0.0, 0.5, 0.5)
 _fallback_warned = False
 
 
-def _warn_fallback_once() -> None:
+def _warn_fallback_once(model_type: str | None) -> None:
     global _fallback_warned
     if not _fallback_warned:
         _fallback_warned = True
+        if model_type in NSA_MODEL_TYPES:
+            advice = "Convert the checkpoint with `nsa-hf convert` to get trainable NSA modules and an NSA cache."
+        else:
+            advice = (
+                f"nsa-hf convert does not support model_type {model_type!r} (it converts {supported_model_types()}), "
+                "so this model can only use the fallback."
+            )
         warnings.warn(
             'attn_implementation="nsa" on a model without NSA weights (no compressors or gates): using '
-            "parameter-free mean-pool compression and fixed gates (cmp 0, slc 0.5, win 0.5). Convert the "
-            "checkpoint with `nsa-hf convert` to get trainable NSA modules and an NSA cache.",
+            f"parameter-free mean-pool compression and fixed gates (cmp 0, slc 0.5, win 0.5). {advice}",
             UserWarning,
             stacklevel=3,
         )
@@ -561,7 +568,7 @@ def nsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     gates = kwargs.get("nsa_gates")
     cache_layer = kwargs.get("nsa_cache_layer")
     if compressors is None or gates is None:
-        _warn_fallback_once()
+        _warn_fallback_once(getattr(getattr(module, "config", None), "model_type", None))
     if compressors is None:
         compressors = _fallback_compressors(params)
     if cache_layer is not None and not isinstance(cache_layer, NSACompressedState):

@@ -3,8 +3,9 @@
     nsa-hf convert SRC DST [--cmp-block N --cmp-stride N --slc-block N --slc-count N --init-blocks N
                             --local-blocks N --window N --sample-text FILE --dtype DTYPE ...]
 
-``SRC`` is a local Llama checkpoint directory or a Hub model id; ``DST`` the directory to write the
-NSA-Llama checkpoint to. The conversion report is printed (``--json`` for machine-readable output).
+``SRC`` is a local checkpoint directory or a Hub model id of a supported family (Llama, Mistral, Qwen2,
+Qwen3); ``DST`` the directory to write the NSA checkpoint to. The conversion report is printed
+(``--json`` for machine-readable output). Errors print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -28,23 +29,28 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``nsa-hf`` (sub-command ``convert``)."""
     parser = argparse.ArgumentParser(
         prog="nsa-hf",
-        description="Native Sparse Attention for HuggingFace Transformers: tools for NSA-Llama checkpoints.",
+        description="Native Sparse Attention for HuggingFace Transformers: tools for NSA checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}",
                         help="print the installed nsa-hf version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="run `nsa-hf COMMAND --help` for its options")
     conv = sub.add_parser(
         "convert",
-        help="convert a dense Llama checkpoint into NSA-Llama",
+        help="convert a dense Llama, Mistral, Qwen2 or Qwen3 checkpoint into NSA",
         description=(
-            "Copy every weight of a Llama checkpoint into NSA-Llama (checked bit for bit), initialise the new "
+            "Copy every weight of a dense checkpoint (model_type llama, mistral, qwen2 or qwen3) into its NSA "
+            "counterpart (checked bit for bit), initialise the new "
             "NSA modules close to dense attention, measure the loss and logit gap of the untrained NSA model "
             "against the original at a length where the sparsity matters, and save the checkpoint with a "
             "model card. NSA sizes left out keep the paper's defaults (32/16/64/16/1/2/512)."
         ),
     )
-    conv.add_argument("src", metavar="SRC", help="local Llama checkpoint directory or Hub model id")
-    conv.add_argument("dst", metavar="DST", help="directory to write the NSA-Llama checkpoint to")
+    conv.add_argument("src", metavar="SRC", help="local checkpoint directory or Hub model id (llama, mistral, "
+                      "qwen2 or qwen3)")
+    conv.add_argument("dst", metavar="DST", help="directory to write the NSA checkpoint to (must be new or empty "
+                      "unless --overwrite)")
+    # One flag per nsa_kernels.NSAParams field (tests/test_cli.py checks they match); not imported here so
+    # that --help does not wait for torch.
     nsa = conv.add_argument_group("NSA settings (tokens)")
     nsa.add_argument("--cmp-block", type=_int, help="compression block length l (default 32)")
     nsa.add_argument("--cmp-stride", type=_int, help="compression stride d (default 16)")
@@ -68,28 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--license", help="license for the card metadata (default: the source card's, when local)")
     conv.add_argument("--no-remote-code", action="store_true",
                       help="do not write the self-contained modeling code (trust_remote_code loading without nsa-hf)")
+    conv.add_argument("--overwrite", action="store_true", help="replace the contents of DST if it is not empty")
     conv.add_argument("--json", action="store_true", help="print the report as JSON")
     conv.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def _convert(args) -> int:
-    import nsa_hf  # noqa: F401  (registers NSA-Llama)
-    from nsa_hf.convert import convert_llama_to_nsa
+    import nsa_hf  # noqa: F401  (registers the NSA models)
+    from nsa_hf.configuration_nsa import NSA_FIELDS
+    from nsa_hf.convert import convert_to_nsa
+    from nsa_kernels import NSAParams
 
-    if args.sample_text is not None and not args.sample_text.is_file():
-        raise SystemExit(f"nsa-hf convert: --sample-text {args.sample_text}: no such file")
     try:
-        _, report = convert_llama_to_nsa(
+        if args.sample_text is not None and not args.sample_text.is_file():
+            raise ValueError(f"--sample-text {args.sample_text}: no such file; pass an existing text file")
+        sizes = {name: getattr(args, name) for name in NSA_FIELDS if getattr(args, name) is not None}
+        params = NSAParams(**sizes)  # ValueError naming the setting and its value
+        _, report = convert_to_nsa(
             args.src,
             args.dst,
-            cmp_block=args.cmp_block,
-            cmp_stride=args.cmp_stride,
-            slc_block=args.slc_block,
-            slc_count=args.slc_count,
-            init_blocks=args.init_blocks,
-            local_blocks=args.local_blocks,
-            window=args.window,
+            params,
             cmp_mlp_hidden=args.cmp_mlp_hidden,
             dtype=args.dtype,
             sample_text=args.sample_text,
@@ -100,6 +105,7 @@ def _convert(args) -> int:
             base_model=args.base_model,
             license=args.license,
             remote_code=not args.no_remote_code,
+            overwrite=args.overwrite,
             progress=not args.quiet,
         )
     except ValueError as err:
@@ -109,7 +115,7 @@ def _convert(args) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.format())
-        print(f"saved NSA-Llama checkpoint to {args.dst}")
+        print(f"saved the {report.nsa_model_type} checkpoint to {args.dst}")
     return 0
 
 

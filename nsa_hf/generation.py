@@ -19,6 +19,7 @@ import torch
 from transformers.cache_utils import StaticCache
 
 from .cache import NSAStaticCache, NSAStaticCacheLayer, cache_kwarg
+from .families import NSA_MODEL_TYPES
 
 __all__ = ["StaticGreedyDecoder", "static_greedy_generate"]
 
@@ -65,7 +66,7 @@ class StaticGreedyDecoder:
         self.max_cache_len = int(max_cache_len)
         self.cuda_graph = cuda_graph
         self.warmup_steps = warmup_steps
-        self.nsa = getattr(model.config, "model_type", None) == "nsa_llama"
+        self.nsa = getattr(model.config, "model_type", None) in NSA_MODEL_TYPES.values()
         self.cache = None
         self.graph: torch.cuda.CUDAGraph | None = None
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 TEMPLATE = "nsa_llama.md"
-TAGS = ["nsa", "native-sparse-attention", "sparse-attention", "llama"]
+TAGS = ["nsa", "native-sparse-attention", "sparse-attention"]
 
 _SETTINGS = (
     ("compression block (l)", "cmp_block", "tokens per compression block"),
@@ -26,6 +26,12 @@ _SETTINGS = (
 def template_text() -> str:
     """The card template shipped with nsa-hf."""
     return importlib.resources.files("nsa_hf.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
+
+
+def _family(config) -> str:
+    """The dense family's name as the architecture spells it: 'Llama', 'Qwen2', ..."""
+    arch = (getattr(config, "architectures", None) or ["NSALlamaForCausalLM"])[0]
+    return arch.removeprefix("NSA").removesuffix("ForCausalLM") or "Llama"
 
 
 def nsa_settings_rows(config) -> list[dict]:
@@ -125,13 +131,13 @@ def render_model_card(
         elif base_model:
             model_name = f"{base_model.split('/')[-1]}-NSA"
         else:
-            model_name = "NSA-Llama"
+            model_name = f"NSA-{_family(config)}"
     data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
         license=license,
         pipeline_tag="text-generation",
-        tags=list(TAGS),
+        tags=[*TAGS, config.model_type.removeprefix("nsa_")],
         datasets=datasets,
         model_name=model_name,
     )
@@ -146,6 +152,9 @@ def render_model_card(
         report=report,
         training=dict(training) if training else None,
         repo_id=repo_id or "path/to/this/model",
+        family=_family(config),
+        architecture=(getattr(config, "architectures", None) or ["NSALlamaForCausalLM"])[0],
+        model_type=config.model_type,
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         num_heads=config.num_attention_heads,

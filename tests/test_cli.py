@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nsa_hf.cli import main
+from nsa_hf.cli import build_parser, main
 
 SMALL_ARGS = ["--cmp-block", "8", "--cmp-stride", "4", "--slc-block", "16", "--slc-count", "4",
               "--init-blocks", "1", "--local-blocks", "2", "--window", "32"]
@@ -64,16 +64,70 @@ def test_convert_json_output(llama_dir, tmp_path, capsys):
     assert main(["convert", str(llama_dir), str(tmp_path / "nsa"), *SMALL_ARGS, "--no-eval", "--json",
                  "--dtype", "bfloat16", "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["dtype"] == "bfloat16" and report["nsa_settings"]["slc_block"] == 16
+    assert report["dtype"] == "bfloat16" and report["source_dtype"] == "float32"
+    assert report["nsa_settings"]["slc_block"] == 16
     assert report["loss_original"] is None and report["weights_copied"] > 0
 
 
-def test_convert_errors_exit_2_with_the_reason(llama_dir, tmp_path, capsys):
-    assert main(["convert", str(llama_dir), str(tmp_path / "x"), "--cmp-block", "8", "--cmp-stride", "3"]) == 2
+def test_convert_flags_are_the_nsa_params_fields():
+    import dataclasses
+
+    from nsa_kernels import NSAParams
+
+    conv = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "convert")[1]
+    dests = {a.dest for a in conv._actions}
+    assert {f.name for f in dataclasses.fields(NSAParams)} <= dests
+
+
+def _one_error_line(capsys, *parts):
     err = capsys.readouterr().err
-    assert "cmp_block" in err and "error" in err
+    assert err.startswith("nsa-hf convert: error: ") and err.count("\n") == 1, err
+    for part in parts:
+        assert part in err, (part, err)
+
+
+def test_convert_errors_exit_2_with_one_line(llama_dir, tmp_path, capsys):
+    assert main(["convert", str(llama_dir), str(tmp_path / "x"), "--cmp-block", "8", "--cmp-stride", "3"]) == 2
+    _one_error_line(capsys, "cmp_block=8")
     assert not (tmp_path / "x").exists()
-    with pytest.raises(SystemExit, match="no such file"):
-        main(["convert", str(llama_dir), str(tmp_path / "y"), "--sample-text", str(tmp_path / "missing.txt")])
+    assert main(["convert", str(llama_dir), str(tmp_path / "y"), "--sample-text", str(tmp_path / "missing.txt")]) == 2
+    _one_error_line(capsys, "missing.txt", "no such file")
+    assert main(["convert", "./missing", str(tmp_path / "y")]) == 2
+    _one_error_line(capsys, "'./missing'", "neither an existing directory nor a Hub model id")
+    assert main(["convert", str(llama_dir), str(tmp_path / "y"), *SMALL_ARGS, "--eval-len", "100000"]) == 2
+    _one_error_line(capsys, "eval_len=100000", "max_position_embeddings=2048")
+    if not torch.cuda.is_available():
+        assert main(["convert", str(llama_dir), str(tmp_path / "y"), "--device", "cuda"]) == 2
+        _one_error_line(capsys, "device='cuda'", "--device cpu")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "old.txt").write_text("stale")
+    assert main(["convert", str(llama_dir), str(occupied), *SMALL_ARGS, "--no-eval", "--quiet"]) == 2
+    _one_error_line(capsys, str(occupied), "--overwrite")
+    assert main(["convert", str(llama_dir), str(occupied), *SMALL_ARGS, "--no-eval", "--quiet", "--overwrite"]) == 0
+    assert not (occupied / "old.txt").exists() and (occupied / "config.json").is_file()
     with pytest.raises(SystemExit):  # argparse: not an integer
         main(["convert", str(llama_dir), str(tmp_path / "z"), "--window", "big"])
+
+
+def test_convert_refuses_other_model_types_and_offline_hub_ids(tmp_path, capsys, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out")]) == 2
+    _one_error_line(capsys, "model_type 'gpt2'", "'llama', 'mistral', 'qwen2', 'qwen3'")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["convert", "nsa-hf-tests/no-such-model", str(tmp_path / "out")]) == 2
+    _one_error_line(capsys, "'nsa-hf-tests/no-such-model'", "HF_HUB_OFFLINE")
+
+
+def test_convert_no_remote_code(llama_dir, tmp_path, capsys):
+    assert main(["convert", str(llama_dir), str(tmp_path / "plain"), *SMALL_ARGS, "--no-eval", "--quiet",
+                 "--no-remote-code"]) == 0
+    assert not list((tmp_path / "plain").glob("*.py"))
+    assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "trust_remote_code=True)" not in (tmp_path / "plain" / "README.md").read_text()

@@ -103,7 +103,8 @@ def test_fsdp_saved_model_is_an_ordinary_checkpoint(fsdp_runs, tmp_path):
 
 
 def test_save_pretrained_names_the_wrapped_class():
-    from nsa_hf.modeling_nsa_llama import NSALlamaForCausalLM, _class_before_fsdp
+    from nsa_hf.modeling_nsa import class_before_fsdp as _class_before_fsdp
+    from nsa_hf.modeling_nsa_llama import NSALlamaForCausalLM
 
     class FSDPModule:  # stands in for torch.distributed.fsdp.FSDPModule
         pass

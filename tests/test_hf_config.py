@@ -1,4 +1,4 @@
-"""NSALlamaConfig: defaults, validation errors per field, save/load round trip, nsa_params()."""
+"""NSALlamaConfig (and every family's NSA config): defaults, validation errors per field, save/load round trip, nsa_params()."""
 import json
 
 import pytest
@@ -97,3 +97,35 @@ def test_invalid_json_fails_on_load(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="nsa_slc_block=10"):
         NSALlamaConfig.from_pretrained(tmp_path)
+
+
+FAMILY_CONFIGS = {
+    "nsa_mistral": ("NSAMistralConfig", "MistralConfig", dict(sliding_window=48, head_dim=24)),
+    "nsa_qwen2": ("NSAQwen2Config", "Qwen2Config", dict(use_sliding_window=True, sliding_window=48,
+                                                         max_window_layers=1, tie_word_embeddings=True)),
+    "nsa_qwen3": ("NSAQwen3Config", "Qwen3Config", dict(head_dim=24, attention_bias=True)),
+}
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+def test_family_configs_are_their_family_plus_the_nsa_fields(model_type, tmp_path):
+    import transformers
+
+    nsa_name, dense_name, extra = FAMILY_CONFIGS[model_type]
+    cls = getattr(nsa_hf, nsa_name)
+    base = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+    cfg = cls(**base, **extra, nsa_window=40, nsa_gate_init_bias=[-3, 1, 0])
+    dense = getattr(transformers, dense_name)(**base, **extra)
+    assert isinstance(cfg, type(dense)) and cfg.model_type == model_type
+    for key, value in dense.to_dict().items():
+        if key not in ("model_type", "transformers_version"):
+            assert getattr(cfg, key) == value, key
+    assert cfg.nsa_params() == NSAParams(window=40) and cfg.nsa_gate_init_bias == [-3.0, 1.0, 0.0]
+    cfg.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is cls
+    assert {k: v for k, v in loaded.to_dict().items() if k != "_name_or_path"} == {
+        k: v for k, v in cfg.to_dict().items() if k != "_name_or_path"}
+    with pytest.raises(ValueError, match=rf"{nsa_name}.nsa_window=0"):
+        cls(**base, nsa_window=0)

@@ -1,4 +1,4 @@
-"""NSA-Llama modeling and the "nsa" attention backend on tiny CPU models.
+"""NSA modeling (NSA-Llama, and every family at the end) and the "nsa" attention backend on tiny CPU models.
 
 Small NSA sizes (compression 8/4, selection 16 x 4, window 24) make the sparsity matter at ~100 tokens.
 """
@@ -360,30 +360,30 @@ def test_gradient_checkpointing_matches_plain_backward():
     torch.testing.assert_close(model.model.layers[0].self_attn.nsa_gate.weight.grad, plain, atol=1e-5, rtol=1e-4)
 
 
-def test_remote_code_files_import_only_torch_transformers_and_siblings(tmp_path):
-    """configuration/modeling ship as Hub remote code: no nsa_hf/nsa_kernels imports there (the
-    exporter bundles nsa_kernels for attention.py and cache.py, which must use `from nsa_kernels import`)."""
+def test_remote_code_files_import_only_torch_transformers_nsa_kernels_and_siblings(tmp_path):
+    """configuration/modeling ship as Hub remote code: no nsa_hf imports there, and nsa_kernels only as
+    `from nsa_kernels[.x] import name` (the exporter bundles the reference for those)."""
     import ast
+    import json
     import sys
     from pathlib import Path
 
     allowed = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
     folder = Path(nsa_hf.__file__).parent
-    for name in ("configuration_nsa_llama.py", "modeling_nsa_llama.py", "attention.py", "cache.py"):
+    tiny_model().save_pretrained(tmp_path)
+    saved = {p.name for p in tmp_path.glob("*.py")}
+    assert {"configuration_nsa_llama.py", "configuration_nsa.py", "modeling_nsa_llama.py", "modeling_nsa.py",
+            "attention.py", "cache.py", "families.py"} <= saved
+    for name in saved:
         for node in ast.walk(ast.parse((folder / name).read_text())):
             if isinstance(node, ast.Import):
                 roots = {a.name.split(".")[0] for a in node.names}
                 assert roots <= allowed, (name, roots)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                root = node.module.split(".")[0]
-                ok = allowed | ({"nsa_kernels"} if name in ("attention.py", "cache.py") else set())
-                assert root in ok, (name, node.module)
-    tiny_model().save_pretrained(tmp_path)
-    saved = {p.name for p in tmp_path.glob("*.py")}
-    assert {"configuration_nsa_llama.py", "modeling_nsa_llama.py", "attention.py", "cache.py"} <= saved
-    import json
+                assert node.module.split(".")[0] in allowed | {"nsa_kernels"}, (name, node.module)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_nsa_llama.NSALlamaForCausalLM"
+    assert auto_map["AutoConfig"] == "configuration_nsa_llama.NSALlamaConfig"
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -405,3 +405,119 @@ def test_every_parameter_gets_a_gradient_on_batches_too_short_to_compress(packed
     assert not missing, missing
     cmp_grads = [p.grad for name, p in model.named_parameters() if ".nsa_cmp_" in name]
     assert cmp_grads and all(float(g.abs().max()) == 0.0 for g in cmp_grads)
+
+
+# -- every family ------------------------------------------------------------------------------------------
+
+
+def converted_family(family):
+    """A tiny stock model of ``family`` converted to NSA, its NSA modules moved off their init."""
+    from test_convert import SMALL, tiny_dense
+
+    from nsa_hf.convert import convert_to_nsa
+
+    dense = tiny_dense(family, vocab_size=100)
+    model, _ = convert_to_nsa(dense, None, NSAParams(**SMALL), evaluate=False, progress=False)
+    torch.manual_seed(1)
+    return dense, randomize_nsa(model.eval())
+
+
+FAMILY_NAMES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])  # Llama: tests/test_hf_generate.py
+def test_family_generate_cached_equals_uncached_and_left_padding_equals_single_runs(family):
+    """Greedy decoding with the NSA cache crosses compression (8) and selection (16) block boundaries and
+    gives the tokens of uncached decoding; a left-padded batch gives each row's own tokens."""
+    _, model = converted_family(family)
+    gen = dict(max_new_tokens=14, do_sample=False, pad_token_id=0)
+    prompts = [torch.randint(3, 100, (n,)) for n in (21, 10)]  # the first decodes positions 21..34
+    singles = []
+    for p in prompts:
+        cached = model.generate(p[None], use_cache=True, **gen)
+        assert torch.equal(cached, model.generate(p[None], use_cache=False, **gen))
+        singles.append(cached[0, len(p):])
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    batch = model.generate(ids, attention_mask=mask, **gen)
+    for i, want in enumerate(singles):
+        assert torch.equal(batch[i, width:], want), i
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_save_reload_bit_identical_with_auto_classes(family, tmp_path):
+    from transformers import AutoConfig
+
+    _, model = converted_family(family)
+    ids = torch.randint(3, 100, (2, 45))
+    before = logits_with(model, "nsa", ids)
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == f"nsa_{family}"
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(auto) is type(model) and auto.config._attn_implementation == "nsa"
+    with torch.no_grad():
+        assert torch.equal(auto(ids, use_cache=False).logits, before)
+    for key, value in model.state_dict().items():
+        assert torch.equal(auto.state_dict()[key], value), key
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert dense.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(logits_with(dense.eval(), "sdpa", ids), logits_with(model, "sdpa", ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_stock_family_with_nsa_falls_back_and_warns_once(family, monkeypatch):
+    from test_convert import tiny_dense
+
+    model = tiny_dense(family, vocab_size=100)
+    model.set_attn_implementation("nsa")
+    ids = torch.randint(3, 100, (2, 20))  # shorter than the default window: the fallback is dense here
+    monkeypatch.setattr(nsa_attention, "_fallback_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        short = logits_with(model, "nsa", ids)
+        logits_with(model, "nsa", ids)
+    fallback = [w for w in caught if "without NSA weights" in str(w.message)]
+    assert len(fallback) == 1 and "Convert the checkpoint with `nsa-hf convert`" in str(fallback[0].message)
+    torch.testing.assert_close(short, logits_with(model, "sdpa", ids), atol=2e-5, rtol=1e-5)
+
+
+def test_fallback_on_an_unsupported_model_type_does_not_advise_converting(monkeypatch):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = Phi3ForCausalLM._from_config(cfg, attn_implementation="nsa").eval()
+    monkeypatch.setattr(nsa_attention, "_fallback_warned", False)
+    with pytest.warns(UserWarning, match="does not support model_type 'phi3'") as caught:
+        logits_with(model, "nsa", torch.randint(3, 100, (1, 12)))
+    assert not any("Convert the checkpoint" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_lora_trains_nsa_modules_fully_and_merges(family):
+    peft = pytest.importorskip("peft")
+    from nsa_hf.lora import nsa_lora_config
+
+    _, model = converted_family(family)
+    peft_model = peft.get_peft_model(model, nsa_lora_config(r=4))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("q_proj.lora_A" in n for n in trainable) and any("down_proj.lora_B" in n for n in trainable)
+    assert any(".nsa_gate." in n for n in trainable) and any(".nsa_cmp_k." in n for n in trainable)
+    assert not any("embed_tokens" in n or n.endswith("q_proj.base_layer.weight") for n in trainable)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    ids = torch.randint(3, 100, (1, 40))
+    peft_model.train()
+    peft_model(ids, labels=ids, use_cache=False).loss.backward()
+    peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(ids, use_cache=False).logits
+    merged = peft_model.merge_and_unload()
+    assert type(merged).__name__ == f"NSA{ {'llama': 'Llama', 'mistral': 'Mistral', 'qwen2': 'Qwen2', 'qwen3': 'Qwen3'}[family]}ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids, use_cache=False).logits, want, atol=1e-4, rtol=1e-4)
