@@ -10,6 +10,7 @@ Importing the package registers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .attention import nsa_attention_forward, nsa_padding_mask, nsa_params_from_config
+from .backends import nsa_backend
 from .cache import NSACache, NSACacheLayer, NSAStaticCache, NSAStaticCacheLayer
 from .configuration_nsa_llama import NSALlamaConfig
 from .generation import static_greedy_generate
@@ -32,6 +33,7 @@ __all__ = [
     "NSAStaticCache",
     "NSAStaticCacheLayer",
     "nsa_attention_forward",
+    "nsa_backend",
     "nsa_padding_mask",
     "nsa_params_from_config",
     "static_greedy_generate",
