@@ -157,7 +157,7 @@ def _static_varlen(query, key, value, attention_mask, gates, compressors, params
         steps = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
         out = _nsa_varlen(
             q, k, v, torch.cat(rows_k, dim=0), torch.cat(rows_v, dim=0), g, steps * length, steps * length,
-            steps * n_cmp, params, scale, length, length, backend=backend,
+            steps * n_cmp, params, scale, length, length, backend,
         ).view(batch, length, hq, -1)
     return static_pad_output(out, shift)
 
@@ -183,8 +183,7 @@ def _varlen(query, key, value, attention_mask, gates, compressors, params, cache
     out = _nsa_varlen(
         q, k, v, torch.cat(rows_k, dim=0), torch.cat(rows_v, dim=0), g,
         cu_seqlens(layout.lens_q, device), cu_seqlens(layout.lens_k, device), cu_seqlens(cmp_counts, device),
-        params, scaling, max(layout.lens_q, default=0), max(layout.lens_k, default=0),
-        backend=backend,
+        params, scaling, max(layout.lens_q, default=0), max(layout.lens_k, default=0), backend,
     )
     return pad_output(out, layout, batch, q_len)
 
