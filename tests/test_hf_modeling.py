@@ -362,25 +362,26 @@ def test_gradient_checkpointing_matches_plain_backward():
 
 def test_remote_code_files_import_only_torch_transformers_and_siblings(tmp_path):
     """configuration/modeling ship as Hub remote code: no nsa_hf/nsa_kernels imports there (the
-    exporter bundles nsa_kernels for attention.py and cache.py, which must use `from nsa_kernels import`)."""
+    exporter bundles nsa_kernels for the backend's modules, which must use `from nsa_kernels import`)."""
     import ast
     import sys
     from pathlib import Path
 
     allowed = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
     folder = Path(nsa_hf.__file__).parent
-    for name in ("configuration_nsa_llama.py", "modeling_nsa_llama.py", "attention.py", "cache.py"):
+    backend = ("attention.py", "backends.py", "cache.py", "decoding.py", "packing.py")
+    for name in ("configuration_nsa_llama.py", "modeling_nsa_llama.py", *backend):
         for node in ast.walk(ast.parse((folder / name).read_text())):
             if isinstance(node, ast.Import):
                 roots = {a.name.split(".")[0] for a in node.names}
                 assert roots <= allowed, (name, roots)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 root = node.module.split(".")[0]
-                ok = allowed | ({"nsa_kernels"} if name in ("attention.py", "cache.py") else set())
+                ok = allowed | ({"nsa_kernels"} if name in backend else set())
                 assert root in ok, (name, node.module)
     tiny_model().save_pretrained(tmp_path)
     saved = {p.name for p in tmp_path.glob("*.py")}
-    assert {"configuration_nsa_llama.py", "modeling_nsa_llama.py", "attention.py", "cache.py"} <= saved
+    assert {"configuration_nsa_llama.py", "modeling_nsa_llama.py", *backend} <= saved
     import json
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_nsa_llama.NSALlamaForCausalLM"
