@@ -44,7 +44,7 @@ class _DecodePlan:
 
     shape: tuple  # (B, S, Q, cmp_block, cmp_stride, device)
     ok: bool  # left-aligned rows with at least Q real tokens each
-    valid: torch.Tensor | None = None  # (B, S) bool
+    valid: torch.Tensor | None = None  # (B, S) bool, without a mask (with one: the mask, not kept here)
     k_len: torch.Tensor | None = None  # (B,) int32 real tokens per row
     k_start: torch.Tensor | None = None  # (B,) int32 S - k_len
     cmp_len: torch.Tensor | None = None  # (B,) int32 num_cmp_blocks(k_len)
@@ -105,7 +105,9 @@ def _decode_plan(attention_mask, batch: int, kv_len: int, q_len: int, params: NS
     n_new, slots, gather = _candidate_blocks(kv_len - k_len, k_len, q_len, kv_len, params)
     j = slots.shape[1]
     cmp_counts = [num_cmp_blocks(n, l, d) for n in k_lens]
-    plan.valid, plan.k_lens, plan.cmp_counts = valid, k_lens, cmp_counts
+    # The plan is kept on the mask: it must not refer back to it (a cycle through the tensor's attributes).
+    plan.valid = valid if attention_mask is None else None
+    plan.k_lens, plan.cmp_counts = k_lens, cmp_counts
     plan.k_len = k_len.to(torch.int32)
     plan.k_start = (kv_len - k_len).to(torch.int32)
     plan.cmp_len = n_new.to(torch.int32)
@@ -157,8 +159,9 @@ def try_decode(query, key, value, attention_mask, gates, compressors, params, ca
     if not plan.ok:
         return None
     compress = _candidates(key, value, plan.slots, plan.gather, compressors, params) if plan.new_blocks else None
+    valid = plan.valid if attention_mask is None else attention_mask.to(torch.bool)
     stored = cache_layer.decode_compressed(
-        plan.valid, q_len, plan.k_lens, plan.cmp_len, plan.cmp_counts, plan.slots, plan.capacity, compress,
+        valid, q_len, plan.k_lens, plan.cmp_len, plan.cmp_counts, plan.slots, plan.capacity, compress,
         params.cmp_block, params.cmp_stride,
     )
     if stored is None:

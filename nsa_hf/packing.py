@@ -21,6 +21,7 @@ starts at position 0, and NSA runs on equal-length rows (every shape static, no 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 
@@ -59,13 +60,14 @@ def restart_lengths(position_ids: torch.Tensor, batch: int, length: int) -> list
 
 def _host_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor) -> tuple[list[int], list[int]]:
     """``cu_seq_lens_q/k`` as host lists: one device-to-host copy per forward, not per layer (every
-    layer of a forward gets the same tensor objects: the lists are kept on ``cu_q``)."""
+    layer of a forward gets the same tensor objects: the lists are kept on ``cu_q``, with a weak reference
+    to ``cu_k``, never a strong one: no cycle through the tensors' attributes)."""
     memo = getattr(cu_q, "_nsa_host_offsets", None)
-    if memo is not None and memo[0] is cu_k:
+    if memo is not None and memo[0]() is cu_k:
         return memo[1], memo[2]
     both = torch.cat([cu_q.reshape(-1), cu_k.reshape(-1)]).tolist()
     bq, bk = both[: cu_q.numel()], both[cu_q.numel():]
-    cu_q._nsa_host_offsets = (cu_k, bq, bk)
+    cu_q._nsa_host_offsets = (weakref.ref(cu_k), bq, bk)
     return bq, bk
 
 
