@@ -99,3 +99,18 @@ def test_model_compiles_fullgraph_inference_and_training():
     assert any(".nsa_" in n for n in grads)
     for name, param in model.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_model_exports_without_a_cache():
+    """torch.export of a forward with use_cache=False (left padding); the exported program equals the
+    eager model at real tokens, also on another mask of the same shape."""
+    model = tiny_model(4, 2, layers=1)
+    ids, mask = _batch("left")
+    program = torch.export.export(model, (ids,), kwargs={"attention_mask": mask, "use_cache": False})
+    ids2, mask2 = _batch("right")
+    for i, m in ((ids, mask), (ids2, mask2)):
+        with torch.no_grad():
+            out = program.module()(i, attention_mask=m, use_cache=False).logits
+            ref = model(i, attention_mask=m, use_cache=False).logits
+        torch.testing.assert_close(out[m.bool()], ref[m.bool()], atol=2e-5, rtol=1e-5)
