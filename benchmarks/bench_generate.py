@@ -8,8 +8,8 @@ Smoke test on CPU (tiny model, seconds):
     python benchmarks/bench_generate.py --tiny
 
 Variants (``--variants``, comma separated):
-* ``nsa``: NSA-Llama, decode steps through the Triton decode kernels (``NSA_DECODE_BACKEND=auto``);
-* ``nsa-varlen``: NSA-Llama, decode steps through the varlen training kernels (``NSA_DECODE_BACKEND=off``);
+* ``nsa``: NSA-Llama, decode steps through the Triton decode kernels (decode backend ``"auto"``);
+* ``nsa-varlen``: NSA-Llama, decode steps through the varlen training kernels (``nsa_backend(decode="off")``);
 * ``sdpa``: ``LlamaForCausalLM`` (the NSA checkpoint without its ``nsa_*`` modules), ``attn_implementation="sdpa"``;
 * ``nsa-graph`` / ``sdpa-graph``: the same two models decoding on a static cache with one decoding step
   captured in a CUDA graph and replayed (:class:`nsa_hf.generation.StaticGreedyDecoder`; NSA takes its
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 
@@ -190,18 +189,20 @@ def profile_steps(model, ids, device, steps: int = 8):
 
 
 def measure(model, variant, length, args, device):
-    import nsa_hf.attention as nsa_attention
+    import nsa_hf.decoding as nsa_decoding
+    from nsa_hf import nsa_backend
 
     row = dict(variant=variant, prompt=length)
     calls = [0]
-    original = nsa_attention._nsa_decode
+    original = nsa_decoding._nsa_decode
 
     def counted(*a, **k):
         calls[0] += 1
         return original(*a, **k)
 
-    nsa_attention.DECODE_BACKEND = "off" if variant == "nsa-varlen" else os.environ.get("NSA_DECODE_BACKEND", "auto")
-    nsa_attention._nsa_decode = counted
+    scope = nsa_backend(decode="off" if variant == "nsa-varlen" else None)
+    scope.__enter__()
+    nsa_decoding._nsa_decode = counted
     try:
         gen = torch.Generator().manual_seed(args.seed + length)
         ids = torch.randint(3, model.config.vocab_size, (args.batch, length), generator=gen).to(device)
@@ -231,7 +232,8 @@ def measure(model, variant, length, args, device):
 
         traceback.print_exc()
     finally:
-        nsa_attention._nsa_decode = original
+        nsa_decoding._nsa_decode = original
+        scope.__exit__(None, None, None)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

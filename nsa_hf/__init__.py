@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from ._version import __version__
 
 from .attention import nsa_attention_forward, nsa_padding_mask, nsa_params_from_config
+from .backends import nsa_backend
 from .cache import NSACache, NSACacheLayer, NSAStaticCache, NSAStaticCacheLayer
 from .configuration_nsa_llama import NSALlamaConfig
 from .configuration_nsa_mistral import NSAMistralConfig
@@ -60,6 +61,7 @@ __all__ = [
     "NSAStaticCache",
     "NSAStaticCacheLayer",
     "nsa_attention_forward",
+    "nsa_backend",
     "nsa_padding_mask",
     "nsa_params_from_config",
     "static_greedy_generate",

@@ -13,19 +13,18 @@ per-row counts as a ``(B,)`` int32 tensor ``cmp_len`` (on the cache's device) an
 blocks and never copies the history. Slots at or beyond a row's count are scratch: they may hold
 anything and are never read.
 
-The attention backend (:mod:`.attention`) drives it in one of two ways:
+The attention backend drives it through one call per path, as transformers' ``DynamicIndexedLayer``
+owns its indexer keys:
 
-* the varlen path (prefill, packed or irregular masks, CPU by default):
-  ``counts = layer.compressed_counts(valid, cmp_block, cmp_stride)`` (``valid``: the ``(B, KV)`` mask
-  of real tokens among the cached positions, after this step's keys were appended), compress blocks
-  ``counts[b]`` up to ``num_cmp_blocks(valid[b].sum())`` of each row, then
-  ``layer.append_compressed(valid, new_keys, new_values)``; ``layer.compressed_rows()`` gives the per-row
-  ``(N_b, Hkv, D)`` views to pack;
+* the varlen path (prefill, packed or irregular masks, CPU by default): :meth:`update_compressed`
+  gets the mask of real cached positions and a function that compresses given blocks; the layer decides
+  which blocks are new (those not already stored for a prefix of the same mask), stores them, and
+  returns every row's compressed keys/values;
 * the decode path (Triton decode kernels, a few query tokens on a left-padded cache, see
-  :func:`.attention.nsa_attention_forward`): ``layer.decode_ready(...)`` checks on the host that the
-  stored state covers the previous positions, ``layer.write_compressed(slots, keys, values)`` stores the
-  blocks completed by the new tokens at their slots, and ``layer.set_decode_state(...)`` records the new
-  counts without a host sync.
+  :mod:`.decoding`): :meth:`decode_compressed` checks that the stored state covers the previous
+  positions (host-only for left-aligned rows), stores the blocks the new tokens complete at their slots,
+  records the new counts without a host sync, and returns the ``(B, Hkv, capacity, D)`` buffers;
+  :meth:`NSAStaticCacheLayer.static_decode_compressed` does the same with no host work at all.
 
 Beam search, contrastive search and assisted decoding reorder, select, repeat or crop the cache; those
 methods keep the compressed state in step with the dense one.
@@ -117,7 +116,34 @@ class NSACompressedState:
 
     # -- varlen path ----------------------------------------------------------------------------------
 
-    def compressed_counts(self, valid: torch.Tensor, cmp_block: int, cmp_stride: int) -> list[int]:
+    def update_compressed(self, compress, lens_k: list[int], cmp_block: int, cmp_stride: int,
+                          valid: torch.Tensor | None = None, left_aligned: bool = False):
+        """The varlen path's call: every sequence's compressed keys and values after this step.
+
+        Args:
+            compress: ``compress(first) -> (keys, values)``, lists of ``(n_s, Hkv, D)``: the blocks
+                ``first[s]`` up to the last complete one of each sequence (see
+                :func:`.packing.compress_packed`).
+            lens_k: real tokens per sequence (host list).
+            cmp_block, cmp_stride: the compression block sizes.
+            valid: ``(B, KV)`` mask of the real tokens among the cached positions (this step's keys
+                appended), one sequence per row; ``None`` for packed documents, which have no per-row
+                state: the stored state is dropped and every block compressed.
+            left_aligned: ``valid`` is padding followed by real tokens in every row.
+
+        Returns:
+            ``(keys, values)``: lists of each sequence's ``(N_s, Hkv, D)`` compressed tokens. Blocks already
+            stored for a prefix of ``valid`` (same block sizes) are not recompressed.
+        """
+        if valid is None:
+            self.clear_compressed()
+            return compress([0] * len(lens_k))
+        first = self._stored_counts(valid, cmp_block, cmp_stride)
+        new_keys, new_values = compress(first)
+        return self._append_compressed(valid, new_keys, new_values, real_lens=lens_k, left_aligned=left_aligned)
+
+
+    def _stored_counts(self, valid: torch.Tensor, cmp_block: int, cmp_stride: int) -> list[int]:
         """Number of compressed blocks already stored for each row, given the ``(B, KV)`` mask ``valid``
         of the current cached positions. The stored state is kept only when it was built from a prefix
         of ``valid`` with the same block sizes; otherwise it is dropped and the counts are zero (the
@@ -139,7 +165,7 @@ class NSACompressedState:
             return [0] * batch
         return list(self.cmp_counts)
 
-    def append_compressed(
+    def _append_compressed(
         self, valid: torch.Tensor, new_keys: list[torch.Tensor], new_values: list[torch.Tensor],
         real_lens: list[int] | None = None, left_aligned: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -176,7 +202,36 @@ class NSACompressedState:
 
     # -- decode path ----------------------------------------------------------------------------------
 
-    def decode_ready(self, batch: int, past_len: int, past_real: list[int], cmp_block: int, cmp_stride: int,
+    def decode_compressed(self, valid: torch.Tensor, q_len: int, k_lens: list[int], counts: torch.Tensor,
+                          host_counts: list[int], slots: torch.Tensor, capacity: int, compress,
+                          cmp_block: int, cmp_stride: int):
+        """The decode path's call (dynamic cache), for a step of ``q_len`` new tokens per row.
+
+        Args:
+            valid: ``(B, KV)`` left-aligned mask of the real cached positions, this step's included.
+            k_lens: real tokens per row (host list, ``valid.sum(1)``).
+            counts, host_counts: compressed blocks per row after the step (``(B,)`` int32 on the device,
+                and the same as a host list).
+            slots: ``(B, J)`` slots of the candidate blocks that may end among the new tokens.
+            capacity: slots the candidates need.
+            compress: ``compress() -> (keys, values)`` ``(B, Hkv, J, D)``, the candidate blocks, or
+                ``None`` when no row completes a block in this step.
+
+        Returns:
+            ``(cmp_k, cmp_v)``, the ``(B, Hkv, capacity, D)`` buffers, or ``None`` when the stored state
+            does not cover exactly the previous positions (the varlen path then rebuilds it).
+        """
+        past_real = [n - q_len for n in k_lens]
+        if not self._decode_ready(valid.shape[0], valid.shape[1] - q_len, past_real, cmp_block, cmp_stride, valid):
+            return None
+        if compress is not None:
+            keys, values = compress()
+            self._write_compressed(slots, keys, values, capacity)
+        self._set_decode_state(valid, counts, host_counts, k_lens)
+        return self.cmp_k, self.cmp_v
+
+
+    def _decode_ready(self, batch: int, past_len: int, past_real: list[int], cmp_block: int, cmp_stride: int,
                      valid: torch.Tensor) -> bool:
         """Whether the stored state was built from exactly the first ``past_len`` positions of
         ``valid`` (``(B, KV)``, left-aligned, ``past_real[b]`` real tokens among them). Host-only when
@@ -194,7 +249,7 @@ class NSACompressedState:
             return self.real_lens == list(past_real)
         return bool(torch.equal(self.valid, valid[:, :past_len]))
 
-    def write_compressed(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+    def _write_compressed(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
         """Store ``keys``/``values`` ``(B, Hkv, J, D)`` at the per-row slots ``slots`` ``(B, J)`` (distinct
         within a row), after growing to at least ``capacity`` slots. Slots at or beyond a row's count
         are scratch, so candidates that did not complete may be written there."""
@@ -204,7 +259,7 @@ class NSACompressedState:
         self.cmp_k.scatter_(2, idx.expand(-1, heads, -1, dim_k), keys)
         self.cmp_v.scatter_(2, idx.expand(-1, heads, -1, values.shape[-1]), values)
 
-    def set_decode_state(self, valid: torch.Tensor, cmp_len: torch.Tensor, cmp_counts: list[int],
+    def _set_decode_state(self, valid: torch.Tensor, cmp_len: torch.Tensor, cmp_counts: list[int],
                          real_lens: list[int]) -> None:
         """Record the state after a decode step: ``valid`` (left-aligned), the per-row block counts (device
         tensor and host list, no copy between them) and real-token counts."""
@@ -337,7 +392,25 @@ class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
         buf.copy_(src)
         self.cmp_len = buf
 
-    def set_static_rows(self, left_pad: torch.Tensor | None, ready: bool) -> None:
+    def update_compressed(self, compress, lens_k, cmp_block, cmp_stride, valid=None, left_aligned=False):
+        """As :meth:`NSACompressedState.update_compressed`; also records each row's left padding and
+        whether decoding steps may take the graph-safe path (one left-aligned sequence per row)."""
+        out = super().update_compressed(compress, lens_k, cmp_block, cmp_stride, valid, left_aligned)
+        ready = valid is not None and left_aligned
+        left_pad = (valid.shape[1] - valid.sum(1)).to(torch.int32) if ready else None
+        self._set_static_rows(left_pad, ready)
+        return out
+
+    def static_decode_compressed(self, slots: torch.Tensor, counts: torch.Tensor, compress):
+        """The graph-safe decode call: store the candidate blocks ``compress() -> (keys, values)``
+        ``(B, Hkv, J, D)`` at ``slots`` ``(B, J)`` and set the per-row counts to ``counts`` (device), with
+        no host synchronisation. Returns ``(cmp_k, cmp_v, cmp_len)``."""
+        keys, values = compress()
+        self._write_compressed(slots, keys, values, self.static_capacity())
+        self.cmp_len.copy_(counts)
+        return self.cmp_k, self.cmp_v, self.cmp_len
+
+    def _set_static_rows(self, left_pad: torch.Tensor | None, ready: bool) -> None:
         """Record, after a varlen step, each row's left padding and whether decoding steps may take the
         graph-safe path (``ready``: one left-aligned sequence per row)."""
         self.static_ready = bool(ready and left_pad is not None)

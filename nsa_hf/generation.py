@@ -8,9 +8,9 @@ that dense baselines run the same loop), then runs decoding steps whose tensors 
 and addresses: one step (embedding, layers, LM head, argmax, next inputs) is captured once and replayed
 for every further token, with no host synchronisation until the tokens are read.
 
-With NSA-Llama the captured step takes the static decode path of :mod:`.attention` (decode kernels,
+With NSA-Llama the captured step takes the static decode path of :mod:`.decoding` (decode kernels,
 candidate-block compression, no host work), which needs the Triton decode kernels (CUDA, or
-``NSA_DECODE_BACKEND="triton"``) and left-padded prompts. ``generate(cache_implementation="static")``
+``nsa_backend(decode="triton")``) and left-padded prompts. ``generate(cache_implementation="static")``
 also works (eagerly) with the same cache.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import StaticCache
 
+from .backends import decode_enabled
 from .cache import NSAStaticCache, NSAStaticCacheLayer, cache_kwarg
 from .families import NSA_MODEL_TYPES
 
@@ -116,15 +117,14 @@ class StaticGreedyDecoder:
     def _check_graph_ready(self) -> None:
         if not self.nsa:
             return
-        from .attention import _decode_enabled
-
         layers = [layer for layer in self.cache.layers if isinstance(layer, NSAStaticCacheLayer)]
         if not all(layer.static_ready for layer in layers):
             raise ValueError("the NSA static cache is not ready for graph-safe decoding after the prefill (rows "
                              "must be left-padded single sequences); use cuda_graph=False")
-        if not _decode_enabled(self.tok.device):
-            raise ValueError("CUDA-graph decoding of NSA needs the Triton decode kernels: run on CUDA with "
-                             "NSA_DECODE_BACKEND unset or 'auto'/'triton', or use cuda_graph=False")
+        if not decode_enabled(self.model.config, self.tok.device):
+            raise ValueError("CUDA-graph decoding of NSA needs the Triton decode kernels: run on CUDA with the "
+                             "decode backend 'auto' or 'triton' (nsa_hf.nsa_backend(decode=...), "
+                             "config.nsa_decode_backend), or use cuda_graph=False")
 
     @torch.no_grad()
     def decode(self, steps: int) -> torch.Tensor:

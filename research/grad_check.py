@@ -39,12 +39,10 @@ def parameter_group(name: str) -> str:
 
 def backend_gradients(model, loss_fn: Callable, backend: str) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and float32 gradients of ``model`` (whose parameters must require grad) with every NSA
-    call forced to ``backend`` (``nsa_hf.attention.VARLEN_BACKEND``, restored afterwards)."""
-    import nsa_hf.attention as nsa_attention
+    call forced to ``backend`` (inside an ``nsa_hf.nsa_backend(varlen=backend)`` block)."""
+    from nsa_hf import nsa_backend
 
-    saved = nsa_attention.VARLEN_BACKEND
-    nsa_attention.VARLEN_BACKEND = backend
-    try:
+    with nsa_backend(varlen=backend):
         model.zero_grad(set_to_none=True)
         model.train()
         loss = loss_fn(model)
@@ -52,8 +50,6 @@ def backend_gradients(model, loss_fn: Callable, backend: str) -> tuple[float, di
         grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         return float(loss.item()), grads
-    finally:
-        nsa_attention.VARLEN_BACKEND = saved
 
 
 def _flat(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:

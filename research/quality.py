@@ -62,7 +62,7 @@ byte-level BPE tokenizer trained on it (``nsa_hf.sample_data``), then:
      there is nothing to align);
    * the dense model (continued from step 2), as a reference (``--no-dense-needle`` skips it);
    * with ``--nsa-reference-needle``, the NSA model once more, fine-tuned and evaluated through the
-     PyTorch reference instead of the Triton kernels (``nsa_hf.attention.VARLEN_BACKEND``; micro-batches
+     PyTorch reference instead of the Triton kernels (``nsa_hf.nsa_backend(varlen="reference")``; micro-batches
      of ``--reference-micro-batch`` sequences);
    * with ``--nsa-frozen-needle``, the NSA model once more with its compressors and gates frozen;
    * with ``--nsa-needle-extra LOSS@LR,...``, the NSA model once more per item, fine-tuned with that loss
@@ -232,7 +232,7 @@ def parse_args(argv=None):
                         "'lm@5e-4,answer@1e-4' (each starts from the same continued NSA model; results: nsa_LOSS_lrLR)")
     k.add_argument("--nsa-reference-needle", action="store_true",
                    help="add a variant: the same NSA model fine-tuned and evaluated with the PyTorch reference "
-                        "instead of the Triton kernels (nsa_hf.attention.VARLEN_BACKEND), to tell kernel effects "
+                        "instead of the Triton kernels (nsa_hf.nsa_backend(varlen='reference')), to tell kernel effects "
                         "from training dynamics (slow: O(T^2) memory per sequence)")
     k.add_argument("--reference-micro-batch", type=int, default=2,
                    help="--nsa-reference-needle: sequences per forward/backward of the reference fine-tune (gradients "
@@ -1578,11 +1578,11 @@ def main(argv=None) -> dict:
     log(f"window-only check: {results['window_only_check']}")
     needle_results = {}
     needle_errors = {}
-    import nsa_hf.attention as nsa_attention
+    from nsa_hf import nsa_backend
 
-    default_backend = nsa_attention.VARLEN_BACKEND
     for name, master in variants.items():
-        nsa_attention.VARLEN_BACKEND = "reference" if name == "nsa_reference" else default_backend
+        scope = nsa_backend(varlen="reference" if name == "nsa_reference" else None)
+        scope.__enter__()
         try:
             loss_kind, lr = settings.get(name, (args.needle_loss, args.needle_lr))
             run = Run(master, dtype, lr, args.needle_steps, args)
@@ -1611,7 +1611,7 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         finally:
-            nsa_attention.VARLEN_BACKEND = default_backend
+            scope.__exit__(None, None, None)
     results["needle"] = {"probe": args.probe, "geometry": geometry, "per_depth": args.needle_eval,
                          "context": args.seq_len, "window": args.window,
                          "stacked_window_reach": args.layers * (args.window - 1),

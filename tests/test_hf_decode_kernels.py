@@ -2,13 +2,14 @@
 with the decode path forced on, cached decoding equals the varlen/reference path and uncached forwards
 across block boundaries, GQA groups, left padding, multi-token steps, beam search and cache edits; each
 test also checks that the decode kernels were actually called."""
+import contextlib
 import os
 
 import pytest
 import torch
 
-import nsa_hf.attention as nsa_attention
-from nsa_hf import NSACache
+import nsa_hf.decoding as nsa_decoding
+from nsa_hf import NSACache, nsa_backend
 from nsa_kernels import num_cmp_blocks
 
 from test_hf_generate import full_logits, tiny_model
@@ -21,44 +22,52 @@ cpu_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                      reason="needs TRITON_INTERPRET=1 (Triton kernels on CPU tensors)")
 
 
+@pytest.fixture
+def backend():
+    """``backend(decode=..., varlen=...)``: the implementations for the rest of the test (nested
+    :func:`nsa_hf.nsa_backend` blocks, the last one innermost, closed at teardown)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **choice: stack.enter_context(nsa_backend(**choice))
+
+
 def positions(mask):
     """Position ids of left-padded rows, as generate() makes them."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @pytest.fixture
-def decode_calls(monkeypatch):
+def decode_calls(monkeypatch, backend):
     """Force the decode path and count its kernel calls (query lengths, one entry per layer call)."""
     calls = []
-    original = nsa_attention._nsa_decode
+    original = nsa_decoding._nsa_decode
 
     def counted(q, *args, **kwargs):
         calls.append(q.shape[1])
         return original(q, *args, **kwargs)
 
-    monkeypatch.setattr(nsa_attention, "_nsa_decode", counted)
-    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "triton")
+    monkeypatch.setattr(nsa_decoding, "_nsa_decode", counted)
+    backend(decode="triton")
     return calls
 
 
-def _generate(model, ids, decode, monkeypatch, **kwargs):
-    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "triton" if decode else "off")
+def _generate(model, ids, decode, backend, **kwargs):
+    backend(decode="triton" if decode else "off")
     out = model.generate(ids, do_sample=False, return_dict_in_generate=True, output_logits=True, **kwargs)
-    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "triton")
+    backend(decode="triton")
     return out
 
 
 @cpu_interpreter
 @pytest.mark.parametrize("heads, kv_heads, prompt", [(2, 2, 33), (4, 2, 40), (4, 1, 31), (6, 2, 45)])
-def test_greedy_decode_kernels_equal_reference_and_uncached(heads, kv_heads, prompt, decode_calls, monkeypatch):
+def test_greedy_decode_kernels_equal_reference_and_uncached(heads, kv_heads, prompt, decode_calls, backend):
     # prompt + 18 tokens crosses cmp (stride 4) and slc (16) boundaries and the window (24); from
     # position 48 one selection block is chosen by score (n=4: 1 initial + 2 local forced).
     model = tiny_model(heads, kv_heads, layers=1)
     ids = torch.randint(3, 100, (1, prompt))
     new = 18
-    fast = _generate(model, ids, True, monkeypatch, max_new_tokens=new)
+    fast = _generate(model, ids, True, backend, max_new_tokens=new)
     assert decode_calls == [1] * (new - 1)  # every step after the prefill, one layer
-    slow = _generate(model, ids, False, monkeypatch, max_new_tokens=new)
+    slow = _generate(model, ids, False, backend, max_new_tokens=new)
     assert torch.equal(fast.sequences, slow.sequences)
     fast_logits = torch.stack(fast.logits, dim=1)[0]
     torch.testing.assert_close(fast_logits, torch.stack(slow.logits, dim=1)[0], **TOL)
@@ -69,7 +78,7 @@ def test_greedy_decode_kernels_equal_reference_and_uncached(heads, kv_heads, pro
 
 
 @cpu_interpreter
-def test_left_padded_batch_decode_equals_reference(decode_calls, monkeypatch):
+def test_left_padded_batch_decode_equals_reference(decode_calls, backend):
     model = tiny_model(2, 1, layers=1)
     prompts = [torch.randint(3, 100, (n,)) for n in (37, 12, 26)]
     length = max(len(p) for p in prompts)
@@ -78,9 +87,9 @@ def test_left_padded_batch_decode_equals_reference(decode_calls, monkeypatch):
     for i, p in enumerate(prompts):
         ids[i, length - len(p):], mask[i, length - len(p):] = p, 1
     new = 14
-    fast = _generate(model, ids, True, monkeypatch, attention_mask=mask, max_new_tokens=new)
+    fast = _generate(model, ids, True, backend, attention_mask=mask, max_new_tokens=new)
     assert decode_calls == [1] * (new - 1)
-    slow = _generate(model, ids, False, monkeypatch, attention_mask=mask, max_new_tokens=new)
+    slow = _generate(model, ids, False, backend, attention_mask=mask, max_new_tokens=new)
     assert torch.equal(fast.sequences, slow.sequences)
     torch.testing.assert_close(torch.stack(fast.logits, dim=1), torch.stack(slow.logits, dim=1), **TOL)
     for i, p in enumerate(prompts):  # each row on its own, uncached
@@ -117,26 +126,26 @@ def test_multi_token_steps_on_a_cache(decode_calls):
 
 
 @cpu_interpreter
-def test_prompt_lookup_decoding_equals_greedy(decode_calls, monkeypatch):
+def test_prompt_lookup_decoding_equals_greedy(decode_calls, backend):
     # Candidate chunks of up to 4 tokens are verified with the decode kernels, rejected ones cropped.
     model = tiny_model(4, 2, layers=1)
     prompt = torch.randint(3, 20, (1, 27))  # a small alphabet: n-gram lookups find candidates
-    greedy = _generate(model, prompt, False, monkeypatch, max_new_tokens=16).sequences
+    greedy = _generate(model, prompt, False, backend, max_new_tokens=16).sequences
     decode_calls.clear()
-    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "triton")
+    backend(decode="triton")
     lookup = model.generate(prompt, max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=3)
     assert torch.equal(lookup, greedy)
     assert decode_calls and max(decode_calls) > 1
 
 
 @cpu_interpreter
-def test_beam_search_decode_equals_reference(decode_calls, monkeypatch):
+def test_beam_search_decode_equals_reference(decode_calls, backend):
     model = tiny_model(2, 1, layers=1)
     prompt = torch.randint(3, 100, (1, 30))
     kwargs = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, output_scores=True)
-    fast = _generate(model, prompt, True, monkeypatch, **kwargs)
+    fast = _generate(model, prompt, True, backend, **kwargs)
     assert len(decode_calls) == 7
-    slow = _generate(model, prompt, False, monkeypatch, **kwargs)
+    slow = _generate(model, prompt, False, backend, **kwargs)
     assert torch.equal(fast.sequences, slow.sequences)
     torch.testing.assert_close(fast.sequences_scores, slow.sequences_scores, atol=1e-4, rtol=1e-4)
 
@@ -245,12 +254,12 @@ def test_bench_generate_tiny_smoke(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 5e-2)])
-def test_cuda_auto_uses_decode_kernels_and_matches_varlen(dtype, tol, monkeypatch):
+def test_cuda_auto_uses_decode_kernels_and_matches_varlen(dtype, tol, monkeypatch, backend):
     # On CUDA the default ("auto") takes the decode path; teacher-forced steps (same tokens in both
     # modes) on a left-padded batch match the varlen training kernels.
     calls = []
-    original = nsa_attention._nsa_decode
-    monkeypatch.setattr(nsa_attention, "_nsa_decode", lambda q, *a, **k: (calls.append(q.shape[1]), original(q, *a, **k))[1])
+    original = nsa_decoding._nsa_decode
+    monkeypatch.setattr(nsa_decoding, "_nsa_decode", lambda q, *a, **k: (calls.append(q.shape[1]), original(q, *a, **k))[1])
     model = tiny_model(8, 2, layers=2).to("cuda", dtype)
     lengths, new = (70, 23, 41), 45
     ids = torch.randint(3, 100, (3, max(lengths) + new), device="cuda")
@@ -260,7 +269,7 @@ def test_cuda_auto_uses_decode_kernels_and_matches_varlen(dtype, tol, monkeypatc
     pos = positions(mask)
     runs = {}
     for mode in ("auto", "off"):
-        monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", mode)
+        backend(decode=mode)
         calls.clear()
         cache, steps, start = NSACache(config=model.config), [], max(lengths)
         with torch.no_grad():

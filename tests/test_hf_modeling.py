@@ -361,8 +361,8 @@ def test_gradient_checkpointing_matches_plain_backward():
 
 
 def test_remote_code_files_import_only_torch_transformers_nsa_kernels_and_siblings(tmp_path):
-    """configuration/modeling ship as Hub remote code: no nsa_hf imports there, and nsa_kernels only as
-    `from nsa_kernels[.x] import name` (the exporter bundles the reference for those)."""
+    """configuration/modeling and the backend's modules ship as Hub remote code: no nsa_hf imports there,
+    and nsa_kernels only as `from nsa_kernels[.x] import name` (the exporter bundles the reference for those)."""
     import ast
     import json
     import sys
@@ -373,8 +373,8 @@ def test_remote_code_files_import_only_torch_transformers_nsa_kernels_and_siblin
     tiny_model().save_pretrained(tmp_path)
     saved = {p.name for p in tmp_path.glob("*.py")}
     assert {"configuration_nsa_llama.py", "configuration_nsa.py", "modeling_nsa_llama.py", "modeling_nsa.py",
-            "attention.py", "cache.py", "families.py"} <= saved
-    for name in saved:
+            "families.py", "attention.py", "backends.py", "cache.py", "decoding.py", "packing.py"} <= saved
+    for name in saved - {"nsa_bundle.py"}:
         for node in ast.walk(ast.parse((folder / name).read_text())):
             if isinstance(node, ast.Import):
                 roots = {a.name.split(".")[0] for a in node.names}

@@ -1,6 +1,7 @@
 """Static-shape decoding: NSAStaticCache through generate(cache_implementation="static") and
 StaticGreedyDecoder, on the varlen/reference path and (interpreter) the graph-safe static decode path,
 against the dynamic cache and uncached forwards; CUDA-graph replay on the GPU."""
+import contextlib
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import nsa_hf.attention as nsa_attention
-from nsa_hf import NSAStaticCache, NSAStaticCacheLayer, static_greedy_generate
+from nsa_hf import NSAStaticCache, NSAStaticCacheLayer, nsa_backend, static_greedy_generate
 from nsa_hf.generation import StaticGreedyDecoder
 from nsa_kernels import num_cmp_blocks
 
@@ -17,6 +18,14 @@ from test_hf_generate import full_logits, tiny_model
 TOL = dict(atol=5e-5, rtol=1e-5)
 cpu_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                      reason="needs TRITON_INTERPRET=1 (Triton kernels on CPU tensors)")
+
+
+@pytest.fixture
+def backend():
+    """``backend(decode=..., varlen=...)``: the implementations for the rest of the test (nested
+    :func:`nsa_hf.nsa_backend` blocks, the last one innermost, closed at teardown)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **choice: stack.enter_context(nsa_backend(**choice))
 
 
 def left_padded(lengths, vocab=100, device="cpu"):
@@ -33,7 +42,7 @@ def left_padded(lengths, vocab=100, device="cpu"):
 def static_calls(monkeypatch):
     """Count the decode-kernel calls made by the static decode path (query lengths)."""
     calls = []
-    original = nsa_attention._try_static_decode
+    original = nsa_attention.try_static_decode
 
     def counted(query, *args, **kwargs):
         out = original(query, *args, **kwargs)
@@ -41,7 +50,7 @@ def static_calls(monkeypatch):
             calls.append(query.shape[2])
         return out
 
-    monkeypatch.setattr(nsa_attention, "_try_static_decode", counted)
+    monkeypatch.setattr(nsa_attention, "try_static_decode", counted)
     return calls
 
 
@@ -51,8 +60,8 @@ def _generate(model, ids, mask, new, **kwargs):
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 1)])
-def test_generate_static_cache_equals_dynamic_on_the_varlen_path(heads, kv_heads, monkeypatch, static_calls):
-    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "off")
+def test_generate_static_cache_equals_dynamic_on_the_varlen_path(heads, kv_heads, backend, static_calls):
+    backend(decode="off")
     model = tiny_model(heads, kv_heads)
     ids, mask = left_padded([29, 17, 23])
     new = 21  # crosses cmp (4), slc (16) and window (24) boundaries
@@ -66,13 +75,13 @@ def test_generate_static_cache_equals_dynamic_on_the_varlen_path(heads, kv_heads
 
 @cpu_interpreter
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (2, 2)])
-def test_generate_static_cache_uses_static_decode_path(heads, kv_heads, monkeypatch, static_calls):
-    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "off")
+def test_generate_static_cache_uses_static_decode_path(heads, kv_heads, backend, static_calls):
+    backend(decode="off")
     model = tiny_model(heads, kv_heads, layers=1)
     lengths, new = [37, 12, 26], 14
     ids, mask = left_padded(lengths)
     reference = _generate(model, ids, mask, new)
-    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "triton")
+    backend(decode="triton")
     static = _generate(model, ids, mask, new, cache_implementation="static")
     assert static_calls == [1] * (new - 1)
     assert torch.equal(static.sequences, reference.sequences)
@@ -89,13 +98,13 @@ def test_generate_static_cache_uses_static_decode_path(heads, kv_heads, monkeypa
 
 
 @pytest.mark.parametrize("decode", ["off", pytest.param("triton", marks=cpu_interpreter)])
-def test_static_greedy_decoder_eager_equals_generate(decode, monkeypatch, static_calls):
-    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", "off")
+def test_static_greedy_decoder_eager_equals_generate(decode, backend, static_calls):
+    backend(decode="off")
     model = tiny_model(4, 2, layers=2)
     ids, mask = left_padded([19, 33])
     new = 17
     reference = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-    monkeypatch.setattr(nsa_attention, "DECODE_BACKEND", decode)
+    backend(decode=decode)
     out = static_greedy_generate(model, ids, mask, max_new_tokens=new, cuda_graph=False)
     assert torch.equal(out, reference)
     assert len(static_calls) == (2 * (new - 1) if decode == "triton" else 0)

@@ -1,12 +1,12 @@
-"""NSA_BACKEND / nsa_hf.attention.VARLEN_BACKEND: forcing the implementation of the (non-decoding) NSA
-calls of a model, e.g. the reference on CUDA to check a training run, or the Triton kernels (interpreter)
-on CPU."""
+"""nsa_hf.nsa_backend(varlen=...) / config.nsa_varlen_backend: forcing the implementation of the
+(non-decoding) NSA calls of a model, e.g. the reference on CUDA to check a training run, or the Triton
+kernels (interpreter) on CPU; the choice is scoped to the block or the model."""
 import os
 
 import pytest
 import torch
 
-import nsa_hf.attention as nsa_attention
+from nsa_hf import nsa_backend
 import nsa_kernels.nsa as nsa_dispatch
 
 from test_hf_generate import tiny_model
@@ -35,23 +35,47 @@ def test_forced_triton_backend_runs_the_kernels_and_matches_the_reference(monkey
     model = tiny_model(heads=6, kv_heads=2, layers=1).train()
     ids = torch.randint(3, 100, (2, 53))  # odd length, partial blocks; 4 selection blocks of 16: one chosen by score
 
-    monkeypatch.setattr(nsa_attention, "VARLEN_BACKEND", "reference")
-    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    model.config.nsa_varlen_backend = "triton"  # the model's own choice; the block below overrides it
+    with nsa_backend(varlen="reference"):
+        ref_loss, ref_grads = _loss_and_grads(model, ids)
     assert calls == []
-    monkeypatch.setattr(nsa_attention, "VARLEN_BACKEND", "triton")
     loss, grads = _loss_and_grads(model, ids)
     assert len(calls) == 1  # one call per layer
+    del model.config.nsa_varlen_backend
+    _loss_and_grads(model, ids)  # "auto" on CPU: the reference
+    assert len(calls) == 1
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert grads.keys() == ref_grads.keys() and any(".nsa_" in n for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_bad_backend_value_names_the_variable_and_the_choices(monkeypatch):
+def test_bad_backend_value_names_the_setting_and_the_choices():
+    with pytest.raises(ValueError, match=r"'cuda'.*\('auto', 'triton', 'reference'\).*nsa_backend\(varlen"):
+        nsa_backend(varlen="cuda").__enter__()
+    with pytest.raises(ValueError, match=r"'on'.*\('auto', 'triton', 'off'\).*nsa_backend\(decode"):
+        nsa_backend(decode="on").__enter__()
     model = tiny_model(layers=1)
-    monkeypatch.setattr(nsa_attention, "VARLEN_BACKEND", "cuda")
-    with pytest.raises(ValueError, match=r"NSA_BACKEND.*'cuda'.*\('auto', 'triton', 'reference'\)"):
+    model.config.nsa_varlen_backend = "cuda"
+    with pytest.raises(ValueError, match=r"config.nsa_varlen_backend='cuda'.*\('auto', 'triton', 'reference'\)"):
         model(torch.randint(3, 100, (1, 20)), use_cache=False)
+
+
+def test_backend_blocks_nest_and_restore():
+    from nsa_hf.backends import decode_backend, varlen_backend
+
+    config = tiny_model(layers=1).config
+    config.nsa_decode_backend = "off"
+    assert (varlen_backend(config), decode_backend(config)) == ("auto", "off")
+    with nsa_backend(varlen="reference"):
+        with nsa_backend(decode="triton"):
+            assert (varlen_backend(config), decode_backend(config)) == ("reference", "triton")
+        assert (varlen_backend(config), decode_backend(config)) == ("reference", "off")
+        with pytest.raises(RuntimeError):
+            with nsa_backend(varlen="triton"):
+                raise RuntimeError
+        assert varlen_backend(config) == "reference"
+    assert (varlen_backend(config), decode_backend(config)) == ("auto", "off")
 
 
 def test_reference_stands_in_for_the_dispatcher_and_refuses_triton():
