@@ -56,6 +56,9 @@ def _slc_fwd_rows(
         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
     )
     q_kpos = tl.load(QKPOS + tok, mask=row_ok, other=-1)
+    # No key after the rows' last position is loaded: the rows belong to one document, so keys of the
+    # next one (which a block at the document's end would reach) never enter a dot, where 0 * NaN = NaN.
+    k_last = tl.max(q_kpos, axis=0)
     if MEMBER:
         offs_sel = tl.arange(0, BLOCK_SEL)
         sel = tl.load(
@@ -72,7 +75,7 @@ def _slc_fwd_rows(
         start = tl.load(LIST + slot)
         in_blk = sub * BLOCK_K + cols
         kpos = start + in_blk
-        col_ok = (in_blk < SLC_BLOCK) & (kpos < Nk)
+        col_ok = (in_blk < SLC_BLOCK) & (kpos <= k_last)
         k = tl.load(
             K + kpos[:, None].to(tl.int64) * stride_kt + h * stride_kh + offs_d[None, :],
             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
@@ -179,6 +182,9 @@ def _slc_dq_rows(
     tl.store(DELTA + tok * HQ + head, delta, mask=row_ok)
     lse2 = tl.load(LSE + tok * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
     q_kpos = tl.load(QKPOS + tok, mask=row_ok, other=-1)
+    # No key after the rows' last position is loaded: the rows belong to one document, so keys of the
+    # next one (which a block at the document's end would reach) never enter a dot, where 0 * NaN = NaN.
+    k_last = tl.max(q_kpos, axis=0)
     if MEMBER:
         offs_sel = tl.arange(0, BLOCK_SEL)
         sel = tl.load(
@@ -193,7 +199,7 @@ def _slc_dq_rows(
         start = tl.load(LIST + slot)
         in_blk = sub * BLOCK_K + cols
         kpos = start + in_blk
-        col_ok = (in_blk < SLC_BLOCK) & (kpos < Nk)
+        col_ok = (in_blk < SLC_BLOCK) & (kpos <= k_last)
         k = tl.load(
             K + kpos[:, None].to(tl.int64) * stride_kt + h * stride_kh + offs_d[None, :],
             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
@@ -383,9 +389,17 @@ def _tile_unions(sel: torch.Tensor, tok: int):
 def _prepare(block_indices, cu_seqlens_q, cu_seqlens_k, nq: int, slc_block: int, tok: int):
     """Index tensors shared by the forward and backward launchers (compute once, pass to both):
     ``(q_kpos, sel, scnt, uni, ucnt)``."""
-    _, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
+    seq, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
     sel, scnt = _packed_selection(block_indices, q_kpos, k_start, slc_block)
     uni, ucnt = _tile_unions(sel, tok)
+    if tok > 1 and nq > 0:
+        # A tile whose tokens span two documents never walks its union: its rows would share dots with
+        # the other document's keys and values (masked scores, but 0 * NaN = NaN). Its tokens run per
+        # token instead (a union count above every total fails the kernels' union test).
+        first = torch.arange(ucnt.shape[0], device=seq.device) * tok
+        last = (first + tok - 1).clamp_max(nq - 1)
+        mixed = seq[first] != seq[last]
+        ucnt = torch.where(mixed[:, None], tok * sel.shape[-1] + 1, ucnt).to(torch.int32).contiguous()
     return q_kpos, sel, scnt, uni, ucnt
 
 
