@@ -104,10 +104,11 @@ def main(argv=None):
             gates = torch.rand(t, hq, 3, device=dev, dtype=dt, requires_grad=True)
             cu = torch.tensor([0, t], device=dev, dtype=torch.int32)
 
-            def ours():
-                ck, cu_c = compress_varlen(k, cu, comp_k, params.cmp_block, params.cmp_stride)
-                cv, _ = compress_varlen(v, cu, comp_v, params.cmp_block, params.cmp_stride)
-                return nsa_attention_varlen(q, k, v, ck, cv, gates, cu, cu, cu_c, params)
+            def ours():  # as the HF backend calls it: offsets and lengths known on the host (no sync)
+                ck, cu_c = compress_varlen(k, cu, comp_k, params.cmp_block, params.cmp_stride, bounds=[0, t])
+                cv, _ = compress_varlen(v, cu, comp_v, params.cmp_block, params.cmp_stride, bounds=[0, t])
+                return nsa_attention_varlen(q, k, v, ck, cv, gates, cu, cu, cu_c, params,
+                                            max_seqlen_q=t, max_seqlen_k=t)
 
             qd, kd, vd = (x.detach().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))
 

@@ -39,7 +39,7 @@ def load(params):
     except Exception as exc:  # noqa: BLE001 - the column is optional
         print(f"flash_nsa not importable ({type(exc).__name__}: {exc}); skipping it", file=sys.stderr)
         return None
-    from nsa_kernels.window_attention import _bwd as win_bwd, _fwd as win_fwd
+    from nsa_kernels.win import _bwd as win_bwd, _fwd as win_fwd
 
     try:
         import flash_attn  # noqa: F401

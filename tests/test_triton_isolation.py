@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from nsa_kernels import NSAParams, nsa_attention_varlen
-from nsa_kernels.compressed_attention import compressed_attention
+from nsa_kernels.parallel import parallel_cmp
 from nsa_kernels.params import num_cmp_blocks
-from nsa_kernels.selected_attention import selected_attention
-from nsa_kernels.window_attention import window_attention
+from nsa_kernels.parallel import parallel_slc
+from nsa_kernels.parallel import parallel_win
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Lengths not multiples of the block sizes: a document's last selection block ends inside the next one.
@@ -84,7 +84,7 @@ def test_selected_attention_isolates_documents(hq, hkv):
     q, k, v = (torch.randn(n, h, d, device=DEVICE) for h in (hq, hkv, hkv))
     blocks = _all_blocks(LENS, hkv, PARAMS.slc_block)
     keep = _outside(cu, POISONED, n)
-    fn = lambda q, k, v: selected_attention(q, k, v, blocks, cu, cu, PARAMS.slc_block)  # noqa: E731
+    fn = lambda q, k, v: parallel_slc(q, k, v, blocks, cu, cu, PARAMS.slc_block)  # noqa: E731
     _check(fn, (q, k, v), [(2, cu)], keep, (keep, keep, keep))
     _check(fn, (q, k, v), [(1, cu)], keep, (keep, keep, keep))
 
@@ -95,7 +95,7 @@ def test_window_attention_isolates_documents(hq, hkv):
     n, d = sum(LENS), 16
     q, k, v = (torch.randn(n, h, d, device=DEVICE) for h in (hq, hkv, hkv))
     keep = _outside(cu, POISONED, n)
-    fn = lambda q, k, v: window_attention(q, k, v, cu, cu, PARAMS.window)  # noqa: E731
+    fn = lambda q, k, v: parallel_win(q, k, v, cu, cu, PARAMS.window)  # noqa: E731
     _check(fn, (q, k, v), [(1, cu), (2, cu)], keep, (keep, keep, keep))
 
 
@@ -108,7 +108,7 @@ def test_compressed_attention_isolates_documents():
     keep_q, keep_c = _outside(cu, POISONED, n), _outside(cu_c, POISONED, nc)
 
     def fn(q, ck, cv):
-        return compressed_attention(q, ck, cv, cu, cu, cu_c, PARAMS.cmp_block, PARAMS.cmp_stride)[0]
+        return parallel_cmp(q, ck, cv, cu, cu, cu_c, PARAMS.cmp_block, PARAMS.cmp_stride)[0]
 
     _check(fn, (q, ck, cv), [(1, cu_c), (2, cu_c)], keep_q, (keep_q, keep_c, keep_c))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nsa_kernels import MLPCompressor, NSAParams, compress_varlen, nsa_attention_varlen
-from nsa_kernels.compressed_attention import compressed_attention
+from nsa_kernels.parallel import parallel_cmp
 from nsa_kernels.params import num_cmp_blocks
 
 pytestmark = pytest.mark.gpu
@@ -66,7 +66,7 @@ def _compressor_grads(k, v, q, do, cu, cu_c, comps, dtype):
         c.zero_grad()
     ck, _ = compress_varlen(k.to(dtype), cu, comps[0], PARAMS.cmp_block, PARAMS.cmp_stride)
     cv, _ = compress_varlen(v.to(dtype), cu, comps[1], PARAMS.cmp_block, PARAMS.cmp_stride)
-    o, _ = compressed_attention(q.to(dtype), ck, cv, cu, cu, cu_c, PARAMS.cmp_block, PARAMS.cmp_stride,
+    o, _ = parallel_cmp(q.to(dtype), ck, cv, cu, cu, cu_c, PARAMS.cmp_block, PARAMS.cmp_stride,
                                 max_seqlen_k=int(cu[-1]))
     o.backward(do.to(dtype))
     return {f"{i}.{n}": p.grad.float().clone() for i, c in enumerate(comps) for n, p in c.named_parameters()}

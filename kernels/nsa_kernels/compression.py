@@ -23,11 +23,12 @@ def gather_cmp_blocks(x: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch
 
 
 def cmp_cu_seqlens(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
-    """Offsets of each sequence's compressed tokens, given the offsets ``cu_seqlens`` of its keys."""
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    counts = [num_cmp_blocks(n, cmp_block, cmp_stride) for n in lens]
-    out = torch.zeros(len(counts) + 1, dtype=torch.int32, device=cu_seqlens.device)
-    out[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
+    """Offsets of each sequence's compressed tokens, given the offsets ``cu_seqlens`` of its keys
+    (int32, on their device; computed there, so nothing waits for the GPU)."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    counts = torch.where(lens >= cmp_block, torch.div(lens - cmp_block, cmp_stride, rounding_mode="floor") + 1, 0)
+    out = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=cu_seqlens.device)
+    out[1:] = counts.cumsum(0)
     return out
 
 
@@ -120,11 +121,15 @@ class MLPCompressor(nn.Module):
 
 
 def compress_varlen(
-    x: torch.Tensor, cu_seqlens: torch.Tensor, compressor: nn.Module, cmp_block: int, cmp_stride: int
+    x: torch.Tensor, cu_seqlens: torch.Tensor, compressor: nn.Module, cmp_block: int, cmp_stride: int,
+    *, bounds: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compress packed sequences ``x`` ``(N, H, D)`` -> ``(N_cmp, H, D')`` and their offsets."""
-    bounds = cu_seqlens.tolist()
+    """Compress packed sequences ``x`` ``(N, H, D)`` -> ``(N_cmp, H, D')`` and their offsets.
+
+    ``bounds``: ``cu_seqlens`` as a Python list when the caller has it on the host; otherwise it is
+    copied from the device once (a synchronisation)."""
+    bounds = cu_seqlens.tolist() if bounds is None else list(bounds)
     blocks = [gather_cmp_blocks(x[s:e], cmp_block, cmp_stride) for s, e in zip(bounds[:-1], bounds[1:])]
     cu_cmp = cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
-    all_blocks = torch.cat(blocks, dim=0)
+    all_blocks = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
     return compressor(all_blocks), cu_cmp
