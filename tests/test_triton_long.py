@@ -74,10 +74,10 @@ def _compressor_grads(k, v, q, do, cu, cu_c, comps, dtype):
 
 def test_compressor_grads_bf16_at_256k_tokens():
     """Relative RMS of the compressors' gradients, bf16 against float32 (same inputs, same weights), at
-    262144 tokens (16/4 heads, D=128): at most 1e-2 for each compressor's parameters taken together.
+    262144 tokens (4/4 heads, D=128; few heads keep the float32 run short): at most 1e-2 for each compressor's parameters taken together.
     (Per parameter it is printed, not asserted: the keys' compressor's output bias has an exactly zero
     gradient, as softmax ignores a shift shared by all keys, so its relative error is meaningless.)"""
-    n, hq, hkv, d = 262144, 16, 4, 128
+    n, hq, hkv, d = 262144, 4, 4, 128
     gen = torch.Generator("cuda").manual_seed(1)
     k = torch.randn(n, hkv, d, device="cuda", generator=gen).bfloat16()
     v = torch.randn(n, hkv, d, device="cuda", generator=gen).bfloat16()

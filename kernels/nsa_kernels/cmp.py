@@ -26,7 +26,6 @@ import triton.language as tl
 from .primitives import LOG2E, dot_precision, load_rows, n_visible, pow2, softmax_step, store_o_lse
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
 # ------------------------------------------------------------------------------------------------

@@ -77,7 +77,6 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
         )
 
 
-
 def check_cu_seqlens_meta(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, cu_seqlens_cmp: Tensor, device) -> None:
     """Checks of the offsets that need no copy to the host: 1-D int32 ``(B+1,)``, same B, on ``device``."""
     cus = (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("cu_seqlens_cmp", cu_seqlens_cmp))
@@ -88,7 +87,6 @@ def check_cu_seqlens_meta(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, cu_seqlens
             raise ValueError(f"{name} has {cu.shape[0]} entries, cu_seqlens_q has {cu_seqlens_q.shape[0]}")
         if cu.device != device:
             raise ValueError(f"{name} is on {cu.device}, q on {device}")
-
 
 
 def varlen_plan(
@@ -125,7 +123,6 @@ def varlen_plan(
     return max(lq), max(lk), max(lc)
 
 
-
 def max_lengths(
     cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, cu_seqlens_cmp: Tensor, nq: int, nk: int, nc: int,
     cmp_block: int, cmp_stride: int, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
@@ -146,7 +143,6 @@ def max_lengths(
         return -1, -1
     max_q, _, max_c = varlen_plan(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, nq, nk, nc, cmp_block, cmp_stride)
     return max_q, max_c
-
 
 
 def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride,
@@ -184,7 +180,6 @@ def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp
                        cmp_stride, max_seqlen_q, max_seqlen_k)
 
 
-
 # ------------------------------------------------------------------------------------------------
 # @triton.jit building blocks
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +189,6 @@ def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp
 def n_visible(pos, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """Number of complete compression blocks seen by a query at position ``pos``."""
     return tl.where(pos >= CMP_BLOCK - 1, (pos - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0)
-
 
 
 @triton.jit
