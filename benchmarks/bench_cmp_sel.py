@@ -30,8 +30,9 @@ import argparse
 import torch
 import triton
 
-from nsa_kernels import block_selection as bs
-from nsa_kernels import compressed_attention as ca
+from nsa_kernels import sel as bs
+from nsa_kernels import cmp as ca
+from nsa_kernels.parallel import parallel_cmp
 from nsa_kernels.params import NSAParams, num_cmp_blocks
 
 LAYOUTS = ((64, 4), (32, 8))
@@ -59,7 +60,7 @@ def bench_one(t, hq, hkv, d, params):
     l, s = params.cmp_block, params.cmp_stride
     scale = d**-0.5
     qg, ckg, cvg = (x.clone().requires_grad_() for x in (q, ck, cv))
-    o, lse = ca.compressed_attention(qg, ckg, cvg, cu, cu, cu_c, l, s)
+    o, lse = parallel_cmp(qg, ckg, cvg, cu, cu, cu_c, l, s)
     do = torch.randn_like(o)
     max_c = ck.shape[0]
 
@@ -70,7 +71,7 @@ def bench_one(t, hq, hkv, d, params):
         return ca._bwd(q, ck, cv, o, lse, do, cu, cu, cu_c, t, max_c, l, s, scale)
 
     def fwd_bwd():
-        out, _ = ca.compressed_attention(qg, ckg, cvg, cu, cu, cu_c, l, s)
+        out, _ = parallel_cmp(qg, ckg, cvg, cu, cu, cu_c, l, s)
         out.backward(do)
 
     def select():

@@ -5,12 +5,7 @@ For each sequence length and head layout: forward and forward+backward time (med
 same shape for comparison. FLOPs are counted as 4 * keys * D per query head per token for a forward
 (2 matmuls), 3.5x that for forward+backward (the flash-attention convention).
 
-    python benchmarks/bench_slc_win.py --seqlens 8192 16384 32768 65536 [--sweep] [--kv-outer] [--out DIR]
-
-``--kv-outer`` also times the KV-block-outer slc forward (``selected_attention_fwd_kv_outer``, its
-index preparation included, like the query-centric "fwd"), on the same inputs: its row gives the
-forward ms and TFLOP/s, the speed-up over the query-centric forward (``qc/kv`` > 1: kv-outer wins)
-and the max abs difference of o and lse between the two (with ``--sweep``: a few tile variants).
+    python benchmarks/bench_slc_win.py --seqlens 8192 16384 32768 65536 [--sweep] [--out DIR]
 
 Block indices: ``--selection random`` (each query: the initial block, its own and the previous block,
 plus random eligible blocks: the worst case for token tiles that share blocks) or ``coherent`` (tokens
@@ -39,9 +34,8 @@ import os
 import torch
 import triton
 
-from nsa_kernels import selected_attention as slc
-from nsa_kernels import window_attention as win
-from nsa_kernels.selected_attention_kv_outer import selected_attention_fwd_kv_outer
+from nsa_kernels import slc
+from nsa_kernels import win
 
 LAYOUTS = {"64/4": (64, 4), "32/8": (32, 8)}
 
@@ -102,37 +96,7 @@ def print_kernel_times(label, fn):
         print(f"  {ms:8.3f} ms  {name[:90]}")
 
 
-KV_OUTER_SWEEP = [dict(chunk_tokens=128), dict(chunk_tokens=1024), dict(block_rows=32), dict(block_rows=128),
-                  dict(num_warps=8), dict(block_rows=128, num_warps=8), dict(num_stages=3),
-                  dict(max_partial_bytes=2 << 30)]
-
-
-def kv_outer_rows(q, k, v, bi, cu, block, scale, o_ref, lse_ref, qc_fwd_ms, flop, cfgs, bench_fn=None):
-    """Rows for the KV-block-outer forward under each config of ``cfgs``: ms, TFLOP/s, the speed-up
-    over the query-centric forward (``qc_fwd_ms``) and the max abs difference of o / lse from it."""
-    bench_fn = bench_fn or bench
-    rows = []
-    for cfg in cfgs:
-        def fwd():  # index preparation (sorts, inverted index) + both kernels
-            return selected_attention_fwd_kv_outer(q, k, v, bi, cu, cu, block, scale, **cfg)
-
-        o, lse = fwd()
-        finite = torch.isfinite(lse) & torch.isfinite(lse_ref)
-        same_inf = torch.equal(torch.isfinite(lse), torch.isfinite(lse_ref))
-        diff_o = (o.float() - o_ref.float()).abs().max().item()
-        diff_lse = torch.where(finite, lse - lse_ref, 0.0).abs().max().item() if same_inf else float("inf")
-        del o, lse
-        f = bench_fn(fwd)
-        name = "slc kv-outer fwd " + (",".join(f"{a}={b_}" for a, b_ in cfg.items()) or "default")
-        rows.append(dict(op=name, fwd_ms=f, bwd_ms=float("nan"), fwdbwd_ms=float("nan"),
-                         fwd_tflops=tflops(flop, f), fwdbwd_tflops=float("nan"),
-                         qc_fwd_ms=qc_fwd_ms, speedup_vs_qc=qc_fwd_ms / f,
-                         max_abs_diff_o=diff_o, max_abs_diff_lse=diff_lse))
-    return rows
-
-
-def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=False, ops=("slc", "win"),
-             kv_outer=False, kv_outer_max_partial_bytes=None):
+def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=False, ops=("slc", "win")):
     dev = "cuda"
     dt = torch.bfloat16
     g = hq // hkv
@@ -168,10 +132,6 @@ def run_case(t, hq, hkv, d, n, block, window, mode, sweep, with_sdpa, profile=Fa
         name = "slc " + (",".join(f"{a}={b_}" for a, b_ in cfg.items()) or "default")
         rows.append(dict(op=name, fwd_ms=f, bwd_ms=b, fwdbwd_ms=f + b,
                          fwd_tflops=tflops(slc_flop, f), fwdbwd_tflops=tflops(3.5 * slc_flop, f + b)))
-        if kv_outer and not cfg:  # next to the default query-centric forward
-            base = {} if kv_outer_max_partial_bytes is None else dict(max_partial_bytes=kv_outer_max_partial_bytes)
-            kv_cfgs = [base] + ([{**base, **c} for c in KV_OUTER_SWEEP] if sweep else [])
-            rows += kv_outer_rows(q, k, v, bi, cu, block, scale, o, lse, f, slc_flop, kv_cfgs)
     win_opts = [dict()] if "win" in ops else []
     if sweep and win_opts:
         win_opts += [dict(num_stages=3), dict(num_stages=1),
@@ -233,10 +193,6 @@ def main(argv=None):
     ap.add_argument("--ops", nargs="+", default=["slc", "win"], choices=["slc", "win"])
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU times at the longest length")
     ap.add_argument("--sdpa-max-len", type=int, default=65536)
-    ap.add_argument("--kv-outer", action="store_true",
-                    help="also time the KV-block-outer slc forward against the query-centric one")
-    ap.add_argument("--kv-outer-max-partial-gb", type=float, default=None,
-                    help="bound on its fp32 partial buffer (Nq*Hq*n*(D+2)*4 bytes: 35 GB at T=64k, 64 heads)")
     ap.add_argument("--out", default=None, help="directory for bench_slc_win.json")
     args = ap.parse_args(argv)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
@@ -247,18 +203,12 @@ def main(argv=None):
             for mode in args.selection:
                 sdpa = not args.no_sdpa and t <= args.sdpa_max_len and mode == args.selection[0]
                 rows = run_case(t, hq, hkv, args.head_dim, args.slc_count, args.slc_block, args.window,
-                                mode, args.sweep, sdpa, args.profile and t == max(args.seqlens), args.ops,
-                                args.kv_outer, None if args.kv_outer_max_partial_gb is None
-                                else int(args.kv_outer_max_partial_gb * 2**30))
+                                mode, args.sweep, sdpa, args.profile and t == max(args.seqlens), args.ops)
                 for r in rows:
                     r.update(T=t, layout=lay, selection=mode)
                     print(f"T={t:6d} {lay:5s} {mode:8s} {r['op']:60s} fwd {r['fwd_ms']:8.3f} ms "
                           f"({r['fwd_tflops']:5.0f} TF/s)  fwd+bwd {r['fwdbwd_ms']:8.3f} ms "
                           f"({r['fwdbwd_tflops']:5.0f} TF/s)", flush=True)
-                    if "speedup_vs_qc" in r:
-                        print(f"{'':22s} kv-outer vs query-centric fwd: {r['fwd_ms']:.3f} vs {r['qc_fwd_ms']:.3f} ms, "
-                              f"qc/kv = {r['speedup_vs_qc']:.2f}x; max |o diff| {r['max_abs_diff_o']:.3g}, "
-                              f"max |lse diff| {r['max_abs_diff_lse']:.3g}", flush=True)
                 results.extend(rows)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -1,5 +1,6 @@
 """Training-kernel benchmark: one NSA attention layer (cmp + slc + win + gates) vs dense attention
-(SDPA flash and cuDNN backends) and fla-core's ``parallel_nsa``, forward and forward+backward.
+(SDPA flash and cuDNN backends), flash_nsa (optional, see ``flash_nsa_column.py``) and fla-core's
+``parallel_nsa``, forward and forward+backward.
 
 Run on a GPU machine:  python benchmarks/bench_training.py [--seqlens 8192 16384 ...] [--out DIR]
 Writes a markdown table (and a PNG plot when matplotlib is present) to --out, and prints the table.
@@ -64,7 +65,8 @@ def main(argv=None):
     ap.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    ap.add_argument("--skip", nargs="*", default=[], help="methods to skip: ours sdpa-flash sdpa-cudnn fla")
+    ap.add_argument("--skip", nargs="*", default=[], help="methods to skip: ours sdpa-flash sdpa-cudnn flash_nsa fla")
+    ap.add_argument("--layouts", nargs="*", default=None, help="query/KV heads, e.g. 64/4 32/8 (default both)")
     args = ap.parse_args(argv)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -79,12 +81,19 @@ def main(argv=None):
         parallel_nsa = None
 
     params = NSAParams()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import flash_nsa_column
+
+    make_flash_nsa = flash_nsa_column.load(params)
+    if make_flash_nsa is not None and make_flash_nsa.substituted_window:
+        print("flash_nsa: flash_attn missing, its window branch runs our window kernel", flush=True)
+    layouts = LAYOUTS if not args.layouts else [tuple(int(x) for x in s.split("/")) for s in args.layouts]
     d = args.head_dim
     dev = "cuda"
     dt = torch.bfloat16
     rows = []
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    for hq, hkv in LAYOUTS:
+    for hq, hkv in layouts:
         comp_k = MLPCompressor(d, params.cmp_block).to(dev, dt)
         comp_v = MLPCompressor(d, params.cmp_block).to(dev, dt)
         for t in args.seqlens:
@@ -95,10 +104,11 @@ def main(argv=None):
             gates = torch.rand(t, hq, 3, device=dev, dtype=dt, requires_grad=True)
             cu = torch.tensor([0, t], device=dev, dtype=torch.int32)
 
-            def ours():
-                ck, cu_c = compress_varlen(k, cu, comp_k, params.cmp_block, params.cmp_stride)
-                cv, _ = compress_varlen(v, cu, comp_v, params.cmp_block, params.cmp_stride)
-                return nsa_attention_varlen(q, k, v, ck, cv, gates, cu, cu, cu_c, params)
+            def ours():  # as the HF backend calls it: offsets and lengths known on the host (no sync)
+                ck, cu_c = compress_varlen(k, cu, comp_k, params.cmp_block, params.cmp_stride, bounds=[0, t])
+                cv, _ = compress_varlen(v, cu, comp_v, params.cmp_block, params.cmp_stride, bounds=[0, t])
+                return nsa_attention_varlen(q, k, v, ck, cv, gates, cu, cu, cu_c, params,
+                                            max_seqlen_q=t, max_seqlen_k=t)
 
             qd, kd, vd = (x.detach().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))
 
@@ -118,6 +128,8 @@ def main(argv=None):
             methods = [("ours", ours, [q, k, v, gates], nsa_flops(t, hq, d, params)),
                        ("sdpa-flash", dense(SDPBackend.FLASH_ATTENTION), [qd, kd, vd], dense_flops(t, hq, d)),
                        ("sdpa-cudnn", dense(SDPBackend.CUDNN_ATTENTION), [qd, kd, vd], dense_flops(t, hq, d))]
+            if make_flash_nsa is not None:
+                methods.append(("flash_nsa", make_flash_nsa(q, k, v, gates, cu), [q, k, v, gates], None))
             if parallel_nsa is not None and hq // hkv >= 16:
                 # fla-core: cmp + slc only (its window needs flash_attn), mean-pool compression, l = l' = 64
                 methods.append(("fla", fla, [qf, kf, vf, g_cmp, g_slc], None))
@@ -136,22 +148,24 @@ def main(argv=None):
                                      ms=ms, tflops=tf, peak_gib=peak / 2**30))
                     print(f"{name:11s} T={t:6d} {hq}/{hkv} {'fwd+bwd' if backward else 'fwd':7s} {ms:9.3f} ms "
                           f"{'' if tf is None else f'{tf:6.1f} TFLOP/s'} peak {peak / 2**30:.2f} GiB", flush=True)
-            del q, k, v, gates, qd, kd, vd, qf, kf, vf
+            del q, k, v, gates, qd, kd, vd, qf, kf, vf, methods
             torch.cuda.empty_cache()
     write_report(rows, args.out)
 
 
 def write_report(rows, out_dir):
     os.makedirs(out_dir, exist_ok=True)
-    lines = ["| heads | T | pass | ours ms | sdpa-flash ms | sdpa-cudnn ms | fla ms | cudnn/ours | fla/ours | ours TFLOP/s | ours peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| heads | T | pass | ours ms | flash_nsa ms | sdpa-flash ms | sdpa-cudnn ms | fla ms | flash_nsa/ours "
+             "| cudnn/ours | fla/ours | ours TFLOP/s | ours peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["heads"], r["T"], r["pass_"]) for r in rows}, key=lambda k: (k[0], k[2], k[1]))
     for heads, t, p in keys:
         get = {r["method"]: r for r in rows if (r["heads"], r["T"], r["pass_"]) == (heads, t, p)}
-        ms = {m: get[m]["ms"] if m in get else math.nan for m in ("ours", "sdpa-flash", "sdpa-cudnn", "fla")}
+        ms = {m: get[m]["ms"] if m in get else math.nan for m in ("ours", "flash_nsa", "sdpa-flash", "sdpa-cudnn", "fla")}
         ours = get.get("ours", {})
         lines.append(
-            f"| {heads} | {t} | {p} | {ms['ours']:.2f} | {ms['sdpa-flash']:.2f} | {ms['sdpa-cudnn']:.2f} | {ms['fla']:.2f} "
+            f"| {heads} | {t} | {p} | {ms['ours']:.2f} | {ms['flash_nsa']:.2f} | {ms['sdpa-flash']:.2f} "
+            f"| {ms['sdpa-cudnn']:.2f} | {ms['fla']:.2f} | {ms['flash_nsa'] / ms['ours']:.2f}x "
             f"| {ms['sdpa-cudnn'] / ms['ours']:.2f}x | {ms['fla'] / ms['ours']:.2f}x "
             f"| {ours.get('tflops') or math.nan:.0f} | {ours.get('peak_gib', math.nan):.2f} |"
         )
@@ -166,7 +180,7 @@ def write_report(rows, out_dir):
 
         fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
         for ax, (heads, p) in zip(axes, [(h, p) for h in ("64/4", "32/8") for p in ("fwd", "fwd+bwd")]):
-            for m in ("ours", "sdpa-flash", "sdpa-cudnn", "fla"):
+            for m in ("ours", "flash_nsa", "sdpa-flash", "sdpa-cudnn", "fla"):
                 pts = sorted((r["T"], r["ms"]) for r in rows if r["method"] == m and r["heads"] == heads and r["pass_"] == p)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=m)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nsa_hf import nsa_backend
-import nsa_kernels.nsa as nsa_dispatch
+import nsa_kernels.parallel as nsa_parallel
 
 from test_hf_generate import tiny_model
 
@@ -25,13 +25,13 @@ def _loss_and_grads(model, ids):
 @cpu_interpreter
 def test_forced_triton_backend_runs_the_kernels_and_matches_the_reference(monkeypatch):
     calls = []
-    original = nsa_dispatch.nsa_attention_triton
+    original = nsa_parallel.parallel_nsa
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(nsa_dispatch, "nsa_attention_triton", counted)
+    monkeypatch.setattr(nsa_parallel, "parallel_nsa", counted)
     model = tiny_model(heads=6, kv_heads=2, layers=1).train()
     ids = torch.randint(3, 100, (2, 53))  # odd length, partial blocks; 4 selection blocks of 16: one chosen by score
 

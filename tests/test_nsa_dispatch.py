@@ -81,17 +81,18 @@ def test_triton_layer_matches_reference_gpu(hq, hkv):
 
 def test_public_triton_functions_are_exported_with_docstrings():
     import nsa_kernels
-    from nsa_kernels import block_selection, compressed_attention, selected_attention, window_attention
+    from nsa_kernels import decode, parallel
 
-    assert nsa_kernels.compressed_attention_triton is compressed_attention.compressed_attention
-    assert nsa_kernels.select_blocks_triton is block_selection.select_blocks
-    assert nsa_kernels.selected_attention_triton is selected_attention.selected_attention
-    assert nsa_kernels.window_attention_triton is window_attention.window_attention
-    assert nsa_kernels.select_blocks is nsa_kernels.reference.select_blocks  # the reference keeps its name
-    for name in ("compressed_attention_triton", "select_blocks_triton", "selected_attention_triton",
-                 "window_attention_triton", "gate_combine_triton", "nsa_decode"):
+    names = ("parallel_cmp", "parallel_sel", "parallel_slc", "parallel_win", "parallel_gate", "parallel_nsa")
+    for name in names:
+        assert getattr(nsa_kernels, name) is getattr(parallel, name), name
+    assert nsa_kernels.nsa_decode is decode.nsa_decode
+    assert nsa_kernels.select_blocks is nsa_kernels.reference.select_blocks  # the specification's
+    for name in names + ("nsa_decode",):
         doc = getattr(nsa_kernels, name).__doc__
-        assert doc and "Returns" in doc and "(" in doc, name  # states shapes and what comes back
+        assert doc and "(" in doc, name
+    for name in names[:-1] + ("nsa_decode",):
+        assert "Returns" in getattr(nsa_kernels, name).__doc__, name  # states shapes and what comes back
 
 
 @pytest.mark.gpu

@@ -79,7 +79,7 @@ def test_opcheck_branch_ops():
                       TINY.cmp_block, TINY.cmp_stride, 0.25), test_utils=_OPCHECK_TESTS,
     )
     torch.library.opcheck(
-        ops.select_blocks, (c["q"], c["cmp_k"], lse, c["cu_q"], c["cu_k"], c["cu_c"], 11, TINY.cmp_block,
+        ops.sel_fwd, (c["q"], c["cmp_k"], lse, c["cu_q"], c["cu_k"], c["cu_c"], 11, TINY.cmp_block,
                             TINY.cmp_stride, TINY.slc_block, TINY.slc_count, TINY.init_blocks, TINY.local_blocks, 0.25),
         test_utils=_OPCHECK_TESTS,
     )
@@ -259,9 +259,9 @@ def test_compiled_graph_contains_the_ops():
     _compile_case([12, 9], 2, 2, rec, max_seqlen_k=12)
     fwd = "\n".join(g.code for g in rec.fw_graphs)
     bwd = "\n".join(g.code for g in rec.bw_graphs)
-    for name in ("cmp_fwd", "slc_fwd", "win_fwd", "gate_combine"):
+    for name in ("cmp_fwd", "slc_fwd", "win_fwd", "gate_fwd"):
         assert f"nsa_kernels.{name}" in fwd, name
-    for name in ("cmp_bwd", "slc_bwd", "win_bwd", "gate_combine_bwd"):
+    for name in ("cmp_bwd", "slc_bwd", "win_bwd", "gate_bwd"):
         assert f"nsa_kernels.{name}" in bwd, name
     assert len(rec.graphs) == 1  # one dynamo graph: no breaks
 
@@ -310,19 +310,18 @@ def test_public_branch_functions_compile_fullgraph():
     if torch.cuda.is_available():
         pytest.skip("interpreter test")
     from nsa_kernels import (
-        compressed_attention_triton, gate_combine_triton, select_blocks_triton, selected_attention_triton,
-        window_attention_triton,
+        parallel_cmp, parallel_gate, parallel_sel, parallel_slc, parallel_win,
     )
 
     c = _inputs([12, 8], 2, 1)
     cu, cu_c = c["cu_q"], c["cu_c"]
 
     def f(q, k, v, ck, cv, g):
-        o, lse = compressed_attention_triton(q, ck, cv, cu, cu, cu_c, TINY.cmp_block, TINY.cmp_stride)
-        blocks = select_blocks_triton(q, ck, lse, cu, cu, cu_c, TINY)
-        o_slc = selected_attention_triton(q, k, v, blocks, cu, cu, TINY.slc_block)
-        o_win = window_attention_triton(q, k, v, cu, cu, TINY.window)
-        return gate_combine_triton(o, o_slc, o_win, g).square().sum()
+        o, lse = parallel_cmp(q, ck, cv, cu, cu, cu_c, TINY.cmp_block, TINY.cmp_stride)
+        blocks = parallel_sel(q, ck, lse, cu, cu, cu_c, TINY)
+        o_slc = parallel_slc(q, k, v, blocks, cu, cu, TINY.slc_block)
+        o_win = parallel_win(q, k, v, cu, cu, TINY.window)
+        return parallel_gate(o, o_slc, o_win, g).square().sum()
 
     leaves = [c[n].clone().requires_grad_() for n in ("q", "k", "v", "cmp_k", "cmp_v", "gates")]
     want = f(*leaves)

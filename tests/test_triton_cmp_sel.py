@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nsa_kernels import reference
-from nsa_kernels.block_selection import select_blocks
-from nsa_kernels.compressed_attention import compressed_attention
+from nsa_kernels.parallel import parallel_sel
+from nsa_kernels.parallel import parallel_cmp
 from nsa_kernels.compression import MLPCompressor, MeanPoolCompressor, compress_varlen
 from nsa_kernels.params import NSAParams
 
@@ -160,7 +160,7 @@ def test_cmp_forward_and_grads_fp32(hkv, group):
     case = make_case(key_lens, query_lens, hkv, group, d, dv, torch.float32, TINY)
     scale = d**-0.5
     q, ck, cv = (case[n].clone().requires_grad_() for n in ("q", "cmp_k", "cmp_v"))
-    o, lse = compressed_attention(q, ck, cv, case["cu_q"], case["cu_k"], case["cu_c"], TINY.cmp_block, TINY.cmp_stride)
+    o, lse = parallel_cmp(q, ck, cv, case["cu_q"], case["cu_k"], case["cu_c"], TINY.cmp_block, TINY.cmp_stride)
     assert o.dtype == torch.float32 and o.shape == (q.shape[0], q.shape[1], dv)
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:2]
     do = torch.randn_like(o)
@@ -185,7 +185,7 @@ def test_cmp_forward_and_grads_bf16(hkv, group):
     case = make_case(key_lens, query_lens, hkv, group, 32, 16, torch.bfloat16, TINY)
     scale = 32**-0.5
     q, ck, cv = (case[n].clone().requires_grad_() for n in ("q", "cmp_k", "cmp_v"))
-    o, lse = compressed_attention(q, ck, cv, case["cu_q"], case["cu_k"], case["cu_c"], TINY.cmp_block, TINY.cmp_stride)
+    o, lse = parallel_cmp(q, ck, cv, case["cu_q"], case["cu_k"], case["cu_c"], TINY.cmp_block, TINY.cmp_stride)
     assert o.dtype == torch.bfloat16
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, ck, cv), do)
@@ -210,7 +210,7 @@ def test_cmp_grads_reach_mlp_compressor():
         ck, cu_c = compress_varlen(case["k"] * 3.0, case["cu_k"], comp_k, 8, 4)
         cv, _ = compress_varlen(case["v"], case["cu_k"], comp_v, 8, 4)
         if use_triton:
-            o, _ = compressed_attention(case["q"], ck, cv, case["cu_q"], case["cu_k"], cu_c, 8, 4)
+            o, _ = parallel_cmp(case["q"], ck, cv, case["cu_q"], case["cu_k"], cu_c, 8, 4)
         else:
             o = reference_cmp({**case, "cmp_k": ck, "cmp_v": cv}, params, 0.25, dtype=torch.float32)
         ps = list(comp_k.parameters()) + list(comp_v.parameters())
@@ -229,8 +229,8 @@ def test_select_blocks_fp32(hkv, group):
     query_lens.append(7)
     case = make_case(key_lens, query_lens, hkv, group, 16, 16, torch.float32, TINY)
     scale = 16**-0.5
-    _, lse = compressed_attention(case["q"], case["cmp_k"], case["cmp_v"], case["cu_q"], case["cu_k"], case["cu_c"], 8, 4)
-    got = select_blocks(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], TINY)
+    _, lse = parallel_cmp(case["q"], case["cmp_k"], case["cmp_v"], case["cu_q"], case["cu_k"], case["cu_c"], 8, 4)
+    got = parallel_sel(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], TINY)
     _, want = reference_cmp(case, TINY, scale, dtype=torch.float32, return_blocks=True)
     assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, TINY, scale), TINY, rtol=1e-5,
                                         q_pos=query_positions(case["cu_q"], case["cu_k"]))
@@ -250,11 +250,11 @@ def test_select_blocks_other_sizes(params):
     key_lens, query_lens = [93, 41], [93, 30]
     case = make_case(key_lens, query_lens, 1, 3, 16, 16, torch.float32, params)
     scale = 0.3
-    _, lse = compressed_attention(
+    _, lse = parallel_cmp(
         case["q"], case["cmp_k"], case["cmp_v"], case["cu_q"], case["cu_k"], case["cu_c"],
         params.cmp_block, params.cmp_stride, scale,
     )
-    got = select_blocks(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], params, scale)
+    got = parallel_sel(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], params, scale)
     _, want = reference_cmp(case, params, scale, dtype=torch.float32, return_blocks=True)
     assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, params, scale), params, rtol=1e-5,
                                         q_pos=query_positions(case["cu_q"], case["cu_k"]))
@@ -265,8 +265,8 @@ def test_select_blocks_bf16():
     key_lens, query_lens = random_lengths(2, 100, 200, TINY)
     case = make_case(key_lens, query_lens, 2, 4, 32, 32, torch.bfloat16, TINY)
     scale = 32**-0.5
-    _, lse = compressed_attention(case["q"], case["cmp_k"], case["cmp_v"], case["cu_q"], case["cu_k"], case["cu_c"], 8, 4)
-    got = select_blocks(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], TINY)
+    _, lse = parallel_cmp(case["q"], case["cmp_k"], case["cmp_v"], case["cu_q"], case["cu_k"], case["cu_c"], 8, 4)
+    got = parallel_sel(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], TINY)
     _, want = reference_cmp(case, TINY, scale, dtype=torch.float32, return_blocks=True)
     # bf16 operands are exact in fp32 products; lse and sums round differently: slightly wider ties.
     assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, TINY, scale), TINY, rtol=1e-3,
@@ -277,23 +277,23 @@ def test_errors_name_the_bad_value():
     case = make_case([40], [40], 2, 2, 16, 16, torch.float32, TINY)
     args = (case["q"], case["cmp_k"], case["cmp_v"], case["cu_q"], case["cu_k"], case["cu_c"])
     with pytest.raises(ValueError, match="cu_seqlens_cmp"):
-        compressed_attention(*args[:5], case["cu_c"] + torch.tensor([0, 1], dtype=torch.int32, device=DEVICE), 8, 4)
+        parallel_cmp(*args[:5], case["cu_c"] + torch.tensor([0, 1], dtype=torch.int32, device=DEVICE), 8, 4)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
-        compressed_attention(case["q"][:, :3], *args[1:], 8, 4)
+        parallel_cmp(case["q"][:, :3], *args[1:], 8, 4)
     with pytest.raises(ValueError, match="dtypes differ"):
-        compressed_attention(case["q"].double().float().half(), *args[1:], 8, 4)
+        parallel_cmp(case["q"].double().float().half(), *args[1:], 8, 4)
     with pytest.raises(ValueError, match="int32"):
-        compressed_attention(*args[:3], case["cu_q"].long(), *args[4:], 8, 4)
+        parallel_cmp(*args[:3], case["cu_q"].long(), *args[4:], 8, 4)
     with pytest.raises(ValueError, match="cmp_block=6"):
-        compressed_attention(*args, 6, 4)
+        parallel_cmp(*args, 6, 4)
     with pytest.raises(ValueError, match="cu_seqlens_q"):
-        compressed_attention(*args[:3], case["cu_q"] * 2, *args[4:], 8, 4)
+        parallel_cmp(*args[:3], case["cu_q"] * 2, *args[4:], 8, 4)
     lse = torch.zeros(case["q"].shape[:2], device=DEVICE)
     big_l = NSAParams(cmp_block=32, cmp_stride=4, slc_block=16, slc_count=4)
     with pytest.raises(ValueError, match="cmp_block=32"):
-        select_blocks(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], big_l)
+        parallel_sel(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], big_l)
     with pytest.raises(ValueError, match="lse"):
-        select_blocks(case["q"], case["cmp_k"], lse[:, :1], case["cu_q"], case["cu_k"], case["cu_c"], TINY)
+        parallel_sel(case["q"], case["cmp_k"], lse[:, :1], case["cu_q"], case["cu_k"], case["cu_c"], TINY)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_gpu_realistic_bf16(t, hq, hkv):
     case = make_case([t], [t], hkv, hq // hkv, d, d, torch.bfloat16, params)
     scale = d**-0.5
     q, ck, cv = (case[n].clone().requires_grad_() for n in ("q", "cmp_k", "cmp_v"))
-    o, lse = compressed_attention(q, ck, cv, case["cu_q"], case["cu_k"], case["cu_c"], 32, 16)
+    o, lse = parallel_cmp(q, ck, cv, case["cu_q"], case["cu_k"], case["cu_c"], 32, 16)
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, ck, cv), do)
     ref_in = [x.float().requires_grad_() for x in (case["q"], case["cmp_k"], case["cmp_v"])]
@@ -329,7 +329,7 @@ def test_gpu_realistic_bf16(t, hq, hkv):
     assert rel_err(o, ref_o) < 1e-2
     for name, g, rg in zip(("dq", "dcmp_k", "dcmp_v"), grads, ref_grads):
         assert rel_err(g, rg) < 2e-2, name
-    got = select_blocks(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], params)
+    got = parallel_sel(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], params)
     with torch.no_grad():
         n_slc = -(-t // params.slc_block)
         m = reference.chunk_overlap_matrix(ck.shape[0], n_slc, params, q.device)
@@ -345,7 +345,7 @@ def test_gpu_varlen_bf16_matches_reference():
     case = make_case([1000, 3001, 17, 777], [1000, 2000, 17, 1], 2, 6, d, 64, torch.bfloat16, params)
     scale = d**-0.5
     q, ck, cv = (case[n].clone().requires_grad_() for n in ("q", "cmp_k", "cmp_v"))
-    o, lse = compressed_attention(q, ck, cv, case["cu_q"], case["cu_k"], case["cu_c"], 32, 16)
+    o, lse = parallel_cmp(q, ck, cv, case["cu_q"], case["cu_k"], case["cu_c"], 32, 16)
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, ck, cv), do)
     ref_in = {n: case[n].float().requires_grad_() for n in ("q", "cmp_k", "cmp_v")}
@@ -354,6 +354,6 @@ def test_gpu_varlen_bf16_matches_reference():
     assert rel_err(o, ref_o) < 1e-2
     for name, g, rg in zip(("dq", "dcmp_k", "dcmp_v"), grads, ref_grads):
         assert rel_err(g, rg) < 2e-2, name
-    got = select_blocks(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], params)
+    got = parallel_sel(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], params)
     assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, params, scale), params, rtol=1e-4,
                                         q_pos=query_positions(case["cu_q"], case["cu_k"]))

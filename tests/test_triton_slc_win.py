@@ -9,10 +9,10 @@ import torch
 
 from nsa_kernels.params import NSAParams, num_cmp_blocks
 from nsa_kernels.reference import nsa_sequence
-from nsa_kernels import selected_attention as slc_mod
-from nsa_kernels import window_attention as win_mod
-from nsa_kernels.selected_attention import selected_attention
-from nsa_kernels.window_attention import window_attention
+from nsa_kernels import slc as slc_mod
+from nsa_kernels import win as win_mod
+from nsa_kernels.parallel import parallel_slc
+from nsa_kernels.parallel import parallel_win
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = dict(cmp_block=8, cmp_stride=4, slc_block=16, slc_count=4, init_blocks=1, local_blocks=2, window=24)
@@ -98,7 +98,7 @@ def test_selected_matches_reference_fp32(lens_k, lens_q, hq, hkv, d, dv):
     params = NSAParams(**TINY)
     batch = _make_batch(lens_k, lens_q, hq, hkv, d, dv, params, torch.float32)
     _assert_sparse(batch["blocks"], lens_q, lens_k, params.slc_block)
-    out = selected_attention(
+    out = parallel_slc(
         batch["q"], batch["k"], batch["v"], batch["blocks"], batch["cu_q"], batch["cu_k"], params.slc_block, batch["scale"]
     )
     _check_fwd_bwd(out, batch, 1e-5, 1e-5)
@@ -137,11 +137,11 @@ def test_selected_fp16_and_unused_slots():
     later = own + 1 + torch.randint(0, 3, (90, 1, 1))  # starts after the query: must be ignored
     blocks = torch.cat([batch["blocks"], torch.full_like(batch["blocks"][..., :1], -1), later.int()], dim=-1)
     blocks = blocks[..., torch.randperm(blocks.shape[-1])].contiguous()  # slot order does not matter
-    out = selected_attention(batch["q"], batch["k"], batch["v"], blocks, batch["cu_q"], batch["cu_k"], 16)
+    out = parallel_slc(batch["q"], batch["k"], batch["v"], blocks, batch["cu_q"], batch["cu_k"], 16)
     assert _rel_err(out, batch["ref"]) < 3e-3
     empty = torch.full_like(batch["blocks"], -1)
     q = batch["q"].detach().requires_grad_()
-    o = selected_attention(q, batch["k"], batch["v"], empty, batch["cu_q"], batch["cu_k"], 16)
+    o = parallel_slc(q, batch["k"], batch["v"], empty, batch["cu_q"], batch["cu_k"], 16)
     assert torch.equal(o, torch.zeros_like(o))
     (dq,) = torch.autograd.grad(o.float().sum(), (q,))
     assert torch.equal(dq, torch.zeros_like(dq))
@@ -165,7 +165,7 @@ WIN_CASES = [
 def test_window_matches_reference_fp32(lens_k, lens_q, hq, hkv, d, dv, window):
     params = NSAParams(**{**TINY, "window": window})
     batch = _make_batch(lens_k, lens_q, hq, hkv, d, dv, params, torch.float32, branch=WIN)
-    out = window_attention(batch["q"], batch["k"], batch["v"], batch["cu_q"], batch["cu_k"], window, batch["scale"])
+    out = parallel_win(batch["q"], batch["k"], batch["v"], batch["cu_q"], batch["cu_k"], window, batch["scale"])
     _check_fwd_bwd(out, batch, 1e-5, 1e-5)
 
 
@@ -213,21 +213,21 @@ def test_bad_inputs_raise(change, match):
     q, k, v, cu, blocks = _small()
     q, k, v, cu = (change.get(n, x) for n, x in zip(("q", "k", "v", "cu"), (q, k, v, cu)))
     with pytest.raises(ValueError, match=match):
-        window_attention(q, k, v, cu, cu, 4)
+        parallel_win(q, k, v, cu, cu, 4)
     with pytest.raises(ValueError, match=match):
-        selected_attention(q, k, v, blocks, cu, cu, 4)
+        parallel_slc(q, k, v, blocks, cu, cu, 4)
 
 
 def test_bad_settings_raise():
     q, k, v, cu, blocks = _small()
     with pytest.raises(ValueError, match="window=0"):
-        window_attention(q, k, v, cu, cu, 0)
+        parallel_win(q, k, v, cu, cu, 0)
     with pytest.raises(ValueError, match="slc_block=0"):
-        selected_attention(q, k, v, blocks, cu, cu, 0)
+        parallel_slc(q, k, v, blocks, cu, cu, 0)
     with pytest.raises(ValueError, match="block_indices"):
-        selected_attention(q, k, v, blocks[:, :1], cu, cu, 4)
+        parallel_slc(q, k, v, blocks[:, :1], cu, cu, 4)
     with pytest.raises(ValueError, match="block_indices"):
-        selected_attention(q, k, v, blocks.long(), cu, cu, 4)
+        parallel_slc(q, k, v, blocks.long(), cu, cu, 4)
 
 
 # ---------------------------------------------------------------- realistic shapes on the GPU
@@ -244,11 +244,11 @@ def test_gpu_bf16_realistic(hq, hkv, branch):
     batch = _make_batch(lens, lens, hq, hkv, 128, 128, PAPER, torch.bfloat16, device="cuda", branch=branch)
     if branch == SLC:
         _assert_sparse(batch["blocks"], lens, lens, PAPER.slc_block)
-        out = selected_attention(
+        out = parallel_slc(
             batch["q"], batch["k"], batch["v"], batch["blocks"], batch["cu_q"], batch["cu_k"], 64, batch["scale"]
         )
     else:
-        out = window_attention(batch["q"], batch["k"], batch["v"], batch["cu_q"], batch["cu_k"], 512, batch["scale"])
+        out = parallel_win(batch["q"], batch["k"], batch["v"], batch["cu_q"], batch["cu_k"], 512, batch["scale"])
     _check_fwd_bwd(out, batch, 1e-2, 2e-2)
 
 
@@ -260,11 +260,11 @@ def test_gpu_bf16_8k_decode_and_dv(hq, hkv, d, dv):
     for branch in (SLC, WIN):
         batch = _make_batch(lens_k, lens_q, hq, hkv, d, dv, PAPER, torch.bfloat16, device="cuda", branch=branch)
         if branch == SLC:
-            out = selected_attention(
+            out = parallel_slc(
                 batch["q"], batch["k"], batch["v"], batch["blocks"], batch["cu_q"], batch["cu_k"], 64, batch["scale"]
             )
         else:
-            out = window_attention(batch["q"], batch["k"], batch["v"], batch["cu_q"], batch["cu_k"], 512, batch["scale"])
+            out = parallel_win(batch["q"], batch["k"], batch["v"], batch["cu_q"], batch["cu_k"], 512, batch["scale"])
         _check_fwd_bwd(out, batch, 1e-2, 2e-2)
 
 
@@ -275,9 +275,9 @@ def test_gpu_fp32_exact_dots():
     for branch in (SLC, WIN):
         batch = _make_batch(lens, lens, 8, 2, 64, 64, PAPER, torch.float32, device="cuda", branch=branch)
         if branch == SLC:
-            out = selected_attention(
+            out = parallel_slc(
                 batch["q"], batch["k"], batch["v"], batch["blocks"], batch["cu_q"], batch["cu_k"], 64, batch["scale"]
             )
         else:
-            out = window_attention(batch["q"], batch["k"], batch["v"], batch["cu_q"], batch["cu_k"], 512, batch["scale"])
+            out = parallel_win(batch["q"], batch["k"], batch["v"], batch["cu_q"], batch["cu_k"], 512, batch["scale"])
         _check_fwd_bwd(out, batch, 1e-5, 1e-5)

@@ -1,18 +1,16 @@
 """Native Sparse Attention: pure-PyTorch reference and Triton kernels (depends on torch and triton only).
 
-``nsa_attention_varlen`` runs the Triton kernels on CUDA and the reference elsewhere. The per-branch
-Triton functions (differentiable, ``torch.compile``-traceable custom ops, see :mod:`ops`) are exported
-here under names that do not hide their submodules, imported lazily on first use (they need triton):
+``nsa_attention_varlen`` runs the Triton kernels on CUDA and the reference elsewhere. The Triton
+functions (differentiable, ``torch.compile``-traceable custom ops, see :mod:`ops`) are those of
+:mod:`parallel`, exported here and imported lazily on first use (they need triton): ``parallel_cmp``
+(compressed attention), ``parallel_sel`` (block selection), ``parallel_slc`` (selected-block
+attention), ``parallel_win`` (sliding window), ``parallel_gate`` (gated sum), ``parallel_nsa`` (the
+layer), and ``nsa_decode`` (:mod:`decode`, decoding from a KV cache). :mod:`reference` is the
+specification (``nsa_sequence``, ``select_blocks``, ...).
 
-* ``compressed_attention_triton`` = :func:`compressed_attention.compressed_attention`
-* ``select_blocks_triton`` = :func:`block_selection.select_blocks` (``select_blocks`` is the reference's)
-* ``selected_attention_triton`` = :func:`selected_attention.selected_attention`
-* ``window_attention_triton`` = :func:`window_attention.window_attention`
-* ``gate_combine_triton`` = :func:`gate_combine.gate_combine`
-* ``nsa_decode`` = :func:`decode.nsa_decode` (decoding from a KV cache)
-
-(``nsa_kernels.compressed_attention`` etc. are the submodules; ``from nsa_kernels.compressed_attention
-import compressed_attention`` gives the same function.)
+Modules, bottom to top: ``params``, ``compression``, ``reference`` (torch only); ``primitives``
+(shared Triton helpers); ``cmp``, ``sel``, ``slc``, ``win``, ``gate``, ``decode`` (kernels and launchers);
+``ops`` (custom ops); ``parallel`` (public Triton functions); ``nsa`` (entry point).
 
 Installed under the import name ``nsa_kernels`` (the name ``kernels`` belongs to HF's kernel hub).
 """
@@ -23,12 +21,13 @@ from .reference import nsa_sequence, select_blocks
 
 # Triton functions, imported on first access (PEP 562): ``import nsa_kernels`` does not import triton.
 _LAZY = {
-    "compressed_attention_triton": ("compressed_attention", "compressed_attention"),
-    "select_blocks_triton": ("block_selection", "select_blocks"),
-    "selected_attention_triton": ("selected_attention", "selected_attention"),
-    "window_attention_triton": ("window_attention", "window_attention"),
-    "gate_combine_triton": ("gate_combine", "gate_combine"),
-    "nsa_decode": ("decode", "nsa_decode"),
+    "parallel_cmp": "parallel",
+    "parallel_sel": "parallel",
+    "parallel_slc": "parallel",
+    "parallel_win": "parallel",
+    "parallel_gate": "parallel",
+    "parallel_nsa": "parallel",
+    "nsa_decode": "decode",
 }
 
 
@@ -36,8 +35,7 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -49,17 +47,18 @@ __all__ = [
     "NSAParams",
     "cmp_cu_seqlens",
     "compress_varlen",
-    "compressed_attention_triton",
-    "gate_combine_triton",
     "gather_cmp_blocks",
     "nsa_attention_varlen",
     "nsa_decode",
     "nsa_sequence",
-    "resolve_backend",
     "num_cmp_blocks",
+    "parallel_cmp",
+    "parallel_gate",
+    "parallel_nsa",
+    "parallel_sel",
+    "parallel_slc",
+    "parallel_win",
+    "resolve_backend",
     "select_blocks",
-    "select_blocks_triton",
-    "selected_attention_triton",
     "validate_nsa_params",
-    "window_attention_triton",
 ]

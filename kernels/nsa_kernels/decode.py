@@ -7,19 +7,19 @@ last ``Tq`` positions of each row of a (possibly ragged, left-padded) cache laid
 
 Decoding is memory bound, so the design is about reading each byte once and filling the GPU:
 
-1. ``_cmp_partial_kernel``, grid ``(B*Hkv, splits, row blocks)``: flash-decoding over the compressed
+1. ``_decode_cmp_kernel``, grid ``(B*Hkv, splits, row blocks)``: flash-decoding over the compressed
    cache. Every program loads all ``G`` query heads (times ``Tq``) of one KV head, so each
    compressed key/value is read once per group. Besides the partial softmax state ``(m, l, acc)`` it
    accumulates, for the selection blocks its split owns, the un-normalised block scores
    ``sum_i exp(s_i - m) * overlap(i, j)`` per query row (a tiny ``(rows, blocks)`` tile). A split
    owns the selection blocks whose stride-chunks fall in its range of compressed tokens, so it also
    reads the ``l/d - 1`` compressed keys before its range (they count for the scores only).
-2. ``_select_kernel``, grid ``(B*Hkv, Tq)``: merges the splits' softmax states into each row's
+2. ``_decode_sel_kernel``, grid ``(B*Hkv, Tq)``: merges the splits' softmax states into each row's
    log-sum-exp, turns the partial block scores into ``p_cmp @ overlap`` summed over the group, and
    takes the top ``n`` blocks in-kernel (forced initial/local blocks first, ties to the lower index).
-3. ``_sparse_partial_kernel``, grid ``(B*Hkv*Tq, units)``: each unit attends the group's query heads
+3. ``_decode_slc_win_kernel``, grid ``(B*Hkv*Tq, units)``: each unit attends the group's query heads
    to a few selected blocks or to a slice of the sliding window (separate softmax states).
-4. ``_combine_kernel``, grid ``(B*Hkv*Tq, G)``: merges the partial states of the three branches and
+4. ``_decode_gate_kernel``, grid ``(B*Hkv*Tq, G)``: merges the partial states of the three branches and
    applies the gates.
 
 Bytes read per (row, KV head): ``N_cmp*(D+Dv)`` for cmp (plus ``(l/d-1)*D`` per split), at most
@@ -40,8 +40,7 @@ import triton
 import triton.language as tl
 
 from .params import NSAParams
-
-_LOG2E = 1.4426950408889634
+from .primitives import LOG2E, pow2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +57,7 @@ def _num_visible_cmp(t, clen, CMP_L: tl.constexpr, CMP_D: tl.constexpr):
 
 
 @triton.jit
-def _cmp_partial_kernel(
+def _decode_cmp_kernel(
     Q, CK, CV, KLEN, CSTART, CLEN,
     M_out, L_out, ACC_out, BINS_out,
     s_qb, s_qt, s_qh, s_qd,
@@ -157,7 +156,7 @@ def _active_splits(nvis, R: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(
+def _decode_sel_kernel(
     M_in, L_in, BINS, KLEN, CLEN, IDX_out,
     Hkv, Tq, G, NSPLIT, ROWS, JPS,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
@@ -228,7 +227,7 @@ def _attend_tile(q, k_ptrs, v_ptrs, kmask, kmask2, vmask2, m_i, l_i, acc, qk_sca
 
 
 @triton.jit
-def _sparse_partial_kernel(
+def _decode_slc_win_kernel(
     Q, K, V, KSTART, KLEN, IDX,
     M_out, L_out, ACC_out,
     s_qb, s_qt, s_qh, s_qd,
@@ -323,7 +322,7 @@ def _merge_splits(M, L, ACC, base, stride_s, n_s, offs_dv, DV, SB: tl.constexpr)
 
 
 @triton.jit
-def _combine_kernel(
+def _decode_gate_kernel(
     CM, CL, CACC, SM, SL, SACC, GATES, OUT, KLEN, CLEN,
     s_gb, s_gt, s_gh, s_gc,
     s_ob, s_ot, s_oh, s_od,
@@ -364,10 +363,6 @@ def _combine_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
-
-
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -444,7 +439,7 @@ def _plan(bsz, hkv, tq, g, s, sc, d, dv, params: NSAParams, device, cmp_chunk=No
     r = params.cmp_block // params.cmp_stride
     cpb = params.slc_block // params.cmp_stride  # stride-chunks per selection block
     rows = tq * g
-    block_m = min(_pow2(rows), 64)
+    block_m = min(pow2(rows), 64)
     m_blocks = triton.cdiv(rows, block_m)
     big_d = max(d, dv) > 128
     block_n = (32 if big_d else 64) if on_gpu else 16
@@ -472,7 +467,7 @@ def _plan(bsz, hkv, tq, g, s, sc, d, dv, params: NSAParams, device, cmp_chunk=No
     split_p = triton.next_power_of_2(max(nsplit, triton.cdiv(n_slc_max, jps)))
 
     # selected + window units
-    block_s = _pow2(min(params.slc_block, 64))
+    block_s = pow2(min(params.slc_block, 64))
     block_w = 64 if on_gpu else 16
     win_keys = min(params.window, s)
     if slc_per_unit is None or win_per_unit is None:
@@ -488,8 +483,8 @@ def _plan(bsz, hkv, tq, g, s, sc, d, dv, params: NSAParams, device, cmp_chunk=No
     nw = triton.cdiv(win_keys, win_per_unit)
     return dict(
         r=r, cpb=cpb, rows=rows, block_m=block_m, m_blocks=m_blocks, block_n=block_n, chunk=cmp_chunk, jps=jps,
-        jps_p=_pow2(jps), nsplit=nsplit, split_p=split_p, block_s=block_s, block_w=block_w, spu=slc_per_unit,
-        wkeys=win_per_unit, ns=ns, nu=ns + nw, g_p=_pow2(g), block_d=_pow2(d), block_dv=_pow2(dv),
+        jps_p=pow2(jps), nsplit=nsplit, split_p=split_p, block_s=block_s, block_w=block_w, spu=slc_per_unit,
+        wkeys=win_per_unit, ns=ns, nu=ns + nw, g_p=pow2(g), block_d=pow2(d), block_dv=pow2(dv),
     )
 
 
@@ -553,7 +548,7 @@ def nsa_decode(
     dev = q.device
     pl = _plan(bsz, hkv, tq, g, s, sc, d, dv, params, dev, _cmp_chunk, _slc_per_unit, _win_per_unit)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    qk_scale = scale * _LOG2E
+    qk_scale = scale * LOG2E
     f32 = dict(dtype=torch.float32, device=dev)
 
     # 1. compressed pass
@@ -564,19 +559,19 @@ def nsa_decode(
     sizes = [n_c, n_c, n_c * dv, n_c * pl["jps"], n_s, n_s, n_s * dv]
     scratch = torch.empty(sum(sizes), **f32).split(sizes)
     cm, cl, cacc, bins, sm, sl, sacc = scratch
-    _cmp_partial_kernel[(bsz * hkv, nsplit, pl["m_blocks"])](
+    _decode_cmp_kernel[(bsz * hkv, nsplit, pl["m_blocks"])](
         q, cmp_k_cache, cmp_v_cache, k_len, cmp_start, cmp_len,
         cm, cl, cacc, bins,
         *q.stride(), *cmp_k_cache.stride(), *cmp_v_cache.stride(),
         hkv, tq, g, d, dv, nsplit, rows, pl["jps"], qk_scale,
         CMP_L=params.cmp_block, CMP_D=params.cmp_stride, R=pl["r"], CPB=pl["cpb"], CHUNK=pl["chunk"],
         BLOCK_M=pl["block_m"], BLOCK_N=pl["block_n"], BLOCK_D=pl["block_d"], BLOCK_DV=pl["block_dv"],
-        JPS_P=pl["jps_p"], PRE_P=_pow2(pl["r"] - 1), PREC=prec, BINS_PREC="tf32x3" if q.is_cuda else "ieee",
+        JPS_P=pl["jps_p"], PRE_P=pow2(pl["r"] - 1), PREC=prec, BINS_PREC="tf32x3" if q.is_cuda else "ieee",
         num_warps=_cmp_warps, num_stages=_cmp_stages,
     )
     # 2. block selection
     idx = torch.empty(bsz, hkv, tq, params.slc_count, dtype=torch.int32, device=dev)
-    _select_kernel[(bsz * hkv, tq)](
+    _decode_sel_kernel[(bsz * hkv, tq)](
         cm, cl, bins, k_len, cmp_len, idx,
         hkv, tq, g, nsplit, rows, pl["jps"],
         CMP_L=params.cmp_block, CMP_D=params.cmp_stride, R=pl["r"], CHUNK=pl["chunk"],
@@ -585,7 +580,7 @@ def nsa_decode(
         GB=max(1, min(triton.next_power_of_2(g), 16384 // (pl["split_p"] * pl["jps_p"]))), num_warps=8,
     )
     # 3. selected + window attention, split into units
-    _sparse_partial_kernel[(bsz * hkv * tq, nu)](
+    _decode_slc_win_kernel[(bsz * hkv * tq, nu)](
         q, k_cache, v_cache, k_start, k_len, idx,
         sm, sl, sacc,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
@@ -596,7 +591,7 @@ def nsa_decode(
     )
     # 4. merge and gate
     out = torch.empty(bsz, tq, hq, dv, dtype=q.dtype, device=dev)
-    _combine_kernel[(bsz * hkv * tq, g)](
+    _decode_gate_kernel[(bsz * hkv * tq, g)](
         cm, cl, cacc, sm, sl, sacc, gates, out, k_len, cmp_len,
         *gates.stride(), *out.stride(),
         hkv, tq, g, dv, nsplit, rows, nu,

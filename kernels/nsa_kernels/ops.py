@@ -14,98 +14,32 @@ ops, and the compiler sees five forward and four backward nodes.
 * ``cmp_fwd`` / ``cmp_bwd``: compressed attention. ``cmp_fwd`` also runs the block selection when
   ``slc_count > 0`` (selection needs ``lse`` and the same varlen sizes, and is not differentiated), so
   that the forward pass needs the host-side sizes in one place only.
-* ``select_blocks``: the block selection alone (no gradient).
+* ``sel_fwd``: the block selection alone (no gradient).
 * ``slc_fwd`` / ``slc_bwd``: selected-block attention; ``slc_fwd`` returns the index tensors that the
   backward reuses (``q_kpos, sel, scnt, uni, ucnt``), so nothing is recomputed.
 * ``win_fwd`` / ``win_bwd``: sliding-window attention.
-* ``gate_combine`` / ``gate_combine_bwd``: the fused gated sum (:mod:`gate_combine`).
+* ``gate_fwd`` / ``gate_bwd``: the fused gated sum (:mod:`gate`).
 
 Host synchronisation: the cmp and selection launch grids need ``max_seqlen_q`` and ``max_seqlen_cmp``
 as Python ints. The ops take them as ints; ``-1`` means "not known": the op then copies the cu_seqlens
 to the host once (one transfer for all three), validates them and derives the sizes
-(:func:`varlen_plan`). The slc and win launchers never synchronise (their grids use upper bounds).
+(:func:`primitives.varlen_plan`). The slc and win launchers never synchronise (their grids use upper bounds).
 """
 import torch
 from torch import Tensor
 
-from . import block_selection as _sel
-from . import compressed_attention as _cmp
-from . import gate_combine as _gate
-from . import selected_attention as _slc
-from . import window_attention as _win
-from .params import num_cmp_blocks
+from . import cmp as _cmp
+from . import gate as _gate
+from . import sel as _sel
+from . import slc as _slc
+from . import win as _win
+from .primitives import dense as _dense
+from .primitives import rows_contiguous as _rows
+from .primitives import varlen_plan
 
 # ------------------------------------------------------------------------------------------------
-# Varlen sizes: validation and max lengths from one device-to-host copy
+# Helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def check_cu_seqlens_meta(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, cu_seqlens_cmp: Tensor, device) -> None:
-    """Checks of the offsets that need no copy to the host: 1-D int32 ``(B+1,)``, same B, on ``device``."""
-    cus = (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("cu_seqlens_cmp", cu_seqlens_cmp))
-    for name, cu in cus:
-        if cu.dim() != 1 or cu.dtype != torch.int32 or cu.shape[0] < 2:
-            raise ValueError(f"{name} must be a 1-D int32 tensor of B+1 >= 2 offsets; got {cu.dtype} {tuple(cu.shape)}")
-        if cu.shape[0] != cu_seqlens_q.shape[0]:
-            raise ValueError(f"{name} has {cu.shape[0]} entries, cu_seqlens_q has {cu_seqlens_q.shape[0]}")
-        if cu.device != device:
-            raise ValueError(f"{name} is on {cu.device}, q on {device}")
-
-
-def varlen_plan(
-    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, cu_seqlens_cmp: Tensor,
-    nq: int, nk: int, nc: int, cmp_block: int, cmp_stride: int,
-) -> tuple[int, int, int]:
-    """Validate the offsets against the token counts (``nk < 0``: key total unchecked) and return
-    ``(max_seqlen_q, max_seqlen_k, max_seqlen_cmp)``. One device-to-host copy of all three offsets;
-    ``ValueError`` naming the bad values otherwise."""
-    b1 = cu_seqlens_q.shape[0]
-    flat = torch.cat([cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp]).tolist()  # the one transfer
-    bq, bk, bc = flat[:b1], flat[b1 : 2 * b1], flat[2 * b1 :]
-    lq = [e - s for s, e in zip(bq[:-1], bq[1:])]
-    lk = [e - s for s, e in zip(bk[:-1], bk[1:])]
-    lc = [e - s for s, e in zip(bc[:-1], bc[1:])]
-    if bq[0] != 0 or bq[-1] != nq or min(lq) < 0:
-        raise ValueError(f"cu_seqlens_q={bq} must rise from 0 to the {nq} query tokens")
-    if bk[0] != 0 or (nk >= 0 and bk[-1] != nk) or min(lk) < 0:
-        to = f" to the {nk} key tokens" if nk >= 0 else ""
-        raise ValueError(f"cu_seqlens_k={bk} must rise from 0{to}")
-    if bc[0] != 0 or bc[-1] != nc or min(lc) < 0:
-        raise ValueError(f"cu_seqlens_cmp={bc} must rise from 0 to the {nc} compressed tokens")
-    if any(a > b for a, b in zip(lq, lk)):
-        raise ValueError(
-            f"every sequence needs at least as many keys as queries (queries are the last Tq of Tk); "
-            f"got query lengths {lq} and key lengths {lk}"
-        )
-    expect = [num_cmp_blocks(n, cmp_block, cmp_stride) for n in lk]
-    if lc != expect:
-        raise ValueError(
-            f"cu_seqlens_cmp gives {lc} compressed tokens per sequence; key lengths {lk} have {expect} "
-            f"complete blocks (cmp_block={cmp_block}, cmp_stride={cmp_stride})"
-        )
-    return max(lq), max(lk), max(lc)
-
-
-def max_lengths(
-    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, cu_seqlens_cmp: Tensor, nq: int, nk: int, nc: int,
-    cmp_block: int, cmp_stride: int, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
-) -> tuple[int, int]:
-    """``(max_seqlen_q, max_seqlen_cmp)`` for the launch grids, with at most one device-to-host copy.
-
-    * ``max_seqlen_k`` given: no copy, the offsets are trusted (``max_seqlen_q`` defaults to it: queries
-      never outnumber keys; the maxima may be upper bounds, never underestimates);
-    * otherwise, eagerly: :func:`varlen_plan` (one copy of the three offsets, validated against the
-      token counts ``nq``/``nk``/``nc``; ``nk < 0``: key total unchecked);
-    * otherwise, while ``torch.compile`` traces: ``(-1, -1)``, and the cmp custom op does that copy
-      and those checks when it runs (its backward once more, as it cannot see the forward's sizes).
-    """
-    if max_seqlen_k is not None:
-        max_q = max_seqlen_k if max_seqlen_q is None else max_seqlen_q
-        return max_q, num_cmp_blocks(max_seqlen_k, cmp_block, cmp_stride)
-    if torch.compiler.is_compiling():
-        return -1, -1
-    max_q, _, max_c = varlen_plan(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, nq, nk, nc, cmp_block, cmp_stride)
-    return max_q, max_c
 
 
 def _sizes(q, cmp_k, cu_q, cu_k, cu_c, max_q, max_c, cmp_block, cmp_stride):
@@ -113,17 +47,6 @@ def _sizes(q, cmp_k, cu_q, cu_k, cu_c, max_q, max_c, cmp_block, cmp_stride):
         return max_q, max_c
     mq, _, mc = varlen_plan(cu_q, cu_k, cu_c, q.shape[0], -1, cmp_k.shape[0], cmp_block, cmp_stride)
     return mq, mc
-
-
-def _rows(*xs):
-    """The kernels need the last axis contiguous (token/head strides are free). Compiled graphs may
-    hand the ops other layouts than eager code does, so the ops enforce it themselves (no-op normally)."""
-    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
-
-
-def _dense(*xs):
-    """Offsets, logsumexps and index tensors are addressed as dense arrays."""
-    return tuple(x.contiguous() for x in xs)
 
 
 def _new(x: Tensor) -> Tensor:
@@ -223,8 +146,8 @@ def _cmp_backward(ctx, do, dlse, dblocks):
 cmp_fwd.register_autograd(_cmp_backward, setup_context=_cmp_setup)
 
 
-@torch.library.custom_op("nsa_kernels::select_blocks", mutates_args=())
-def select_blocks(
+@torch.library.custom_op("nsa_kernels::sel_fwd", mutates_args=())
+def sel_fwd(
     q: Tensor, cmp_k: Tensor, lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, cu_seqlens_cmp: Tensor,
     max_seqlen_q: int, cmp_block: int, cmp_stride: int, slc_block: int, slc_count: int,
     init_blocks: int, local_blocks: int, scale: float,
@@ -238,7 +161,7 @@ def select_blocks(
                      slc_block, slc_count, init_blocks, local_blocks, scale)
 
 
-@select_blocks.register_fake
+@sel_fwd.register_fake
 def _(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q, cmp_block, cmp_stride, slc_block,
       slc_count, init_blocks, local_blocks, scale):
     return q.new_empty(q.shape[0], cmp_k.shape[1], slc_count, dtype=torch.int32)
@@ -255,7 +178,7 @@ def slc_fwd(
     slc_block: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(o, lse, q_kpos, sel, scnt, uni, ucnt)``: the output, its logsumexp and the index tensors
-    of :func:`selected_attention._prepare` (saved for the backward)."""
+    of :func:`slc._prepare` (saved for the backward)."""
     q, k, v = _rows(q, k, v)
     block_indices, cu_seqlens_q, cu_seqlens_k = _dense(block_indices, cu_seqlens_q, cu_seqlens_k)
     tok = _slc.default_tokens_per_program(q.shape[1] // k.shape[1])
@@ -373,26 +296,26 @@ win_fwd.register_autograd(_win_backward, setup_context=_win_setup)
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("nsa_kernels::gate_combine", mutates_args=())
-def gate_combine_op(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
+@torch.library.custom_op("nsa_kernels::gate_fwd", mutates_args=())
+def gate_fwd(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
     """``g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` (fp32 accumulation, in the dtype of ``o_cmp``)."""
     return _gate._fwd(o_cmp, o_slc, o_win, gates)  # always a new contiguous tensor
 
 
-@gate_combine_op.register_fake
+@gate_fwd.register_fake
 def _(o_cmp, o_slc, o_win, gates):
     return _new(o_cmp)
 
 
-@torch.library.custom_op("nsa_kernels::gate_combine_bwd", mutates_args=())
-def gate_combine_bwd(
+@torch.library.custom_op("nsa_kernels::gate_bwd", mutates_args=())
+def gate_bwd(
     dout: Tensor, o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(d o_cmp, d o_slc, d o_win, d gates)``."""
     return _gate._bwd(dout, o_cmp, o_slc, o_win, gates)
 
 
-@gate_combine_bwd.register_fake
+@gate_bwd.register_fake
 def _(dout, o_cmp, o_slc, o_win, gates):
     return tuple(_new(x) for x in (o_cmp, o_slc, o_win, gates))
 
@@ -402,7 +325,7 @@ def _gate_setup(ctx, inputs, output):
 
 
 def _gate_backward(ctx, dout):
-    return gate_combine_bwd(dout, *ctx.saved_tensors)
+    return gate_bwd(dout, *ctx.saved_tensors)
 
 
-gate_combine_op.register_autograd(_gate_backward, setup_context=_gate_setup)
+gate_fwd.register_autograd(_gate_backward, setup_context=_gate_setup)

@@ -265,3 +265,11 @@ def check_nsa_inputs(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, c
             f"cu_seqlens_cmp gives {got} compressed tokens per sequence; the key lengths "
             f"{lk.tolist()} have {expect} complete blocks (l={params.cmp_block}, d={params.cmp_stride})"
         )
+
+
+def gate_combine(o_cmp, o_slc, o_win, gates):
+    """The PyTorch formula (fp32 accumulation, fp64 for fp64 inputs; output in the dtype of ``o_cmp``)."""
+    acc = torch.promote_types(torch.promote_types(torch.float32, o_cmp.dtype), gates.dtype)
+    g = gates.to(acc)
+    out = g[..., 0:1] * o_cmp.to(acc) + g[..., 1:2] * o_slc.to(acc) + g[..., 2:3] * o_win.to(acc)
+    return out.to(o_cmp.dtype)

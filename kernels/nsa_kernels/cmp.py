@@ -23,18 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .primitives import LOG2E, dot_precision, load_rows, n_visible, pow2, softmax_step, store_o_lse
 
-_LOG2E = 1.4426950408889634
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
 # ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _n_visible(pos, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
-    """Number of complete compression blocks seen by a query at position ``pos``."""
-    return tl.where(pos >= CMP_BLOCK - 1, (pos - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0)
 
 
 @triton.jit
@@ -62,18 +56,15 @@ def _cmp_fwd_kernel(
     head = h * G + rows % G
     row_ok = (rows < TOK * G) & (tok < tq)
     pos = tok + (tk - tq)
-    n_vis = _n_visible(pos, CMP_BLOCK, CMP_STRIDE)
+    n_vis = n_visible(pos, CMP_BLOCK, CMP_STRIDE)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     gtok = (q_start + tok).to(tl.int64)
-    q = tl.load(
-        Q + gtok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-    )
+    q = load_rows(Q, gtok, head, row_ok, stride_qt, stride_qh, D, BLOCK_D)
     first_pos = tile * TOK + (tk - tq)
     last_pos = tl.minimum(tile * TOK + TOK - 1, tq - 1) + (tk - tq)
-    n_full = _n_visible(first_pos, CMP_BLOCK, CMP_STRIDE)  # every row sees these
-    n_max = _n_visible(last_pos, CMP_BLOCK, CMP_STRIDE)  # no row sees beyond
+    n_full = n_visible(first_pos, CMP_BLOCK, CMP_STRIDE)  # every row sees these
+    n_max = n_visible(last_pos, CMP_BLOCK, CMP_STRIDE)  # no row sees beyond
     n_full_tiles = (n_full // BLOCK_N) * BLOCK_N
     cols = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -87,12 +78,7 @@ def _cmp_fwd_kernel(
         k = tl.load(k_base + kidx[:, None] * stride_kt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
         v = tl.load(v_base + kidx[:, None] * stride_vt + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
     # The ragged causal edge.
     for n0 in range(n_full_tiles, n_max, BLOCK_N):
         kidx = n0 + cols
@@ -107,20 +93,8 @@ def _cmp_fwd_kernel(
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         s = tl.where(kidx[None, :] < n_vis[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-    has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    tl.store(
-        O + gtok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-        out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV),
-    )
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("inf"))
-    tl.store(LSE + gtok * HQ + head, lse, mask=row_ok)
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
+    store_o_lse(O, LSE, gtok, head, row_ok, stride_ot, stride_oh, HQ, acc, m_i, l_i, DV, BLOCK_DV, True)
 
 
 @triton.jit
@@ -164,7 +138,7 @@ def _cmp_bwd_dq_kernel(
     head = h * G + rows % G
     row_ok = (rows < TOK * G) & (tok < tq)
     pos = tok + (tk - tq)
-    n_vis = _n_visible(pos, CMP_BLOCK, CMP_STRIDE)
+    n_vis = n_visible(pos, CMP_BLOCK, CMP_STRIDE)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     gtok = (q_start + tok).to(tl.int64)
@@ -177,7 +151,7 @@ def _cmp_bwd_dq_kernel(
     lse2 = tl.load(LSE + gtok * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + gtok * HQ + head, mask=row_ok, other=0.0)
     last_pos = tl.minimum(tile * TOK + TOK - 1, tq - 1) + (tk - tq)
-    n_max = _n_visible(last_pos, CMP_BLOCK, CMP_STRIDE)
+    n_max = n_visible(last_pos, CMP_BLOCK, CMP_STRIDE)
     cols = tl.arange(0, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + c_start.to(tl.int64) * stride_kt + h * stride_kh
@@ -257,10 +231,7 @@ def _cmp_bwd_dkdv_kernel(
         row_ok = row_in & (tok < end_tok)
         pos = tok + (tk - tq)
         gtok = (q_start + tok).to(tl.int64)
-        q = tl.load(
-            Q + gtok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-        )
+        q = load_rows(Q, gtok, head, row_ok, stride_qt, stride_qh, D, BLOCK_D)
         do = tl.load(
             DO + gtok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
             mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
@@ -285,18 +256,9 @@ def _cmp_bwd_dkdv_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(n))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep full fp32 products (the spec's precision); 16-bit inputs use the tensor cores.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _row_tiling(group: int, block_m: int) -> tuple[int, int]:
     """``(BLOCK_M, TOK)``: rows per program (a power of two) and the query tokens they hold."""
-    block_m = max(block_m, _pow2(group))
+    block_m = max(block_m, pow2(group))
     return block_m, max(1, block_m // group)
 
 
@@ -324,11 +286,11 @@ def _fwd(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen
     grid = (triton.cdiv(max_seqlen_q, cfg["TOK"]), batch, hkv)
     _cmp_fwd_kernel[grid](
         q, cmp_k, cmp_v, o, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
-        scale * _LOG2E,
+        scale * LOG2E,
         q.stride(0), q.stride(1), cmp_k.stride(0), cmp_k.stride(1), cmp_v.stride(0), cmp_v.stride(1),
         o.stride(0), o.stride(1),
         HQ=hq, G=group, D=d, DV=dv, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype), **cfg,
+        BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), DOT_PREC=dot_precision(q.dtype), **cfg,
     )
     return o, lse
 
@@ -376,16 +338,16 @@ def _bwd(q, cmp_k, cmp_v, o, lse, do, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp
     delta = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
     block_r = 64 if q.is_cuda else 16
     _cmp_bwd_delta_kernel[(triton.cdiv(nq * hq, block_r),)](
-        o, do, delta, nq * hq, DV=dv, BLOCK_R=block_r, BLOCK_DV=_pow2(dv)
+        o, do, delta, nq * hq, DV=dv, BLOCK_R=block_r, BLOCK_DV=pow2(dv)
     )
     dq_cfg, kv_cfg = _bwd_configs(q, group)
     common = dict(
         HQ=hq, G=group, D=d, DV=dv, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype),
+        BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), DOT_PREC=dot_precision(q.dtype),
     )
     _cmp_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, dq_cfg["TOK"]), batch, hkv)](
         q, cmp_k, cmp_v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
-        scale, scale * _LOG2E,
+        scale, scale * LOG2E,
         q.stride(0), q.stride(1), cmp_k.stride(0), cmp_k.stride(1), cmp_v.stride(0), cmp_v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         **common, **dq_cfg,
@@ -400,7 +362,7 @@ def _bwd(q, cmp_k, cmp_v, o, lse, do, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp
             dv_part = torch.empty((splits,) + tuple(cmp_v.shape), device=q.device, dtype=torch.float32)
         _cmp_bwd_dkdv_kernel[(n_ktiles, splits, batch * hkv)](
             q, cmp_k, cmp_v, do, lse, delta, dk_part, dv_part, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
-            scale, scale * _LOG2E,
+            scale, scale * LOG2E,
             q.stride(0), q.stride(1), cmp_k.stride(0), cmp_k.stride(1), cmp_v.stride(0), cmp_v.stride(1),
             do.stride(0), do.stride(1), dk_part.stride(1), dk_part.stride(2), dv_part.stride(1), dv_part.stride(2),
             dk_part.stride(0), dv_part.stride(0), q_chunk, HKV=hkv,
@@ -410,92 +372,3 @@ def _bwd(q, cmp_k, cmp_v, o, lse, do, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp
             dk = dk_part.sum(0).to(cmp_k.dtype)
             dvv = dv_part.sum(0).to(cmp_v.dtype)
     return dq, dk, dvv
-
-
-# ------------------------------------------------------------------------------------------------
-# Input checks and the public function (autograd: the custom ops in ops.py)
-# ------------------------------------------------------------------------------------------------
-
-
-def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride,
-                     max_seqlen_q=None, max_seqlen_k=None):
-    """Validate the inputs of compressed attention / block selection; raise ``ValueError`` naming the
-    bad value. Returns ``(max_seqlen_q, max_seqlen_cmp)``.
-
-    The offsets are copied to the host once (one transfer for all three) to be checked and to give
-    the maxima, unless ``max_seqlen_k`` is given (then nothing is copied and the offsets' values are
-    trusted; ``max_seqlen_q`` defaults to ``max_seqlen_k``), or while ``torch.compile`` traces (then
-    ``(-1, -1)`` is returned and the custom op does the copy and the checks when it runs)."""
-    for name, value in (("cmp_block", cmp_block), ("cmp_stride", cmp_stride)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    if cmp_block % cmp_stride != 0:
-        raise ValueError(f"cmp_block={cmp_block} must be a multiple of cmp_stride={cmp_stride}")
-    if q.dim() != 3 or cmp_k.dim() != 3 or cmp_v.dim() != 3:
-        raise ValueError(
-            f"q, cmp_k, cmp_v must be (tokens, heads, head_dim); got {tuple(q.shape)}, "
-            f"{tuple(cmp_k.shape)}, {tuple(cmp_v.shape)}"
-        )
-    hq, hkv = q.shape[1], cmp_k.shape[1]
-    if hkv < 1 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
-    if cmp_k.shape[:2] != cmp_v.shape[:2] or q.shape[-1] != cmp_k.shape[-1]:
-        raise ValueError(f"cmp_k {tuple(cmp_k.shape)} / cmp_v {tuple(cmp_v.shape)} / q {tuple(q.shape)} shapes disagree")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"q.dtype={q.dtype} must be float32, float16 or bfloat16")
-    if cmp_k.dtype != q.dtype or cmp_v.dtype != q.dtype:
-        raise ValueError(f"dtypes differ: q {q.dtype}, cmp_k {cmp_k.dtype}, cmp_v {cmp_v.dtype}")
-    if q.device != cmp_k.device or q.device != cmp_v.device:
-        raise ValueError(f"devices differ: q {q.device}, cmp_k {cmp_k.device}, cmp_v {cmp_v.device}")
-    from .ops import check_cu_seqlens_meta, max_lengths
-
-    check_cu_seqlens_meta(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.device)
-    return max_lengths(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, q.shape[0], -1, cmp_k.shape[0], cmp_block,
-                       cmp_stride, max_seqlen_q, max_seqlen_k)
-
-
-def compressed_attention(
-    q: torch.Tensor,
-    cmp_k: torch.Tensor,
-    cmp_v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    cu_seqlens_cmp: torch.Tensor,
-    cmp_block: int,
-    cmp_stride: int,
-    scale: float | None = None,
-    *,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """NSA's compressed-attention branch over packed sequences (Triton, differentiable).
-
-    Args:
-        q: ``(Nq, Hq, D)`` queries; sequence ``b``'s are the last ``Tq`` of its ``Tk`` positions.
-        cmp_k, cmp_v: ``(Nc, Hkv, D)`` / ``(Nc, Hkv, Dv)`` compressed keys/values (every complete
-            compression block of each sequence, in order). ``Hq`` must be a multiple of ``Hkv``.
-            One dtype among float32, float16, bfloat16; the last axis contiguous (made so otherwise).
-        cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp: int32 ``(B + 1,)`` offsets of each sequence.
-        cmp_block, cmp_stride: ``l`` and ``d``: block ``i`` covers keys ``[i*d, i*d + l)``.
-        scale: softmax scale, ``D ** -0.5`` by default.
-        max_seqlen_q, max_seqlen_k: optional upper bounds of the query / key lengths (as in
-            flash-attn's varlen API). With ``max_seqlen_k`` given nothing is copied to the host (the
-            offsets are then not validated); otherwise the offsets are copied once and checked.
-
-    Returns:
-        ``o (Nq, Hq, Dv)`` in q's dtype and ``lse (Nq, Hq)`` float32, the natural-log logsumexp of the
-        scaled scores (``+inf`` for queries that see no compressed token; their output is 0).
-        Gradients flow to ``q``, ``cmp_k`` and ``cmp_v``; ``lse`` is not differentiable.
-        Runs as the ``nsa_kernels::cmp_fwd`` custom op (traceable by ``torch.compile``).
-    """
-    max_q, max_c = check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride,
-                                    max_seqlen_q, max_seqlen_k)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q, cmp_k, cmp_v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, cmp_k, cmp_v))
-    from .ops import cmp_fwd
-
-    o, lse, _ = cmp_fwd(
-        q, cmp_k, cmp_v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), cu_seqlens_cmp.contiguous(),
-        max_q, max_c, cmp_block, cmp_stride, scale, 0, 0, 0, 0,
-    )
-    return o, lse

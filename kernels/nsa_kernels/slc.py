@@ -23,14 +23,12 @@ packed index of its first key, so tiles may mix tokens of different sequences.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
-_BIG = 2**31 - 1  # sorts after every real key position
+from .primitives import BIG, LOG2E, dot_precision, load_rows, pow2, softmax_step, store_o_lse
+
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -51,11 +49,11 @@ def _slc_fwd_rows(
     and each row only keeps the blocks of its own token (looked up in ``SEL``)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-    )
+    q = load_rows(Q, tok, head, row_ok, stride_qt, stride_qh, D, BLOCK_D)
     q_kpos = tl.load(QKPOS + tok, mask=row_ok, other=-1)
+    # No key after the rows' last position is loaded: the rows belong to one document, so keys of the
+    # next one (which a block at the document's end would reach) never enter a dot, where 0 * NaN = NaN.
+    k_last = tl.max(q_kpos, axis=0)
     if MEMBER:
         offs_sel = tl.arange(0, BLOCK_SEL)
         sel = tl.load(
@@ -72,7 +70,7 @@ def _slc_fwd_rows(
         start = tl.load(LIST + slot)
         in_blk = sub * BLOCK_K + cols
         kpos = start + in_blk
-        col_ok = (in_blk < SLC_BLOCK) & (kpos < Nk)
+        col_ok = (in_blk < SLC_BLOCK) & (kpos <= k_last)
         k = tl.load(
             K + kpos[:, None].to(tl.int64) * stride_kt + h * stride_kh + offs_d[None, :],
             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
@@ -87,20 +85,8 @@ def _slc_fwd_rows(
             member = tl.sum((sel == start).to(tl.int32), axis=1) > 0
             allowed = allowed & member[:, None]
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-    has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    tl.store(
-        O + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-        out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV),
-    )
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(LSE + tok * HQ + head, lse, mask=row_ok)
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
+    store_o_lse(O, LSE, tok, head, row_ok, stride_ot, stride_oh, HQ, acc, m_i, l_i, DV, BLOCK_DV, False)
 
 
 @triton.jit
@@ -179,6 +165,9 @@ def _slc_dq_rows(
     tl.store(DELTA + tok * HQ + head, delta, mask=row_ok)
     lse2 = tl.load(LSE + tok * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
     q_kpos = tl.load(QKPOS + tok, mask=row_ok, other=-1)
+    # No key after the rows' last position is loaded: the rows belong to one document, so keys of the
+    # next one (which a block at the document's end would reach) never enter a dot, where 0 * NaN = NaN.
+    k_last = tl.max(q_kpos, axis=0)
     if MEMBER:
         offs_sel = tl.arange(0, BLOCK_SEL)
         sel = tl.load(
@@ -193,7 +182,7 @@ def _slc_dq_rows(
         start = tl.load(LIST + slot)
         in_blk = sub * BLOCK_K + cols
         kpos = start + in_blk
-        col_ok = (in_blk < SLC_BLOCK) & (kpos < Nk)
+        col_ok = (in_blk < SLC_BLOCK) & (kpos <= k_last)
         k = tl.load(
             K + kpos[:, None].to(tl.int64) * stride_kt + h * stride_kh + offs_d[None, :],
             mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0,
@@ -310,10 +299,7 @@ def _slc_bwd_dkdv_kernel(
             row_ok = (rows < TQ * G) & (ent < w1)
             tok = tl.load(TOKS + ent, mask=row_ok, other=0).to(tl.int64)
             head = h * G + rows % G
-            q = tl.load(
-                Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-            )
+            q = load_rows(Q, tok, head, row_ok, stride_qt, stride_qh, D, BLOCK_D)
             do = tl.load(
                 DO + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
@@ -352,40 +338,48 @@ def _query_key_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
 
 def _packed_selection(block_indices, q_kpos, k_start, slc_block):
     """Per query and KV head, the packed first key of every usable selected block, ascending, then
-    ``_BIG`` padding: ``(Nq, Hkv, n)``, and the number of usable blocks ``(Nq, Hkv)``. A block is
+    ``BIG`` padding: ``(Nq, Hkv, n)``, and the number of usable blocks ``(Nq, Hkv)``. A block is
     usable when its index is >= 0 and it starts at or before the query (later ones are masked).
     (A sort of these short rows is cheaper on the GPU than a prefix-sum compaction: measured.)"""
     start = (k_start[:, None, None] + block_indices * slc_block).to(torch.int32)
     usable = (block_indices >= 0) & (start <= q_kpos[:, None, None])
-    sel = torch.sort(torch.where(usable, start, _BIG), dim=-1).values
+    sel = torch.sort(torch.where(usable, start, BIG), dim=-1).values
     return sel.contiguous(), usable.sum(-1).to(torch.int32).contiguous()
 
 
 def _tile_unions(sel: torch.Tensor, tok: int):
     """Sorted, de-duplicated union of the blocks of each tile of ``tok`` consecutive tokens:
-    ``(n_tiles, Hkv, tok * n)`` (padding ``_BIG``) and ``(n_tiles, Hkv)`` counts. ``sel`` is the
-    ``_BIG``-padded output of :func:`_packed_selection`."""
+    ``(n_tiles, Hkv, tok * n)`` (padding ``BIG``) and ``(n_tiles, Hkv)`` counts. ``sel`` is the
+    ``BIG``-padded output of :func:`_packed_selection`."""
     nq, hkv, nsel = sel.shape
     n_tiles = -(-nq // tok)
     pad = n_tiles * tok - nq
     if pad:
-        sel = torch.cat([sel, sel.new_full((pad, hkv, nsel), _BIG)])
+        sel = torch.cat([sel, sel.new_full((pad, hkv, nsel), BIG)])
     u = sel.view(n_tiles, tok, hkv, nsel).permute(0, 2, 1, 3).reshape(n_tiles, hkv, tok * nsel)
     if tok > 1:
         u = torch.sort(u, dim=-1).values
         dup = torch.zeros_like(u, dtype=torch.bool)
         dup[..., 1:] = u[..., 1:] == u[..., :-1]
-        u = torch.sort(torch.where(dup, _BIG, u), dim=-1).values
-    count = (u != _BIG).sum(-1).to(torch.int32)
+        u = torch.sort(torch.where(dup, BIG, u), dim=-1).values
+    count = (u != BIG).sum(-1).to(torch.int32)
     return u.contiguous(), count.contiguous()
 
 
 def _prepare(block_indices, cu_seqlens_q, cu_seqlens_k, nq: int, slc_block: int, tok: int):
     """Index tensors shared by the forward and backward launchers (compute once, pass to both):
     ``(q_kpos, sel, scnt, uni, ucnt)``."""
-    _, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
+    seq, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
     sel, scnt = _packed_selection(block_indices, q_kpos, k_start, slc_block)
     uni, ucnt = _tile_unions(sel, tok)
+    if tok > 1 and nq > 0:
+        # A tile whose tokens span two documents never walks its union: its rows would share dots with
+        # the other document's keys and values (masked scores, but 0 * NaN = NaN). Its tokens run per
+        # token instead (a union count above every total fails the kernels' union test).
+        first = torch.arange(ucnt.shape[0], device=seq.device) * tok
+        last = (first + tok - 1).clamp_max(nq - 1)
+        mixed = seq[first] != seq[last]
+        ucnt = torch.where(mixed[:, None], tok * sel.shape[-1] + 1, ucnt).to(torch.int32).contiguous()
     return q_kpos, sel, scnt, uni, ucnt
 
 
@@ -414,7 +408,7 @@ def _build_inverted_index(sel, cu_seqlens_k, nk, slc_block, chunk):
     blk_len = torch.where(blk_ids < blk_off[-1], blk_len, 0)
     # Map each packed block start back to its block id: start = cu_k[seq] + j * l'.
     flat = sel.reshape(-1).long()
-    valid = flat != _BIG
+    valid = flat != BIG
     tok_of = torch.arange(flat.numel(), device=device) // (hkv * nsel)
     h_of = (torch.arange(flat.numel(), device=device) // nsel) % hkv
     flat = torch.where(valid, flat, 0)
@@ -454,15 +448,6 @@ def _build_inverted_index(sel, cu_seqlens_k, nk, slc_block, chunk):
 # ------------------------------------------------------------------------------------------------
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(x))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 dots (tests, reference work); bf16/fp16 use the tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def default_tokens_per_program(group: int) -> int:
     """Query tokens sharing one program: up to 64 rows when they walk their union of blocks."""
     return max(1, 64 // group)
@@ -499,12 +484,12 @@ def _fwd(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block: int, sca
                 continue
             _slc_fwd_kernel[(n_prog, hkv)](
                 q, k, v, o, lse, q_kpos, sel, scnt, uni, ucnt,
-                nq, nk, scale * _LOG2E,
+                nq, nk, scale * LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
                 HKV=hkv, G=group, D=d, DV=dv, SLC_BLOCK=slc_block, NSEL=nsel, USZ=uni.shape[-1], TOK=tok,
-                UNION_PCT=union_pct, PER_TOKEN=per_token, BLOCK_M=_pow2(tok * group), BLOCK_M1=_pow2(group),
-                BLOCK_K=block_k, NSUB=triton.cdiv(slc_block, block_k), BLOCK_SEL=_pow2(nsel, 2),
-                BLOCK_TOK=_pow2(tok, 2), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype),
+                UNION_PCT=union_pct, PER_TOKEN=per_token, BLOCK_M=pow2(tok * group), BLOCK_M1=pow2(group),
+                BLOCK_K=block_k, NSUB=triton.cdiv(slc_block, block_k), BLOCK_SEL=pow2(nsel, 2),
+                BLOCK_TOK=pow2(tok, 2), BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), DOT_PREC=dot_precision(q.dtype),
                 num_warps=num_warps, num_stages=num_stages,
             )
     return o, lse
@@ -530,20 +515,20 @@ def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_blo
     dv32 = torch.zeros(nk, hkv, dv_dim, device=q.device, dtype=torch.float32)
     block_k = _key_tile(slc_block)
     nsub = triton.cdiv(slc_block, block_k)
-    prec = _dot_precision(q.dtype)
+    prec = dot_precision(q.dtype)
     if nq > 0:
         for per_token, n_prog in ((True, nq), (False, uni.shape[0] if tok > 1 else 0)):
             if n_prog == 0:
                 continue
             _slc_bwd_dq_kernel[(n_prog, hkv)](
                 q, k, v, o, do, lse, delta, dq, q_kpos, sel, scnt, uni, ucnt,
-                nq, nk, scale, scale * _LOG2E,
+                nq, nk, scale, scale * LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
                 HKV=hkv, G=group, D=d, DV=dv_dim, SLC_BLOCK=slc_block, NSEL=nsel, USZ=uni.shape[-1], TOK=tok,
-                UNION_PCT=union_pct, PER_TOKEN=per_token, BLOCK_M=_pow2(tok * group), BLOCK_M1=_pow2(group),
-                BLOCK_K=block_k, NSUB=nsub, BLOCK_SEL=_pow2(nsel, 2), BLOCK_TOK=_pow2(tok, 2),
-                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
+                UNION_PCT=union_pct, PER_TOKEN=per_token, BLOCK_M=pow2(tok * group), BLOCK_M1=pow2(group),
+                BLOCK_K=block_k, NSUB=nsub, BLOCK_SEL=pow2(nsel, 2), BLOCK_TOK=pow2(tok, 2),
+                BLOCK_D=pow2(d), BLOCK_DV=pow2(dv_dim), DOT_PREC=prec,
                 num_warps=num_warps, num_stages=num_stages,
             )
         tq = max(1, dkdv_rows // group)
@@ -552,108 +537,10 @@ def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_blo
         )
         _slc_bwd_dkdv_kernel[(wkey.shape[0], nsub)](
             q, k, v, do, lse, delta, dk32, dv32, q_kpos, toks, wkey, wstart, wend, blk_start, blk_len,
-            nb, scale, scale * _LOG2E,
+            nb, scale, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            HKV=hkv, G=group, D=d, DV=dv_dim, TQ=tq, BLOCK_M=_pow2(tq * group), BLOCK_K=block_k,
-            BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
+            HKV=hkv, G=group, D=d, DV=dv_dim, TQ=tq, BLOCK_M=pow2(tq * group), BLOCK_K=block_k,
+            BLOCK_D=pow2(d), BLOCK_DV=pow2(dv_dim), DOT_PREC=prec,
             num_warps=dkdv_num_warps, num_stages=num_stages,
         )
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
-
-
-# ------------------------------------------------------------------------------------------------
-# Input checks and the public function (autograd: the custom ops in ops.py)
-# ------------------------------------------------------------------------------------------------
-
-
-def _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
-    """Shape/dtype checks shared by the selected and window kernels (ValueError naming the value)."""
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(
-            f"q, k, v must be (tokens, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"q dtype {q.dtype} is not supported: use bfloat16, float16 or float32")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == cu_seqlens_q.device == cu_seqlens_k.device):
-        raise ValueError("q, k, v and cu_seqlens must be on one device")
-    hq, hkv = q.shape[1], k.shape[1]
-    if hkv < 1 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv}) for GQA")
-    if k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same tokens and heads")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q head_dim ({q.shape[-1]}) must equal k head_dim ({k.shape[-1]})")
-    for name, cu, n in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
-        if cu.dim() != 1 or cu.numel() < 2 or cu.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32 of shape (B+1,) with B >= 1; got {cu.dtype} {tuple(cu.shape)}")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(
-            f"cu_seqlens_q ({cu_seqlens_q.numel()}) and cu_seqlens_k ({cu_seqlens_k.numel()}) must have the same length"
-        )
-
-
-def _contiguous_heads(x: torch.Tensor) -> torch.Tensor:
-    """The kernels need the last axis contiguous (strides of the token/head axes are free)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _check_selected_inputs(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale) -> float:
-    """The argument checks of the selected-block attention entry points; returns the scale as a float."""
-    _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if isinstance(slc_block, bool) or not isinstance(slc_block, int) or slc_block < 1:
-        raise ValueError(f"slc_block={slc_block!r} is invalid: must be an integer >= 1")
-    if (
-        block_indices.dim() != 3
-        or block_indices.shape[:2] != (q.shape[0], k.shape[1])
-        or block_indices.shape[2] < 1
-        or block_indices.dtype != torch.int32
-    ):
-        raise ValueError(
-            f"block_indices must be int32 of shape (Nq, Hkv, n) = ({q.shape[0]}, {k.shape[1]}, n>=1); "
-            f"got {block_indices.dtype} {tuple(block_indices.shape)}"
-        )
-    if block_indices.device != q.device:
-        raise ValueError(f"block_indices is on {block_indices.device}, q on {q.device}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale={scale!r} must be a finite number")
-    return scale
-
-
-def selected_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_indices: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    slc_block: int,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """NSA selected-block attention over packed sequences (Triton, differentiable w.r.t. q, k, v).
-
-    Args:
-        q: ``(Nq, Hq, D)`` queries; k: ``(Nk, Hkv, D)``; v: ``(Nk, Hkv, Dv)``; one dtype among
-            bfloat16, float16, float32. ``Hq`` is any multiple of ``Hkv``.
-        block_indices: int32 ``(Nq, Hkv, n)``: for each query and KV head, the selected block
-            indices (block ``j`` = key positions ``[j*slc_block, (j+1)*slc_block)`` of the sequence),
-            distinct, ``-1`` for unused slots. Blocks starting after the query are ignored.
-        cu_seqlens_q, cu_seqlens_k: int32 ``(B+1,)`` offsets; sequence ``b``'s queries are the last
-            ``Tq`` of its ``Tk`` key positions.
-        slc_block: tokens per selection block (>= 1).
-        scale: softmax scale, ``D ** -0.5`` by default.
-
-    Returns:
-        ``(Nq, Hq, Dv)`` in q's dtype: for each query, causal softmax attention over the keys of its
-        selected blocks (fp32 accumulation). A query with no usable key gets zeros. Runs as the
-        ``nsa_kernels::slc_fwd`` custom op (traceable by ``torch.compile``; never copies to the host).
-    """
-    scale = _check_selected_inputs(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, slc_block, scale)
-    q, k, v = (_contiguous_heads(x) for x in (q, k, v))
-    from .ops import slc_fwd
-
-    return slc_fwd(
-        q, k, v, block_indices.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), slc_block, scale
-    )[0]

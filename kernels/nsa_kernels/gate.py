@@ -9,8 +9,8 @@ once and writes ``d o_* = g_* * dout`` (in the dtype of ``o_*``) and
 Unfused, the same formula in PyTorch is five elementwise passes over ``(N, H, Dv)`` forward (three
 products, two sums, plus the casts) and six backward; fused, each direction reads its inputs once.
 
-:func:`gate_combine` is the differentiable public function (it calls the ``nsa_kernels::gate_combine``
-custom op, see :mod:`ops`); :func:`gate_combine_reference` is the PyTorch formula, used by the tests.
+:func:`parallel.parallel_gate` is the differentiable public function (it calls the ``nsa_kernels::gate_fwd``
+custom op, see :mod:`ops`); :func:`reference.gate_combine` is the PyTorch formula, used by the tests.
 """
 from __future__ import annotations
 
@@ -106,52 +106,3 @@ def _bwd(dout, o_cmp, o_slc, o_win, gates):
         dout, o_cmp, o_slc, o_win, gates, d_cmp, d_slc, d_win, dg, n_rows, DV=dv, **cfg
     )
     return d_cmp, d_slc, d_win, dg
-
-
-# ------------------------------------------------------------------------------------------------
-# Public functions
-# ------------------------------------------------------------------------------------------------
-
-
-def check_gate_inputs(o_cmp, o_slc, o_win, gates) -> None:
-    """Raise ``ValueError`` naming the bad value for inconsistent shapes, dtypes or devices."""
-    if o_cmp.dim() != 3 or o_slc.shape != o_cmp.shape or o_win.shape != o_cmp.shape:
-        raise ValueError(
-            f"o_cmp, o_slc, o_win must be (N, H, Dv) of one shape; got {tuple(o_cmp.shape)}, "
-            f"{tuple(o_slc.shape)}, {tuple(o_win.shape)}"
-        )
-    if gates.shape != (o_cmp.shape[0], o_cmp.shape[1], 3):
-        raise ValueError(f"gates must be (N, H, 3) = {(o_cmp.shape[0], o_cmp.shape[1], 3)}; got {tuple(gates.shape)}")
-    if o_slc.dtype != o_cmp.dtype or o_win.dtype != o_cmp.dtype:
-        raise ValueError(f"branch outputs must share one dtype; got {o_cmp.dtype}, {o_slc.dtype}, {o_win.dtype}")
-    for name, x in (("o_cmp", o_cmp), ("gates", gates)):
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"{name}.dtype={x.dtype} must be float32, float16 or bfloat16")
-    if not (o_cmp.device == o_slc.device == o_win.device == gates.device):
-        raise ValueError("o_cmp, o_slc, o_win and gates must be on one device")
-
-
-def gate_combine(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """Gated sum of the three NSA branch outputs (Triton, differentiable w.r.t. all four inputs).
-
-    Args:
-        o_cmp, o_slc, o_win: ``(N, H, Dv)`` branch outputs, one dtype (float32, float16 or bfloat16).
-        gates: ``(N, H, 3)`` gate values ordered (cmp, slc, win), float32/float16/bfloat16.
-
-    Returns:
-        ``(N, H, Dv)`` in the dtype of the branch outputs: ``sum_i gates[..., i:i+1] * o_i`` computed
-        in fp32. Traceable by ``torch.compile`` (the kernels run inside the ``nsa_kernels::gate_combine``
-        custom op).
-    """
-    check_gate_inputs(o_cmp, o_slc, o_win, gates)
-    from .ops import gate_combine_op
-
-    return gate_combine_op(o_cmp, o_slc, o_win, gates)
-
-
-def gate_combine_reference(o_cmp, o_slc, o_win, gates):
-    """The PyTorch formula (fp32 accumulation, fp64 for fp64 inputs; output in the dtype of ``o_cmp``)."""
-    acc = torch.promote_types(torch.promote_types(torch.float32, o_cmp.dtype), gates.dtype)
-    g = gates.to(acc)
-    out = g[..., 0:1] * o_cmp.to(acc) + g[..., 1:2] * o_slc.to(acc) + g[..., 2:3] * o_win.to(acc)
-    return out.to(o_cmp.dtype)

@@ -4,7 +4,7 @@ Computes exactly :func:`reference.select_blocks` fed with the reference's block 
 :func:`reference.chunk_overlap_matrix` and the module docstring of :mod:`reference`):
 
 * ``p_cmp[h, t, i] = exp(scale * q[t, h] . cmp_k[i, h // G] - lse[t, h])`` for the compressed tokens
-  ``i`` the query sees (``lse`` from :func:`compressed_attention.compressed_attention`);
+  ``i`` the query sees (``lse`` from the cmp kernel, :mod:`cmp`);
 * selection block ``j`` scores ``sum_h sum_i p_cmp[h, t, i] * M[i, j]`` (heads of one KV group summed),
   ``M[i, j]`` the number of stride-chunks of compression block ``i`` inside block ``j``;
 * eligible blocks ``j <= t // slc_block``; the first ``init_blocks`` and the ``local_blocks`` most
@@ -30,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .compressed_attention import _LOG2E, _dot_precision, _n_visible, _pow2, check_cmp_inputs
-from .params import NSAParams
+from .primitives import LOG2E, dot_precision, n_visible, pow2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,7 +59,7 @@ def _bitonic(x, pos, LOG_N: tl.constexpr, DESC: tl.constexpr, FIRST_STAGE: tl.co
 
 
 @triton.jit
-def _select_kernel(
+def _sel_fwd_kernel(
     Q, K, LSE, OUT,
     CU_Q, CU_K, CU_C,
     scale_log2,
@@ -92,7 +91,7 @@ def _select_kernel(
     tok = tile * TOK + rows // GP
     row_ok = (g < G) & (tok < tq)
     pos = tok + (tk - tq)
-    n_vis = _n_visible(pos, CMP_BLOCK, CMP_STRIDE)
+    n_vis = n_visible(pos, CMP_BLOCK, CMP_STRIDE)
     gtok = (q_start + tok).to(tl.int64)
     head = h * G + g
     offs_d = tl.arange(0, BLOCK_D)
@@ -185,75 +184,15 @@ def _fwd(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q
     if nq == 0 or max_seqlen_q == 0:
         return out
     cfg = _select_config(q, group)
-    nb = _pow2(slc_count)
+    nb = pow2(slc_count)
     grid = (triton.cdiv(max_seqlen_q, cfg["TOK"]), batch, hkv)
-    _select_kernel[grid](
+    _sel_fwd_kernel[grid](
         q, cmp_k, lse, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp,
-        scale * _LOG2E,
+        scale * LOG2E,
         q.stride(0), q.stride(1), cmp_k.stride(0), cmp_k.stride(1),
-        HQ=hq, HKV=hkv, G=group, GP=triton.next_power_of_2(group), D=d, BLOCK_D=_pow2(d),
+        HQ=hq, HKV=hkv, G=group, GP=triton.next_power_of_2(group), D=d, BLOCK_D=pow2(d),
         CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, SLC_BLOCK=slc_block,
         NSEL=slc_count, INIT=init_blocks, LOCAL=local_blocks, NB=nb, LOG_NB=nb.bit_length() - 1,
-        DOT_PREC=_dot_precision(q.dtype), WORK=_work, **cfg,
+        DOT_PREC=dot_precision(q.dtype), WORK=_work, **cfg,
     )
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Public function
-# ------------------------------------------------------------------------------------------------
-
-
-def select_blocks(
-    q: torch.Tensor,
-    cmp_k: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    cu_seqlens_cmp: torch.Tensor,
-    params: NSAParams,
-    scale: float | None = None,
-    *,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-) -> torch.Tensor:
-    """Selection blocks of every query and KV head (Triton, no gradient).
-
-    Args:
-        q: ``(Nq, Hq, D)`` queries; cmp_k: ``(Nc, Hkv, D)`` compressed keys (one dtype among float32,
-            float16, bfloat16).
-        lse: ``(Nq, Hq)`` float32 logsumexp returned by
-            :func:`compressed_attention.compressed_attention` with the same inputs and scale.
-        cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp: int32 ``(B + 1,)`` offsets of each sequence.
-        params: NSA sizes (``cmp_block <= slc_block`` is required here).
-        scale: softmax scale, ``D ** -0.5`` by default.
-        max_seqlen_q, max_seqlen_k: optional upper bounds of the sequence lengths; with
-            ``max_seqlen_k`` given nothing is copied to the host (see ``compressed_attention``).
-
-    Returns:
-        int32 ``(Nq, Hkv, params.slc_count)``: chosen block indices in ascending order, ``-1`` padding
-        where fewer blocks are eligible; equal to the reference's choice (ties to the lower index).
-        Runs as the ``nsa_kernels::select_blocks`` custom op.
-    """
-    if not isinstance(params, NSAParams):
-        raise ValueError(f"params must be an NSAParams; got {type(params).__name__}")
-    if params.cmp_block > params.slc_block:
-        raise ValueError(
-            f"cmp_block={params.cmp_block} must be <= slc_block={params.slc_block} for the Triton block "
-            "selection (use the reference implementation otherwise)"
-        )
-    max_q, _ = check_cmp_inputs(
-        q, cmp_k, cmp_k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params.cmp_block, params.cmp_stride,
-        max_seqlen_q, max_seqlen_k,
-    )
-    if lse.shape != q.shape[:2] or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 {tuple(q.shape[:2])}; got {lse.dtype} {tuple(lse.shape)}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q, cmp_k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, cmp_k))
-    from .ops import select_blocks as select_op
-
-    return select_op(
-        q.detach(), cmp_k.detach(), lse.detach().contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-        cu_seqlens_cmp.contiguous(), max_q, params.cmp_block, params.cmp_stride, params.slc_block,
-        params.slc_count, params.init_blocks, params.local_blocks, scale,
-    )

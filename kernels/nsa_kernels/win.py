@@ -14,15 +14,11 @@ upper bound, so launching never waits for the GPU.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .selected_attention import _check_varlen_inputs, _contiguous_heads, _dot_precision, _pow2
-
-_LOG2E = 1.4426950408889634
+from .primitives import LOG2E, dot_precision, load_rows, pow2, softmax_step, store_o_lse
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -54,10 +50,7 @@ def _win_fwd_kernel(
         tok64 = tok.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        q = tl.load(
-            Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-        )
+        q = load_rows(Q, tok64, head, row_ok, stride_qt, stride_qh, D, BLOCK_D)
         k_hi = tl.minimum(q0 + TOK, q_end) + shift  # exclusive
         k_lo = tl.maximum(k_beg, q0 + shift - window + 1)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -82,20 +75,8 @@ def _win_fwd_kernel(
                 & (kpos[None, :] <= q_kpos[:, None]) & (kpos[None, :] > q_kpos[:, None] - window)
             )
             s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
-        has = l_i > 0.0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        tl.store(
-            O + tok64[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-            out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV),
-        )
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(LSE + tok64 * (HKV * G) + head, lse, mask=row_ok)
+            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
+        store_o_lse(O, LSE, tok64, head, row_ok, stride_ot, stride_oh, HKV * G, acc, m_i, l_i, DV, BLOCK_DV, False)
 
 
 @triton.jit
@@ -208,10 +189,7 @@ def _win_bwd_dkdv_kernel(
             row_ok = (rows < TOK * G) & (tok < t_hi)
             q_kpos = tok + shift
             tok64 = tok.to(tl.int64)
-            q = tl.load(
-                Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-            )
+            q = load_rows(Q, tok64, head, row_ok, stride_qt, stride_qh, D, BLOCK_D)
             do = tl.load(
                 DO + tok64[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
@@ -262,7 +240,7 @@ def _tile_list(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
 def _rows_config(group: int, block_m: int):
     """Tokens per program and the padded row count for ``block_m`` target rows."""
     tok = max(1, block_m // group)
-    return tok, _pow2(tok * group)
+    return tok, pow2(tok * group)
 
 
 def _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, window: int, scale: float,
@@ -278,10 +256,10 @@ def _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, window: int, scale: float,
     if nq > 0:
         _win_fwd_kernel[(tile_seq.shape[0], hkv)](
             q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_start,
-            window, scale * _LOG2E,
+            window, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             HKV=hkv, G=group, D=d, DV=dv, TOK=tok, BLOCK_M=bm, BLOCK_N=block_n,
-            BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), DOT_PREC=_dot_precision(q.dtype),
+            BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), DOT_PREC=dot_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
     return o, lse
@@ -301,16 +279,16 @@ def _bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, window: int, scale: fl
     dk = torch.zeros(nk, hkv, d, device=q.device, dtype=k.dtype)
     dv = torch.zeros(nk, hkv, dv_dim, device=q.device, dtype=v.dtype)
     delta = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
-    prec = _dot_precision(q.dtype)
+    prec = dot_precision(q.dtype)
     if nq > 0:
         tile_seq, tile_start = _tile_list(cu_seqlens_q, nq, tok)
         _win_bwd_dq_kernel[(tile_seq.shape[0], hkv)](
             q, k, v, o, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_start,
-            window, scale, scale * _LOG2E,
+            window, scale, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             HKV=hkv, G=group, D=d, DV=dv_dim, TOK=tok, BLOCK_M=bm, BLOCK_N=block_n,
-            BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
+            BLOCK_D=pow2(d), BLOCK_DV=pow2(dv_dim), DOT_PREC=prec,
             num_warps=num_warps, num_stages=num_stages,
         )
         kv_n = dkdv_block_n or block_n
@@ -318,51 +296,11 @@ def _bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, window: int, scale: fl
         ktile_seq, ktile_start = _tile_list(cu_seqlens_k, nk, kv_n)
         _win_bwd_dkdv_kernel[(ktile_seq.shape[0], hkv)](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, ktile_seq, ktile_start,
-            window, scale, scale * _LOG2E,
+            window, scale, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             HKV=hkv, G=group, D=d, DV=dv_dim, TOK=kv_tok, BLOCK_M=kv_bm, BLOCK_N=kv_n,
-            BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim), DOT_PREC=prec,
+            BLOCK_D=pow2(d), BLOCK_DV=pow2(dv_dim), DOT_PREC=prec,
             num_warps=dkdv_num_warps or num_warps, num_stages=num_stages,
         )
     return dq, dk, dv
-
-
-# ------------------------------------------------------------------------------------------------
-# Input checks and the public function (autograd: the custom ops in ops.py)
-# ------------------------------------------------------------------------------------------------
-
-
-def window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    window: int,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Causal sliding-window attention over packed sequences (Triton, differentiable w.r.t. q, k, v).
-
-    Args:
-        q: ``(Nq, Hq, D)``; k: ``(Nk, Hkv, D)``; v: ``(Nk, Hkv, Dv)``; one dtype among bfloat16,
-            float16, float32; ``Hq`` any multiple of ``Hkv`` (query head ``h`` reads KV head ``h // G``).
-        cu_seqlens_q, cu_seqlens_k: int32 ``(B+1,)`` offsets; sequence ``b``'s queries are the last
-            ``Tq`` of its ``Tk`` key positions.
-        window: ``w >= 1``: the query at position ``t`` attends to keys ``t - w < s <= t``.
-        scale: softmax scale, ``D ** -0.5`` by default.
-
-    Returns:
-        ``(Nq, Hq, Dv)`` in q's dtype (fp32 accumulation). Runs as the ``nsa_kernels::win_fwd`` custom
-        op (traceable by ``torch.compile``; never copies to the host).
-    """
-    _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window={window!r} is invalid: must be an integer >= 1")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale={scale!r} must be a finite number")
-    q, k, v = (_contiguous_heads(x) for x in (q, k, v))
-    from .ops import win_fwd
-
-    return win_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), window, scale)[0]
