@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "qwen2 or qwen3)")
     conv.add_argument("dst", metavar="DST", help="directory to write the NSA checkpoint to (must be new or empty "
                       "unless --overwrite)")
-    # One flag per nsa_kernels.NSAParams field (tests/test_cli.py checks they match); not imported here so
+    # One flag per nsa_kernels.NSAParams field (tests/hf/test_cli.py checks they match); not imported here so
     # that --help does not wait for torch.
     nsa = conv.add_argument_group("NSA settings (tokens)")
     nsa.add_argument("--cmp-block", type=_int, help="compression block length l (default 32)")

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hub import tiny_nsa_model
+from tests.hf.test_hub import tiny_nsa_model
 from transformers import AutoModelForCausalLM
 
 import nsa_hf
 from nsa_hf import cli, model_card
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

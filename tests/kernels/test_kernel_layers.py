@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[1] / "kernels" / "nsa_kernels"
+PKG = Path(__file__).resolve().parents[2] / "kernels" / "nsa_kernels"
 # Bottom to top; modules on one line may not import each other.
 LAYERS = [
     ["params"],

@@ -13,7 +13,7 @@ from nsa_hf import NSAStaticCache, NSAStaticCacheLayer, nsa_backend, static_gree
 from nsa_hf.generation import StaticGreedyDecoder
 from nsa_kernels import num_cmp_blocks
 
-from test_hf_generate import full_logits, tiny_model
+from tests.hf.test_hf_generate import full_logits, tiny_model
 
 TOL = dict(atol=5e-5, rtol=1e-5)
 cpu_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",

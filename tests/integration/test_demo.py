@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
-from test_hub import assert_loads_without_nsa_hf
+from tests.hf.test_hub import assert_loads_without_nsa_hf
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
 
 
 def _load_demo():

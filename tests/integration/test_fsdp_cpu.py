@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_convert import SMALL, assert_loads_as_remote_code, tiny_llama
+from tests.hf.test_convert import SMALL, assert_loads_as_remote_code, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from nsa_hf.convert import convert_llama_to_nsa
 from nsa_hf.hub import bundle_remote_code
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "fsdp_worker.py"
+REPO = Path(__file__).resolve().parents[2]
+WORKER = REPO / "tests" / "integration" / "fsdp_worker.py"
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,7 @@ def test_opcheck_branch_ops():
 )
 def test_op_path_matches_reference_fp32(lens, hq, hkv):
     if torch.cuda.is_available():
-        pytest.skip("interpreter test; the GPU runs tests/test_nsa_dispatch.py at realistic shapes")
+        pytest.skip("interpreter test; the GPU runs tests/kernels/test_nsa_dispatch.py at realistic shapes")
     case = _inputs(lens, hq, hkv)
     out, leaves = _nsa(case, "triton")
     ref, ref_leaves = _nsa({n: (x.double() if x.is_floating_point() else x) for n, x in case.items()}, "reference")

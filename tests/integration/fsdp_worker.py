@@ -1,12 +1,12 @@
-"""Worker of ``tests/test_fsdp_cpu.py``: a few AdamW steps of an NSA-Llama checkpoint on fixed packed
+"""Worker of ``tests/integration/test_fsdp_cpu.py``: a few AdamW steps of an NSA-Llama checkpoint on fixed packed
 batches (the first ``NSA_ONLY_STEPS`` with only the NSA modules trainable, then all weights), either in
 one process (the reference: the ranks' batches one after another, gradients accumulated) or under
 ``torchrun`` with FSDP2 (``fully_shard`` on every decoder layer and the root, gloo on CPU; 2 processes,
 or 1 that runs both ranks' batches). The loss of a step is the token mean over the whole global batch
 in every case.
 
-    python tests/fsdp_worker.py MODEL_DIR OUT_DIR                    # reference, one process
-    torchrun --nproc_per_node 2 tests/fsdp_worker.py MODEL_DIR OUT_DIR --fsdp
+    python tests/integration/fsdp_worker.py MODEL_DIR OUT_DIR                    # reference, one process
+    torchrun --nproc_per_node 2 tests/integration/fsdp_worker.py MODEL_DIR OUT_DIR --fsdp
 
 Writes ``OUT_DIR/losses.json`` (``{"losses", "world_size", "fsdp_units"}``) and the trained model
 (``nsa_hf.training.save_trained_model``: under FSDP the full state dict gathered on rank 0).

@@ -4,15 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_convert import SMALL, tiny_llama, tiny_tokenizer
-from test_hub import assert_loads_without_nsa_hf
+from tests.hf.test_convert import SMALL, tiny_llama, tiny_tokenizer
+from tests.hf.test_hub import assert_loads_without_nsa_hf
 from transformers import AutoModelForCausalLM
 
 import nsa_kernels.compression
 import nsa_kernels.reference
 from nsa_hf.convert import convert_llama_to_nsa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_fsdp_config_gives_fsdp2_wrapping_nsa_layers(monkeypatch):
 
     from nsa_hf.modeling_nsa_llama import NSALlamaDecoderLayer
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     parsed = launch_command_parser().parse_args(
         ["--config_file", str(repo / "examples" / "fsdp.yaml"), str(repo / "examples" / "train.py")])
     out = _validate_launch_command(parsed)
@@ -199,7 +199,7 @@ def test_two_processes_match_one_process_with_grad_accum(nsa_dir_and_data):
     import train
 
     root, data = nsa_dir_and_data
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     common = ["--model", str(root / "nsa"), "--data", *data, "--seq-len", "64", "--max-steps", "2",
               "--logging-steps", "1", "--save-steps", "100", "--lr", "3e-3", "--sequential"]
     train.main(common + ["--batch-size", "1", "--grad-accum", "2", "--output-dir", str(root / "run-1proc"),

@@ -14,7 +14,7 @@ from nsa_hf.cache import cache_kwarg
 from nsa_hf.generation import StaticGreedyDecoder
 from nsa_hf.modeling_nsa_llama import CACHE_NAME
 
-from test_hf_generate import tiny_model
+from tests.hf.test_hf_generate import tiny_model
 
 NEW_NAMES = "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}  # transformers >= 5.24
 

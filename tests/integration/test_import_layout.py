@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
 import importlib.util, json, sys
@@ -55,7 +55,7 @@ def test_transformers_and_nsa_hf_import_from_the_repository_root():
 
 def test_pytest_collects_from_the_repository_root():
     """`python -m pytest` from the root (the README's command) imports transformers through a test module."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "tests/test_hf_config.py"],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "tests/hf/test_hf_config.py"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "error" not in done.stdout.lower().split("\n")[-2], done.stdout[-2000:]

@@ -13,7 +13,7 @@ from nsa_kernels import (
     nsa_sequence,
     num_cmp_blocks,
 )
-from oracle import oracle_sequence
+from tests.kernels.oracle import oracle_sequence
 
 SMALL = dict(cmp_block=8, cmp_stride=4, slc_block=12, slc_count=4, init_blocks=1, local_blocks=2, window=24)
 

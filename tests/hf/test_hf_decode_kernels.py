@@ -12,7 +12,7 @@ import nsa_hf.decoding as nsa_decoding
 from nsa_hf import NSACache, nsa_backend
 from nsa_kernels import num_cmp_blocks
 
-from test_hf_generate import full_logits, tiny_model
+from tests.hf.test_hf_generate import full_logits, tiny_model
 
 TOL = dict(atol=5e-5, rtol=1e-5)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -238,7 +238,7 @@ def test_bench_generate_tiny_smoke(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_generate.py"
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

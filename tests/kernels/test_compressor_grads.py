@@ -1,6 +1,6 @@
 """The MLP compressor's parameter gradients: float32 accumulation, one rounding to the parameter dtype.
 
-On the GPU, ``tests/test_triton_long.py`` checks the bf16 gradients against float32 at 256k tokens;
+On the GPU, ``tests/kernels/test_triton_long.py`` checks the bf16 gradients against float32 at 256k tokens;
 here (CPU) the same code path is checked against float64 autograd of the textbook formula."""
 import torch
 import torch.nn.functional as F

@@ -425,7 +425,7 @@ def converted_family(family):
 FAMILY_NAMES = ["llama", "mistral", "qwen2", "qwen3"]
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])  # Llama: tests/test_hf_generate.py
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])  # Llama: tests/hf/test_hf_generate.py
 def test_family_generate_cached_equals_uncached_and_left_padding_equals_single_runs(family):
     """Greedy decoding with the NSA cache crosses compression (8) and selection (16) block boundaries and
     gives the tokens of uncached decoding; a left-padded batch gives each row's own tokens."""

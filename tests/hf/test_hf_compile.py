@@ -8,7 +8,7 @@ import torch
 
 from nsa_hf import NSACache
 
-from test_hf_generate import tiny_model
+from tests.hf.test_hf_generate import tiny_model
 
 interpreter = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
 

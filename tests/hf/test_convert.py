@@ -361,7 +361,7 @@ def test_each_family_loads_as_remote_code_without_nsa_hf(family, tmp_path):
 
 
 def test_continued_training_of_a_converted_qwen3_with_the_train_example(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     import train
 
     docs = [p.read_text(encoding="utf-8") for p in list(stdlib_python_files(min_chars=20_000))[:2]]

@@ -9,7 +9,7 @@ import torch
 from nsa_hf import nsa_backend
 import nsa_kernels.parallel as nsa_parallel
 
-from test_hf_generate import tiny_model
+from tests.hf.test_hf_generate import tiny_model
 
 cpu_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
                                      reason="needs TRITON_INTERPRET=1 on a CPU-only machine")
