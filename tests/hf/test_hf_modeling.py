@@ -366,16 +366,14 @@ def test_remote_code_files_import_only_torch_transformers_nsa_kernels_and_siblin
     import ast
     import json
     import sys
-    from pathlib import Path
 
     allowed = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
-    folder = Path(nsa_hf.__file__).parent
     tiny_model().save_pretrained(tmp_path)
     saved = {p.name for p in tmp_path.glob("*.py")}
     assert {"configuration_nsa_llama.py", "configuration_nsa.py", "modeling_nsa_llama.py", "modeling_nsa.py",
             "families.py", "attention.py", "backends.py", "cache.py", "decoding.py", "packing.py"} <= saved
-    for name in saved - {"nsa_bundle.py"}:
-        for node in ast.walk(ast.parse((folder / name).read_text())):
+    for name in saved:  # as saved: our modules with the bundle fallback, and the bundled reference
+        for node in ast.walk(ast.parse((tmp_path / name).read_text())):
             if isinstance(node, ast.Import):
                 roots = {a.name.split(".")[0] for a in node.names}
                 assert roots <= allowed, (name, roots)
@@ -412,7 +410,7 @@ def test_every_parameter_gets_a_gradient_on_batches_too_short_to_compress(packed
 
 def converted_family(family):
     """A tiny stock model of ``family`` converted to NSA, its NSA modules moved off their init."""
-    from test_convert import SMALL, tiny_dense
+    from tests.hf.test_convert import SMALL, tiny_dense
 
     from nsa_hf.convert import convert_to_nsa
 
@@ -469,7 +467,7 @@ def test_family_save_reload_bit_identical_with_auto_classes(family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_stock_family_with_nsa_falls_back_and_warns_once(family, monkeypatch):
-    from test_convert import tiny_dense
+    from tests.hf.test_convert import tiny_dense
 
     model = tiny_dense(family, vocab_size=100)
     model.set_attn_implementation("nsa")

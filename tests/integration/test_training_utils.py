@@ -91,7 +91,7 @@ def test_check_data_tells_missing_files_from_hub_names(tmp_path):
 def test_activation_checkpointing_helper_uses_the_installed_name():
     import warnings
 
-    from test_hub import tiny_nsa_model
+    from tests.hf.test_hub import tiny_nsa_model
 
     from nsa_hf.training import enable_activation_checkpointing
 
