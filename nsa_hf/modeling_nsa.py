@@ -27,6 +27,7 @@ shipped as Hub remote code.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -50,6 +51,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from nsa_kernels import MLPCompressor
 
+from .alignment import SelectionAlignment, alignment_settings
 from .attention import nsa_attention_forward  # noqa: F401  (registers attn_implementation "nsa", also as remote code)
 from .cache import NSACache, NSAStaticCache, nsa_cache_layer
 from .configuration_nsa import NSAConfigMixin
@@ -203,6 +205,11 @@ class NSAAttention(nn.Module):
 
         # Per-token, per-head gates of the (cmp, slc, win) branches.
         gates = torch.sigmoid(self.nsa_gate(hidden_states)).view(*input_shape, self.num_heads, 3)
+
+        # A SelectionAlignment (.alignment) in force sets this attribute for the duration of its `with` block.
+        alignment = getattr(self, "nsa_alignment", None)
+        if alignment is not None:
+            alignment.observe(self, query_states, key_states, attention_mask, kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -536,15 +543,19 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
 
         Other arguments as in [`NSAModel.forward`].
         """
-        outputs: BaseModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=_one_cache(past_key_values, cache),
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        align_weight, align_rows = alignment_settings(self.config)
+        align = SelectionAlignment(self, rows=align_rows) if (
+            align_weight > 0 and labels is not None and self.training) else contextlib.nullcontext()
+        with align:
+            outputs: BaseModelOutputWithPast = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=_one_cache(past_key_values, cache),
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
 
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -553,6 +564,9 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if isinstance(align, SelectionAlignment):
+                # config.nsa_align_weight > 0: the selection alignment term (.alignment), training only
+                loss = loss + align_weight * align.loss().to(loss.device)
 
         return CausalLMOutputWithPast(
             loss=loss,
