@@ -565,8 +565,14 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             if isinstance(align, SelectionAlignment):
-                # config.nsa_align_weight > 0: the selection alignment term (.alignment), training only
-                loss = loss + align_weight * align.loss().to(loss.device)
+                # config.nsa_align_weight > 0: the selection alignment term (.alignment), training only. When the
+                # language-model loss is a sum over this micro-batch divided by the tokens of the whole batch
+                # (`num_items_in_batch`, Trainer with gradient accumulation), the term gets the same share.
+                term = align_weight * align.loss().to(loss.device)
+                num_items = kwargs.get("num_items_in_batch")
+                if num_items is not None:
+                    term = term * (labels[..., 1:] != -100).sum().to(loss.device) / num_items
+                loss = loss + term
 
         return CausalLMOutputWithPast(
             loss=loss,

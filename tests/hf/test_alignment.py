@@ -145,6 +145,10 @@ def test_config_option_adds_weight_times_term_and_gradient_checkpointing_agrees(
     model.config.nsa_align_weight, model.config.nsa_align_rows = 0.5, ALL_ROWS
     with_term = model(ids, labels=ids, use_cache=False).loss
     assert float(with_term.detach()) == pytest.approx(float(plain.detach() + 0.5 * term), rel=1e-5)
+    # a micro-batch of a larger batch (Trainer: num_items_in_batch): the term gets the micro-batch's share
+    n = int((ids[..., 1:] != -100).sum())
+    share = model(ids, labels=ids, use_cache=False, num_items_in_batch=torch.tensor(4 * n)).loss.detach()
+    assert float(share) == pytest.approx(float(plain.detach() / 4 + 0.5 * term / 4), rel=1e-5)
     with_term.backward()
     grad = next(model.model.layers[1].self_attn.nsa_cmp_k.parameters()).grad.clone()
     model.zero_grad()
