@@ -8,6 +8,11 @@ Documents are cut into pieces of at most --seq-len tokens; each batch is packed 
 --nsa-only-steps N the first N of the --max-steps steps train only the new NSA modules (compressors,
 gates), then all weights train. --resume continues from the last checkpoint in --output-dir.
 
+Selection alignment (for a converted dense model): --align-weight W adds W x a KL term that moves NSA's
+block selection toward where full attention looks (nsa_hf.alignment; --align-rows query rows per sequence);
+with --align-in warmup only the --nsa-only-steps phase has it (a warm-up of the NSA modules), with
+--align-in all (default) every step.
+
 Multi-GPU: the same script under `accelerate launch` (FSDP: see docs/multi_gpu.md and
 examples/fsdp.yaml). --log-file writes every logged step's loss as JSON (main process), and
 --sequential makes the data order independent of the number of processes: the pieces are shuffled
@@ -70,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sequential", action="store_true",
                     help="shuffle the pieces once with --seed and read them in order (same order for any process count)")
     ap.add_argument("--no-save", action="store_true", help="do not save the final model")
+    ap.add_argument("--align-weight", type=float, default=0.0, metavar="W",
+                    help="add W x the selection alignment term (KL from full attention's block mass to NSA's "
+                         "selection scores) to the training loss (default 0: off)")
+    ap.add_argument("--align-rows", type=int, default=64, metavar="R",
+                    help="query rows per sequence and layer sampled for the alignment term (default 64)")
+    ap.add_argument("--align-in", choices=("warmup", "all"), default="all",
+                    help="steps that have the alignment term: 'warmup' = the --nsa-only-steps phase only, "
+                         "'all' = every step (default all)")
     return ap
 
 
@@ -82,6 +95,12 @@ def parse_args(argv=None):
     if not 0 <= args.nsa_only_steps < args.max_steps:
         usage_error(f"--nsa-only-steps {args.nsa_only_steps}: must be >= 0 and below --max-steps {args.max_steps} "
                     "(the total; the rest train all weights)")
+    if not args.align_weight >= 0 or args.align_weight == float("inf"):
+        usage_error(f"--align-weight {args.align_weight}: must be a finite number >= 0 (0 switches the term off)")
+    if args.align_rows < 1:
+        usage_error(f"--align-rows {args.align_rows}: must be >= 1 (query rows per sequence)")
+    if args.align_in == "warmup" and args.nsa_only_steps == 0:
+        usage_error("--align-in warmup: needs --nsa-only-steps N > 0 (the warm-up phase that has the term)")
     return args
 
 
@@ -167,7 +186,11 @@ def main(argv=None):
     phases.append(("all", os.path.join(args.output_dir, "phase2-all"), args.max_steps - args.nsa_only_steps, args.lr))
     for which, out, steps, lr in phases:
         n = set_trainable(model, which)
-        print(f"[train] phase '{which}': {n:,} trainable parameters, {steps} steps, lr {lr}")
+        align = args.align_weight if args.align_in == "all" or which == "nsa" else 0.0
+        # the model adds the term to the loss it returns while training (nsa_hf.alignment)
+        model.config.nsa_align_weight, model.config.nsa_align_rows = align, args.align_rows
+        print(f"[train] phase '{which}': {n:,} trainable parameters, {steps} steps, lr {lr}"
+              + (f", selection alignment weight {align}" if align else ""))
         callbacks = [ThroughputCallback()]
         if args.log_file:
             callbacks.append(LossLogCallback(args.log_file, which, records))
@@ -176,6 +199,9 @@ def main(argv=None):
         resume = get_last_checkpoint(out) if args.resume and os.path.isdir(out) else None
         trainer.train(resume_from_checkpoint=resume)
         history += [h for h in trainer.state.log_history if "loss" in h]
+    for name in ("nsa_align_weight", "nsa_align_rows"):  # a training setting: not saved with the model
+        if hasattr(model.config, name):
+            delattr(model.config, name)
     if args.no_save:
         return history
     final = os.path.join(args.output_dir, "final")

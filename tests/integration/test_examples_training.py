@@ -57,6 +57,35 @@ def test_train_script_two_phases_and_resume(nsa_dir_and_data, capsys, tmp_path):
     train.main(args + ["--resume"])
 
 
+def test_train_script_alignment_warmup(nsa_dir_and_data, monkeypatch):
+    """--align-weight with --align-in warmup: the NSA-only step has the selection alignment term, the full step
+    not; the saved model does not carry the training setting."""
+    import json
+
+    import train
+    from nsa_hf.alignment import SelectionAlignment
+
+    calls = []
+    original = SelectionAlignment.loss
+
+    def counting(self):
+        loss = original(self)
+        calls.append(len(self.losses))
+        return loss
+
+    monkeypatch.setattr(SelectionAlignment, "loss", counting)
+    root, data = nsa_dir_and_data
+    out = root / "aligned"
+    history = train.main(["--model", str(root / "nsa"), "--data", *data, "--output-dir", str(out), "--seq-len", "96",
+                          "--batch-size", "2", "--max-steps", "2", "--nsa-only-steps", "1", "--logging-steps", "1",
+                          "--align-weight", "0.5", "--align-rows", "8", "--align-in", "warmup"])
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    n_layers = AutoModelForCausalLM.from_pretrained(root / "nsa").config.num_hidden_layers
+    assert calls == [n_layers]  # one training forward with the term, every NSA layer contributing
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert "nsa_align_weight" not in config and "nsa_align_rows" not in config
+
+
 def test_train_script_command_line_errors(nsa_dir_and_data, capsys):
     """Bad values end with one line naming the value and exit status 2, before any model is loaded."""
     import train
@@ -68,6 +97,10 @@ def test_train_script_command_line_errors(nsa_dir_and_data, capsys):
         (["--data", data[0], str(root / "nope.txt")], "nope.txt' not found"),
         (["--data", *data, "--max-steps", "6", "--nsa-only-steps", "6"], "--nsa-only-steps 6"),
         (["--data", *data, "--seq-len", "0"], "--seq-len 0"),
+        (["--data", *data, "--align-weight", "-1"], "--align-weight -1.0"),
+        (["--data", *data, "--align-weight", "nan"], "--align-weight nan"),
+        (["--data", *data, "--align-rows", "0"], "--align-rows 0"),
+        (["--data", *data, "--align-weight", "1", "--align-in", "warmup"], "--align-in warmup: needs --nsa-only-steps"),
     ):
         with pytest.raises(SystemExit) as info:
             train.main(base + extra)
