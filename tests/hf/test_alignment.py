@@ -60,9 +60,9 @@ def test_loss_equals_brute_force():
 
 
 def test_loss_is_zero_when_the_selection_matches_and_grows_otherwise():
-    """The compressed keys equal to the keys' per-chunk sums give the same block ranking only by chance; the
-    loss is 0 exactly where the predicted block scores equal the target, i.e. for q = 0 with constant
-    keys: uniform full attention and uniform compressed attention spread equally over the blocks."""
+    """q = 0 with constant keys: full attention and the compressed attention are both uniform, so the block
+    mass and the block scores agree (each block's share is its number of keys) and the KL is 0; random keys
+    and queries make it positive."""
     t, d = 96, 8
     q_pos = torch.tensor([64, 79, 95])
     q = torch.zeros(3, 2, d)
@@ -174,3 +174,28 @@ def test_bf16_and_bad_settings():
     model.config.nsa_align_weight = -1.0
     with pytest.raises(ValueError, match="nsa_align_weight=-1.0"):
         model(torch.randint(3, 100, (1, 70)), labels=torch.randint(3, 100, (1, 70)), use_cache=False)
+
+
+def test_peft_lora_nsa_modules_get_the_term_gradient():
+    from peft import get_peft_model
+
+    from nsa_hf.lora import nsa_lora_config
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_model(), nsa_lora_config(r=4)).train()
+    ids = torch.randint(3, 100, (1, 80))
+    with SelectionAlignment(peft_model, rows=16, seed=0) as align:
+        peft_model(input_ids=ids, use_cache=False)
+    assert len(align.losses) == peft_model.config.num_hidden_layers
+    align.loss().backward()
+    trained = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    cmp_k = [g for n, g in trained.items() if "nsa_cmp_k" in n and "modules_to_save" in n]
+    assert cmp_k and all(g is not None and g.abs().sum() > 0 for g in cmp_k)
+    k_lora = [g for n, g in trained.items() if "k_proj.lora_B" in n]
+    assert k_lora and all(g is not None for g in k_lora)  # LoRA on the keys is in the graph (B starts at 0)
+    base = peft_model.get_base_model()
+    base.config.nsa_align_weight, base.config.nsa_align_rows = 2.0, ALL_ROWS
+    with_term = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+    base.config.nsa_align_weight = 0.0
+    plain = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+    assert float(with_term.detach()) > float(plain.detach())
