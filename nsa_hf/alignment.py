@@ -165,7 +165,8 @@ class SelectionAlignment:
                 if pos.numel():
                     seq_k = k[offset_k:offset_k + lk]
                     n_cmp = num_cmp_blocks(lk, params.cmp_block, params.cmp_stride)
-                    idx = (torch.arange(n_cmp)[:, None] * params.cmp_stride + torch.arange(params.cmp_block)).to(k.device)
+                    idx = torch.arange(n_cmp)[:, None] * params.cmp_stride + torch.arange(params.cmp_block)
+                    idx = idx.to(k.device)  # (N_cmp, l): the key positions of every complete compression block
                     cmp_k = module.nsa_cmp_k(seq_k[idx].transpose(1, 2))  # (N_cmp, Hkv, D)
                     rows = (pos - (lk - lq) + offset_q).to(q.device)
                     for start in range(0, pos.numel(), ROW_CHUNK):
