@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nsa_hf.alignment import SelectionAlignment, selection_alignment_loss
+from nsa_hf.training import enable_activation_checkpointing
 from nsa_kernels import NSAParams, num_cmp_blocks
 from tests.hf.test_hf_modeling import tiny_model
 
@@ -152,7 +153,7 @@ def test_config_option_adds_weight_times_term_and_gradient_checkpointing_agrees(
     with_term.backward()
     grad = next(model.model.layers[1].self_attn.nsa_cmp_k.parameters()).grad.clone()
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     again = model(ids, labels=ids, use_cache=False).loss
     again.backward()
     grad2 = next(model.model.layers[1].self_attn.nsa_cmp_k.parameters()).grad
