@@ -27,50 +27,33 @@ import os
 import sys
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DataCollatorWithFlattening,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 import nsa_hf  # noqa: F401  (registers NSA-Llama and attn_implementation="nsa")
-from nsa_hf.training import (  # noqa: F401  (checkpointing_argument: examples/lora.py and tests use it from here)
+from nsa_hf.training import (
     ThroughputCallback,
-    check_data,
-    checkpointing_argument,
+    add_training_flags,
+    check_training_flags,
     chunk_documents,
     fsdp_units,
     load_text_dataset,
     save_trained_model,
     set_trainable,
+    training_arguments,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="NSA-Llama checkpoint directory (see `nsa-hf convert`)")
-    ap.add_argument("--data", nargs="+", required=True, help="local .txt/.py/.json/.jsonl/.parquet files, or a Hub dataset name")
-    ap.add_argument("--text-column", default="text", help="column holding the text in .json/.jsonl/.parquet/.csv data (default text)")
+    add_training_flags(ap)  # --model, --data, --seq-len, --batch-size, --bf16, ... (shared with lora.py)
     ap.add_argument("--output-dir", required=True, help="directory for checkpoints and the final model (OUTPUT_DIR/final)")
-    ap.add_argument("--seq-len", type=int, default=4096, help="tokens per document piece (default 4096)")
-    ap.add_argument("--batch-size", type=int, default=1, help="document pieces per device batch (packed into one row)")
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step (default 1)")
     ap.add_argument("--max-steps", type=int, default=1000, help="optimizer steps in all, --nsa-only-steps included (default 1000)")
     ap.add_argument("--nsa-only-steps", type=int, default=0,
                     help="train only the NSA modules for the first this many of the --max-steps steps (default 0)")
     ap.add_argument("--lr", type=float, default=1e-4, help="learning rate when all weights train (default 1e-4)")
     ap.add_argument("--nsa-lr", type=float, default=None, help="learning rate of the NSA-only phase (default --lr x 10)")
-    ap.add_argument("--bf16", action="store_true", help="load the model in bfloat16 and train in bf16 mixed precision")
-    ap.add_argument("--gradient-checkpointing", action="store_true",
-                    help="recompute activations in the backward pass (less memory, slower)")
-    ap.add_argument("--logging-steps", type=int, default=10, help="log the loss every this many steps (default 10)")
-    ap.add_argument("--save-steps", type=int, default=500, help="save a checkpoint every this many steps (default 500)")
     ap.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--log-file", default=None, help="write the logged losses (every --logging-steps) as JSON here")
     ap.add_argument("--sequential", action="store_true",
                     help="shuffle the pieces once with --seed and read them in order (same order for any process count)")
@@ -89,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
-    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
-        if getattr(args, name) < 1:
-            usage_error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    try:
+        check_training_flags(args, counts=("max_steps",))
+    except ValueError as err:
+        usage_error(str(err))
     if not 0 <= args.nsa_only_steps < args.max_steps:
         usage_error(f"--nsa-only-steps {args.nsa_only_steps}: must be >= 0 and below --max-steps {args.max_steps} "
                     "(the total; the rest train all weights)")
@@ -137,34 +121,8 @@ class SequentialTrainer(Trainer):
         return torch.utils.data.SequentialSampler(dataset)
 
 
-def training_args(args, output_dir, max_steps, lr):
-    return TrainingArguments(
-        output_dir=output_dir,
-        max_steps=max_steps,
-        learning_rate=lr,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        bf16=args.bf16,
-        **checkpointing_argument(args.gradient_checkpointing),
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(100, max_steps // 10),
-        include_num_input_tokens_seen=True,
-        average_tokens_across_devices=True,  # loss = mean over all tokens of the global batch, any process count
-        report_to=[],
-        seed=args.seed,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-    )
-
-
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        check_data(args.data)
-    except (FileNotFoundError, ValueError) as err:
-        usage_error(f"--data: {err}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="nsa")
@@ -194,7 +152,7 @@ def main(argv=None):
         callbacks = [ThroughputCallback()]
         if args.log_file:
             callbacks.append(LossLogCallback(args.log_file, which, records))
-        trainer = trainer_cls(model=model, args=training_args(args, out, steps, lr), train_dataset=pieces,
+        trainer = trainer_cls(model=model, args=training_arguments(args, out, steps, lr), train_dataset=pieces,
                               data_collator=collator, callbacks=callbacks)
         resume = get_last_checkpoint(out) if args.resume and os.path.isdir(out) else None
         trainer.train(resume_from_checkpoint=resume)

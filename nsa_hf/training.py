@@ -1,9 +1,11 @@
 """Helpers for continued training of NSA models with `transformers.Trainer`: datasets from local
 files, document chunking for packed batches, staged trainability, a throughput log, activation
-checkpointing under the installed transformers' names, and saving a model trained in one process,
-under DDP or sharded by FSDP2."""
+checkpointing under the installed transformers' names, the command-line flags and `TrainingArguments`
+shared by the training scripts (``examples/train.py``, ``examples/lora.py``), and saving a model trained
+in one process, under DDP or sharded by FSDP2."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import time
@@ -125,6 +127,81 @@ def checkpointing_argument(enabled: bool) -> dict:
     (``activation_checkpointing`` since 5.23, which warns on the old ``gradient_checkpointing``)."""
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+COUNT_FLAGS = ("seq_len", "batch_size", "grad_accum", "logging_steps", "save_steps")
+"""The flags of :func:`add_training_flags` that count something and must be >= 1."""
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the flags shared by the training scripts to ``parser``: the model (``--model``), the data and
+    its pieces (``--data``, ``--text-column``, ``--seq-len``), the batch (``--batch-size``, ``--grad-accum``),
+    ``--bf16``, ``--gradient-checkpointing``, ``--logging-steps``, ``--save-steps`` and ``--seed``. What
+    differs between scripts (``--output-dir``, ``--max-steps``, ``--lr``, ``--resume``) the script adds.
+    :func:`check_training_flags` validates them, :func:`training_arguments` turns them into the Trainer's
+    arguments."""
+    parser.add_argument("--model", required=True, help="NSA-Llama checkpoint directory (see `nsa-hf convert`)")
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="local .txt/.py/.json/.jsonl/.parquet files, or a Hub dataset name")
+    parser.add_argument("--text-column", default="text",
+                        help="column holding the text in .json/.jsonl/.parquet/.csv data (default text)")
+    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per document piece (default 4096)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="document pieces per device batch (packed into one row)")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches accumulated per optimizer step (default 1)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="load the model in bfloat16 and train in bf16 mixed precision")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass (less memory, slower)")
+    parser.add_argument("--logging-steps", type=int, default=10,
+                        help="log the loss every this many steps (default 10)")
+    parser.add_argument("--save-steps", type=int, default=500,
+                        help="save a checkpoint every this many steps (default 500)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def check_training_flags(args: argparse.Namespace, counts: Sequence[str] = ()) -> None:
+    """Raise ``ValueError`` naming the flag (``"--seq-len 0: must be >= 1"``, ``"--data: data file ...
+    not found"``) when a count flag of :func:`add_training_flags` or one of ``counts`` (further attribute
+    names, e.g. ``"max_steps"``) is below 1, or when ``--data`` names a missing file (:func:`check_data`).
+    Nothing is loaded."""
+    for name in (*COUNT_FLAGS, *counts):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    try:
+        check_data(args.data)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"--data: {err}") from None
+
+
+def training_arguments(args: argparse.Namespace, output_dir: str, max_steps: int, lr: float) -> TrainingArguments:
+    """The ``TrainingArguments`` of the training scripts from the flags of :func:`add_training_flags`, for
+    ``max_steps`` optimizer steps at learning rate ``lr`` (cosine schedule, warm-up over a tenth of the steps,
+    at most 100), writing checkpoints to ``output_dir``. The loss is the mean over all tokens of the global
+    batch with any number of processes; activation checkpointing goes under the installed transformers' name
+    (:func:`checkpointing_argument`); on a machine without CUDA the Trainer runs on the CPU."""
+    import torch
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        learning_rate=lr,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        bf16=args.bf16,
+        **checkpointing_argument(args.gradient_checkpointing),
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(100, max_steps // 10),
+        include_num_input_tokens_seen=True,
+        average_tokens_across_devices=True,  # loss = mean over all tokens of the global batch, any process count
+        report_to=[],
+        seed=args.seed,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
 
 
 def enable_activation_checkpointing(model, checkpoint_kwargs: dict | None = None) -> None:

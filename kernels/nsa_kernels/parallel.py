@@ -15,7 +15,7 @@ import torch
 
 from .ops import cmp_fwd, gate_fwd, sel_fwd, slc_fwd, win_fwd
 from .params import NSAParams
-from .primitives import check_cmp_inputs, check_cu_seqlens_meta, check_varlen_inputs, rows_contiguous
+from .primitives import check_cmp_inputs, check_cu_seqlens_meta, check_qkv_shapes, check_varlen_inputs, rows_contiguous
 
 
 def parallel_cmp(
@@ -248,16 +248,8 @@ def parallel_gate(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor,
 
 def check_nsa_shapes(q, k, v, cmp_k, cmp_v, gates, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, params):
     """Checks of the Triton path that need no copy to the host (shapes, dtypes, devices, sizes)."""
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or cmp_k.dim() != 3 or cmp_v.dim() != 3:
-        raise ValueError(
-            f"q, k, v, cmp_k, cmp_v must be (tokens, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}, {tuple(cmp_k.shape)}, {tuple(cmp_v.shape)}"
-        )
-    hq, hkv = q.shape[1], k.shape[1]
-    if hkv < 1 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
-    if k.shape[:2] != v.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} / q {tuple(q.shape)} shapes disagree")
+    check_qkv_shapes(q, k, v)
+    hq = q.shape[1]
     if cmp_k.shape[1:] != k.shape[1:] or cmp_v.shape[1:] != v.shape[1:] or cmp_k.shape[0] != cmp_v.shape[0]:
         raise ValueError(
             f"cmp_k {tuple(cmp_k.shape)} / cmp_v {tuple(cmp_v.shape)} must be (N_cmp, Hkv, D) / (N_cmp, Hkv, Dv) "

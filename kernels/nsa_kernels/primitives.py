@@ -145,6 +145,22 @@ def max_lengths(
     return max_q, max_c
 
 
+def check_qkv_shapes(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+    """Rank, GQA grouping and agreement of queries ``(Tq, Hq, D)``, keys ``(Tk, Hkv, D)`` and values
+    ``(Tk, Hkv, Dv)``, ``Hq`` a multiple of ``Hkv``; ``ValueError`` calling the tensors by ``names``."""
+    nq, nk, nv = names
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"{nq}, {nk}, {nv} must be (tokens, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+    if k.shape[:2] != v.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{nk} {tuple(k.shape)} / {nv} {tuple(v.shape)} / {nq} {tuple(q.shape)} shapes disagree")
+
+
 def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, cmp_block, cmp_stride,
                      max_seqlen_q=None, max_seqlen_k=None):
     """Validate the inputs of compressed attention / block selection; raise ``ValueError`` naming the
@@ -159,16 +175,7 @@ def check_cmp_inputs(q, cmp_k, cmp_v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
     if cmp_block % cmp_stride != 0:
         raise ValueError(f"cmp_block={cmp_block} must be a multiple of cmp_stride={cmp_stride}")
-    if q.dim() != 3 or cmp_k.dim() != 3 or cmp_v.dim() != 3:
-        raise ValueError(
-            f"q, cmp_k, cmp_v must be (tokens, heads, head_dim); got {tuple(q.shape)}, "
-            f"{tuple(cmp_k.shape)}, {tuple(cmp_v.shape)}"
-        )
-    hq, hkv = q.shape[1], cmp_k.shape[1]
-    if hkv < 1 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
-    if cmp_k.shape[:2] != cmp_v.shape[:2] or q.shape[-1] != cmp_k.shape[-1]:
-        raise ValueError(f"cmp_k {tuple(cmp_k.shape)} / cmp_v {tuple(cmp_v.shape)} / q {tuple(q.shape)} shapes disagree")
+    check_qkv_shapes(q, cmp_k, cmp_v, names=("q", "cmp_k", "cmp_v"))
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"q.dtype={q.dtype} must be float32, float16 or bfloat16")
     if cmp_k.dtype != q.dtype or cmp_v.dtype != q.dtype:

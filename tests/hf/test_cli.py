@@ -1,14 +1,21 @@
-"""The `nsa-hf` command line: help, conversion with printed report, JSON output, and errors."""
+"""The `nsa-hf` command line: help and version without torch, conversion with printed report, JSON output,
+and errors."""
+import importlib.metadata
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nsa_hf.cli import build_parser, main
+import nsa_hf.cli
+from nsa_hf_cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "transformers", "nsa_hf", "nsa_kernels")
 
 SMALL_ARGS = ["--cmp-block", "8", "--cmp-stride", "4", "--slc-block", "16", "--slc-count", "4",
               "--init-blocks", "1", "--local-blocks", "2", "--window", "32"]
@@ -23,12 +30,59 @@ def llama_dir(tmp_path_factory):
     return path
 
 
-def test_help_from_the_installed_script():
-    exe = shutil.which("nsa-hf")
-    cmd = [exe] if exe else [sys.executable, "-m", "nsa_hf.cli"]
-    out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "convert" in out.stdout
+LIGHT_PROBE = """
+import contextlib, io, json, sys
+import nsa_hf_cli
+runs = {}
+for argv in (["--help"], ["--version"], ["convert", "--help"]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            nsa_hf_cli.main(argv)
+            code = "returned"
+        except SystemExit as exit:
+            code = exit.code
+    runs[" ".join(argv)] = {"code": code, "out": out.getvalue()}
+print(json.dumps({"runs": runs, "imported": sorted(name for name in %r if name in sys.modules)}))
+""" % (HEAVY,)
+
+
+def test_help_and_version_import_neither_torch_nor_nsa_hf():
+    """The entry module answers --help, --version and convert --help on the standard library alone."""
+    done = subprocess.run([sys.executable, "-c", LIGHT_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["imported"] == [], seen["imported"]
+    runs = seen["runs"]
+    assert all(run["code"] == 0 for run in runs.values()), {argv: run["code"] for argv, run in runs.items()}
+    assert "convert" in runs["--help"]["out"]
+    assert runs["--version"]["out"].strip() == f"nsa-hf {importlib.metadata.version('nsa-hf')}"
+    assert "--cmp-block" in runs["convert --help"]["out"] and "--sample-text" in runs["convert --help"]["out"]
+
+
+def test_the_package_module_is_the_same_command_line():
+    """`python -m nsa_hf.cli` and `from nsa_hf.cli import main` keep working: the same parser and entry."""
+    assert nsa_hf.cli.main is main and nsa_hf.cli.build_parser is build_parser
+    done = subprocess.run([sys.executable, "-m", "nsa_hf.cli", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "convert" in done.stdout
+
+
+def test_the_installed_script_answers_help_without_torch():
+    """The console script that `pip install -e .` wrote beside this interpreter (its entry point must be
+    nsa_hf_cli:main); `python -X importtime` lists every module it imports."""
+    script = Path(sys.executable).with_name("nsa-hf")
+    script = str(script) if script.is_file() else shutil.which("nsa-hf")
+    if script is None:
+        pytest.skip("no nsa-hf script installed in this environment")
+    done = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"{script}: {done.stderr[-3000:]} (an install older than the entry module "\
+        "nsa_hf_cli: reinstall with pip install -e .)"
+    assert "convert" in done.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    heavy = sorted(name for name in imported if name.split(".")[0] in HEAVY)
+    assert not heavy, f"{script} --help imported {heavy[:5]}: its entry point is not nsa_hf_cli:main (reinstall with pip install -e .)"
 
 
 def test_convert_help_lists_the_nsa_settings(capsys):

@@ -96,7 +96,9 @@ def test_past_key_values_reused_across_generate_calls():
     cache = first.past_key_values
     assert isinstance(cache, NSACache) and cache.get_seq_length() == 19 + 14 - 1
     follow_up = torch.cat([first.sequences, torch.randint(3, 100, (1, 5))], dim=1)
-    continued = model.generate(follow_up, past_key_values=cache, max_new_tokens=20, do_sample=False)
+    from nsa_hf.modeling_nsa import CACHE_NAME  # generate()'s cache keyword: "cache" from transformers 5.24
+
+    continued = model.generate(follow_up, max_new_tokens=20, do_sample=False, **{CACHE_NAME: cache})
     fresh = model.generate(follow_up, max_new_tokens=20, do_sample=False)
     assert torch.equal(continued, fresh)
     assert cache.layers[1].compressed_length() == [num_cmp_blocks(continued.shape[1] - 1, 8, 4)]

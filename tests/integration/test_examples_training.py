@@ -270,10 +270,13 @@ def test_gradient_checkpointing_flag_reaches_training_arguments(tmp_path):
 
     import train
 
-    base = ["--model", "m", "--data", "d.txt", "--output-dir", str(tmp_path)]
-    name = next(iter(train.checkpointing_argument(True)))
+    from nsa_hf.training import checkpointing_argument, training_arguments
+
+    (tmp_path / "d.txt").write_text("x")
+    base = ["--model", "m", "--data", str(tmp_path / "d.txt"), "--output-dir", str(tmp_path)]
+    name = next(iter(checkpointing_argument(True)))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-        on = train.training_args(train.parse_args(base + ["--gradient-checkpointing"]), str(tmp_path), 1, 1e-4)
-        off = train.training_args(train.parse_args(base), str(tmp_path), 1, 1e-4)
+        on = training_arguments(train.parse_args(base + ["--gradient-checkpointing"]), str(tmp_path), 1, 1e-4)
+        off = training_arguments(train.parse_args(base), str(tmp_path), 1, 1e-4)
     assert getattr(on, name) is True and getattr(off, name) is False

@@ -102,3 +102,32 @@ def test_activation_checkpointing_helper_uses_the_installed_name():
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     ids = torch.randint(0, 96, (1, 24))
     model(input_ids=ids, labels=ids).loss.backward()  # recomputes in the backward without error
+
+
+def test_shared_training_flags_check_and_reach_training_arguments(tmp_path):
+    """The flags the training scripts share: validated with the flag named, read into TrainingArguments."""
+    import argparse
+
+    from nsa_hf.training import add_training_flags, check_training_flags, training_arguments
+
+    (tmp_path / "a.txt").write_text("x")
+    parser = argparse.ArgumentParser()
+    add_training_flags(parser)
+    parser.add_argument("--max-steps", type=int, default=5)
+    base = ["--model", "m", "--data", str(tmp_path / "a.txt")]
+    args = parser.parse_args(base + ["--batch-size", "3", "--grad-accum", "2", "--logging-steps", "4",
+                                     "--save-steps", "7", "--seed", "11"])
+    check_training_flags(args, counts=("max_steps",))
+    targs = training_arguments(args, str(tmp_path / "run"), max_steps=300, lr=5e-4)
+    assert (targs.per_device_train_batch_size, targs.gradient_accumulation_steps, targs.logging_steps,
+            targs.save_steps, targs.seed) == (3, 2, 4, 7, 11)
+    assert targs.max_steps == 300 and targs.learning_rate == 5e-4 and targs.warmup_steps == 30
+    assert targs.output_dir == str(tmp_path / "run") and not targs.bf16
+    for extra, message in ((["--seq-len", "0"], "--seq-len 0: must be >= 1"),
+                           (["--grad-accum", "-1"], "--grad-accum -1: must be >= 1"),
+                           (["--max-steps", "0"], "--max-steps 0: must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            check_training_flags(parser.parse_args(base + extra), counts=("max_steps",))
+    check_training_flags(parser.parse_args(base + ["--max-steps", "0"]))  # not a count unless named
+    with pytest.raises(ValueError, match="--data: data file 'missing.txt' not found"):
+        check_training_flags(parser.parse_args(["--model", "m", "--data", "missing.txt"]))
