@@ -70,6 +70,7 @@ def _sel_fwd_kernel(
     NSEL: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
     TOK: tl.constexpr, NB: tl.constexpr, LOG_NB: tl.constexpr, DOT_PREC: tl.constexpr,
     WORK: tl.constexpr,  # 3 = everything; 1, 2 = partial work, only to time the stages (benchmarks)
+    SKIP: tl.constexpr,  # 1: skip the top-n merge of tiles without a candidate above the cut-off
 ):
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # stride-chunks per selection block
     C: tl.constexpr = CMP_BLOCK // CMP_STRIDE  # stride-chunks per compression block
@@ -141,9 +142,15 @@ def _sel_fwd_kernel(
             if WORK == 2:  # timing knob: block scores, no top-n
                 best = tl.maximum(best, key)
             else:
-                # Top-NB of (best, new): best sorted descending, new ascending, elementwise max, re-sort.
-                new = _bitonic(key, pos_nb, LOG_NB, False, 1)
-                best = _bitonic(tl.maximum(best, new), pos_nb, LOG_NB, True, LOG_NB)
+                # Skip the merge when no row has a candidate above its cut-off, the NSEL-th best key so
+                # far (``best`` is sorted descending): the top NSEL of (best, new) is then best's own.
+                # Keys are distinct (each carries its block index), so nothing ties with the cut-off.
+                cutoff = tl.sum(tl.where(jcol[None, :] == NSEL - 1, best, 0), axis=1)
+                beats = tl.max(key, axis=1) > cutoff
+                if (tl.sum(beats.to(tl.int32), axis=0) > 0) | (SKIP == 0):
+                    # Top-NB of (best, new): best sorted descending, new ascending, elementwise max, re-sort.
+                    new = _bitonic(key, pos_nb, LOG_NB, False, 1)
+                    best = _bitonic(tl.maximum(best, new), pos_nb, LOG_NB, True, LOG_NB)
     taken = (jcol[None, :] < NSEL) & (best >= 0)
     idx = tl.where(taken, 2147483647 - (best & 2147483647).to(tl.int32), 2147483647)
     idx = _bitonic(idx, pos_nb, LOG_NB, False, 1)
@@ -173,9 +180,10 @@ def _select_config(q: torch.Tensor, group: int) -> dict:
 
 def _fwd(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q: int,
          cmp_block: int, cmp_stride: int, slc_block: int, slc_count: int, init_blocks: int,
-         local_blocks: int, scale: float, _work: int = 3):
+         local_blocks: int, scale: float, _work: int = 3, _skip: bool = True):
     """Launch the selection kernel; returns int32 ``(Nq, Hkv, slc_count)`` block indices.
-    (``_work`` < 3 skips stages, for timing only: the result is then wrong.)"""
+    (``_work`` < 3 skips stages, for timing only: the result is then wrong. ``_skip=False`` merges
+    every tile into the running top-n, the same result without the cut-off test: tests, timing.)"""
     nq, hq, d = q.shape
     hkv = cmp_k.shape[1]
     group = hq // hkv
@@ -193,6 +201,6 @@ def _fwd(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q
         HQ=hq, HKV=hkv, G=group, GP=triton.next_power_of_2(group), D=d, BLOCK_D=pow2(d),
         CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, SLC_BLOCK=slc_block,
         NSEL=slc_count, INIT=init_blocks, LOCAL=local_blocks, NB=nb, LOG_NB=nb.bit_length() - 1,
-        DOT_PREC=dot_precision(q.dtype), WORK=_work, **cfg,
+        DOT_PREC=dot_precision(q.dtype), WORK=_work, SKIP=int(_skip), **cfg,
     )
     return out
