@@ -277,7 +277,8 @@ def main(argv=None):
     if args.compare:
         earlier = torch.load(args.compare)
         for label, tensors in results.items():
-            same = [torch.equal(a, b) for a, b in zip(tensors, earlier[label])]
+            same = [(a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                    for a, b in zip(tensors, earlier[label], strict=True)]
             print(f"{label}: {sum(same)}/{len(same)} tensors bit-identical to {args.compare}")
     if args.ops:
         for label, fwd, bwd in detail:
