@@ -192,6 +192,26 @@ def n_visible(pos, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
 
 
 @triton.jit
+def bitonic_sort(x, pos, LOG_N: tl.constexpr, DESC: tl.constexpr, FIRST_STAGE: tl.constexpr):
+    """Bitonic sort of ``x`` ``(T, 2**LOG_N)`` along its last axis (``FIRST_STAGE=1``), or only the
+    final merge of a bitonic sequence (``FIRST_STAGE=LOG_N``). ``pos`` ``(T, N)`` holds each element's
+    position along the axis. Each compare-and-swap step views pairs ``2**dist`` apart as an axis of
+    size 2 and takes its min/max (native reductions: fast compiled and in the interpreter alike)."""
+    T: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    first = tl.arange(0, 2)[None, :, None] == 0
+    for stage in tl.static_range(FIRST_STAGE, LOG_N + 1):
+        for step in tl.static_range(stage):
+            y = tl.reshape(x, (T * N // (2 << (stage - 1 - step)), 2, 1 << (stage - 1 - step)))
+            lo = tl.min(y, axis=1, keep_dims=True)
+            hi = tl.max(y, axis=1, keep_dims=True)
+            p = tl.reshape(pos, (T * N // (2 << (stage - 1 - step)), 2, 1 << (stage - 1 - step)))
+            desc = (((p >> stage) & 1) != 0) ^ DESC  # runs of 2**stage alternate direction
+            x = tl.reshape(tl.where(first ^ desc, lo, hi), (T, N))
+    return x
+
+
+@triton.jit
 def tile_of(pid, CU, n_seq, TILE: tl.constexpr, BLOCK_B: tl.constexpr):
     """Work list without a torch pre-pass: every sequence of the offsets ``CU`` (``n_seq + 1``
     entries) is cut into tiles of ``TILE`` tokens, numbered sequence after sequence; returns the

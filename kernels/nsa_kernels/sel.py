@@ -30,32 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .primitives import LOG2E, dot_precision, n_visible, pow2
+from .primitives import LOG2E, bitonic_sort, dot_precision, n_visible, pow2
 
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
 # ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _bitonic(x, pos, LOG_N: tl.constexpr, DESC: tl.constexpr, FIRST_STAGE: tl.constexpr):
-    """Bitonic sort of ``x`` ``(T, 2**LOG_N)`` along its last axis (``FIRST_STAGE=1``), or only the
-    final merge of a bitonic sequence (``FIRST_STAGE=LOG_N``). ``pos`` ``(T, N)`` holds each element's
-    position along the axis. Each compare-and-swap step views pairs ``2**dist`` apart as an axis of
-    size 2 and takes its min/max (native reductions: fast compiled and in the interpreter alike)."""
-    T: tl.constexpr = x.shape[0]
-    N: tl.constexpr = x.shape[1]
-    first = tl.arange(0, 2)[None, :, None] == 0
-    for stage in tl.static_range(FIRST_STAGE, LOG_N + 1):
-        for step in tl.static_range(stage):
-            y = tl.reshape(x, (T * N // (2 << (stage - 1 - step)), 2, 1 << (stage - 1 - step)))
-            lo = tl.min(y, axis=1, keep_dims=True)
-            hi = tl.max(y, axis=1, keep_dims=True)
-            p = tl.reshape(pos, (T * N // (2 << (stage - 1 - step)), 2, 1 << (stage - 1 - step)))
-            desc = (((p >> stage) & 1) != 0) ^ DESC  # runs of 2**stage alternate direction
-            x = tl.reshape(tl.where(first ^ desc, lo, hi), (T, N))
-    return x
 
 
 @triton.jit
@@ -149,11 +129,11 @@ def _sel_fwd_kernel(
                 beats = tl.max(key, axis=1) > cutoff
                 if (tl.sum(beats.to(tl.int32), axis=0) > 0) | (SKIP == 0):
                     # Top-NB of (best, new): best sorted descending, new ascending, elementwise max, re-sort.
-                    new = _bitonic(key, pos_nb, LOG_NB, False, 1)
-                    best = _bitonic(tl.maximum(best, new), pos_nb, LOG_NB, True, LOG_NB)
+                    new = bitonic_sort(key, pos_nb, LOG_NB, False, 1)
+                    best = bitonic_sort(tl.maximum(best, new), pos_nb, LOG_NB, True, LOG_NB)
     taken = (jcol[None, :] < NSEL) & (best >= 0)
     idx = tl.where(taken, 2147483647 - (best & 2147483647).to(tl.int32), 2147483647)
-    idx = _bitonic(idx, pos_nb, LOG_NB, False, 1)
+    idx = bitonic_sort(idx, pos_nb, LOG_NB, False, 1)
     idx = tl.where(idx == 2147483647, -1, idx)
     out_tok = (q_start + toks).to(tl.int64)
     tl.store(
