@@ -87,7 +87,12 @@ def bench_one(t, hq, hkv, d, params):
         res[name] = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
     # Where selection's time goes: scores + exp only, + block scores (no top-n), everything.
     parts = [triton.testing.do_bench(select_part(w), warmup=50, rep=200, return_mode="median") for w in (1, 2)]
-    print(f"   select stages: scores {parts[0]:.3f} ms, +block scores {parts[1]:.3f} ms, +top-n {res['select']:.3f} ms")
+    no_skip = triton.testing.do_bench(
+        lambda: bs._fwd(q, ck, lse, cu, cu, cu_c, t, l, s, params.slc_block, params.slc_count,
+                        params.init_blocks, params.local_blocks, scale, _skip=False),
+        warmup=50, rep=200, return_mode="median")
+    print(f"   select stages: scores {parts[0]:.3f} ms, +block scores {parts[1]:.3f} ms, +top-n {res['select']:.3f} ms"
+          f" (merging every tile, no cut-off skip: {no_skip:.3f} ms)")
     pairs = visible_pairs(t, params) * hq
     flops = {"fwd": 4 * d * pairs, "bwd": 10 * d * pairs, "fwd+bwd": 14 * d * pairs, "select": 2 * d * pairs}
     return res, {k: flops[k] / res[k] * 1e-9 for k in res}

@@ -135,9 +135,12 @@ def _cmp_setup(ctx, inputs, output):
     ctx.save_for_backward(q, cmp_k, cmp_v, o, lse, cu_q, cu_k, cu_c)
     ctx.sizes = (max_q, max_c, cmp_block, cmp_stride, scale)
     ctx.mark_non_differentiable(lse, blocks)
+    ctx.set_materialize_grads(False)  # no zero tensors for the gradients of lse and blocks
 
 
 def _cmp_backward(ctx, do, dlse, dblocks):
+    if do is None:
+        return (None,) * 15
     q, cmp_k, cmp_v, o, lse, cu_q, cu_k, cu_c = ctx.saved_tensors
     dq, dk, dv = cmp_bwd(do, q, cmp_k, cmp_v, o, lse, cu_q, cu_k, cu_c, *ctx.sizes)
     return (dq, dk, dv) + (None,) * 12
@@ -230,9 +233,12 @@ def _slc_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, output[0], output[1], block_indices, cu_q, cu_k, *output[2:])
     ctx.sizes = (slc_block, scale)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero tensors for the gradients of lse and the index tensors
 
 
 def _slc_backward(ctx, do, *unused):
+    if do is None:
+        return (None,) * 8
     q, k, v, o, lse, block_indices, cu_q, cu_k, *prep = ctx.saved_tensors
     dq, dk, dv = slc_bwd(do, q, k, v, o, lse, block_indices, cu_q, cu_k, *prep, *ctx.sizes)
     return dq, dk, dv, None, None, None, None, None
@@ -281,9 +287,12 @@ def _win_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
     ctx.sizes = (window, scale)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero tensor for the gradient of lse
 
 
 def _win_backward(ctx, do, dlse):
+    if do is None:
+        return (None,) * 7
     q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = win_bwd(do, q, k, v, o, lse, cu_q, cu_k, *ctx.sizes)
     return dq, dk, dv, None, None, None, None

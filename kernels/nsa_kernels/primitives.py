@@ -199,6 +199,55 @@ def n_visible(pos, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
 
 
 @triton.jit
+def bitonic_sort(x, pos, LOG_N: tl.constexpr, DESC: tl.constexpr, FIRST_STAGE: tl.constexpr):
+    """Bitonic sort of ``x`` ``(T, 2**LOG_N)`` along its last axis (``FIRST_STAGE=1``), or only the
+    final merge of a bitonic sequence (``FIRST_STAGE=LOG_N``). ``pos`` ``(T, N)`` holds each element's
+    position along the axis. Each compare-and-swap step views pairs ``2**dist`` apart as an axis of
+    size 2 and takes its min/max (native reductions: fast compiled and in the interpreter alike)."""
+    T: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    first = tl.arange(0, 2)[None, :, None] == 0
+    for stage in tl.static_range(FIRST_STAGE, LOG_N + 1):
+        for step in tl.static_range(stage):
+            y = tl.reshape(x, (T * N // (2 << (stage - 1 - step)), 2, 1 << (stage - 1 - step)))
+            lo = tl.min(y, axis=1, keep_dims=True)
+            hi = tl.max(y, axis=1, keep_dims=True)
+            p = tl.reshape(pos, (T * N // (2 << (stage - 1 - step)), 2, 1 << (stage - 1 - step)))
+            desc = (((p >> stage) & 1) != 0) ^ DESC  # runs of 2**stage alternate direction
+            x = tl.reshape(tl.where(first ^ desc, lo, hi), (T, N))
+    return x
+
+
+@triton.jit
+def tile_of(pid, CU, n_seq, TILE: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Work list without a torch pre-pass: every sequence of the offsets ``CU`` (``n_seq + 1``
+    entries) is cut into tiles of ``TILE`` tokens, numbered sequence after sequence; returns the
+    sequence and first packed token of tile ``pid``, or sequence ``-1`` past the last tile (launch
+    ``n_tokens // TILE + n_seq`` programs: an upper bound). Reads the offsets ``BLOCK_B`` at a time."""
+    seq = tl.zeros([], dtype=tl.int32) - 1
+    start = tl.zeros([], dtype=tl.int32)
+    done = tl.zeros([], dtype=tl.int32)  # tiles of the sequences before the chunk
+    for c0 in range(0, n_seq, BLOCK_B):
+        idx = c0 + tl.arange(0, BLOCK_B)
+        ok = idx < n_seq
+        s = tl.load(CU + idx, mask=ok, other=0)
+        e = tl.load(CU + idx + 1, mask=ok, other=0)
+        cnt = tl.where(ok, (e - s + TILE - 1) // TILE, 0)
+        end = tl.cumsum(cnt, axis=0) + done
+        hit = ok & (end > pid) & (end - cnt <= pid)
+        seq = tl.maximum(seq, tl.max(tl.where(hit, idx, -1), axis=0))
+        start += tl.sum(tl.where(hit, s + (pid - (end - cnt)) * TILE, 0), axis=0)
+        done += tl.sum(cnt, axis=0)
+    return seq, start
+
+
+def tile_programs(n_tokens: int, n_seq: int, tile: int) -> tuple[int, int]:
+    """``(programs, BLOCK_B)`` for :func:`tile_of`: an upper bound of the tile count (no host sync)
+    and the chunk of offsets read at a time."""
+    return n_tokens // tile + n_seq, min(256, pow2(n_seq))
+
+
+@triton.jit
 def load_rows(X, tok, head, row_ok, stride_t, stride_h, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """The row tile of a ``(tokens, heads, D)`` tensor: row ``r`` = token ``tok[r]``, head ``head[r]``
     (``tok`` int64 for packed offsets past 2**31 elements); rows outside ``row_ok`` read 0."""

@@ -30,32 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .primitives import LOG2E, dot_precision, n_visible, pow2
+from .primitives import LOG2E, bitonic_sort, dot_precision, n_visible, pow2
 
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
 # ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _bitonic(x, pos, LOG_N: tl.constexpr, DESC: tl.constexpr, FIRST_STAGE: tl.constexpr):
-    """Bitonic sort of ``x`` ``(T, 2**LOG_N)`` along its last axis (``FIRST_STAGE=1``), or only the
-    final merge of a bitonic sequence (``FIRST_STAGE=LOG_N``). ``pos`` ``(T, N)`` holds each element's
-    position along the axis. Each compare-and-swap step views pairs ``2**dist`` apart as an axis of
-    size 2 and takes its min/max (native reductions: fast compiled and in the interpreter alike)."""
-    T: tl.constexpr = x.shape[0]
-    N: tl.constexpr = x.shape[1]
-    first = tl.arange(0, 2)[None, :, None] == 0
-    for stage in tl.static_range(FIRST_STAGE, LOG_N + 1):
-        for step in tl.static_range(stage):
-            y = tl.reshape(x, (T * N // (2 << (stage - 1 - step)), 2, 1 << (stage - 1 - step)))
-            lo = tl.min(y, axis=1, keep_dims=True)
-            hi = tl.max(y, axis=1, keep_dims=True)
-            p = tl.reshape(pos, (T * N // (2 << (stage - 1 - step)), 2, 1 << (stage - 1 - step)))
-            desc = (((p >> stage) & 1) != 0) ^ DESC  # runs of 2**stage alternate direction
-            x = tl.reshape(tl.where(first ^ desc, lo, hi), (T, N))
-    return x
 
 
 @triton.jit
@@ -70,6 +50,7 @@ def _sel_fwd_kernel(
     NSEL: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
     TOK: tl.constexpr, NB: tl.constexpr, LOG_NB: tl.constexpr, DOT_PREC: tl.constexpr,
     WORK: tl.constexpr,  # 3 = everything; 1, 2 = partial work, only to time the stages (benchmarks)
+    SKIP: tl.constexpr,  # 1: skip the top-n merge of tiles without a candidate above the cut-off
 ):
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # stride-chunks per selection block
     C: tl.constexpr = CMP_BLOCK // CMP_STRIDE  # stride-chunks per compression block
@@ -141,12 +122,18 @@ def _sel_fwd_kernel(
             if WORK == 2:  # timing knob: block scores, no top-n
                 best = tl.maximum(best, key)
             else:
-                # Top-NB of (best, new): best sorted descending, new ascending, elementwise max, re-sort.
-                new = _bitonic(key, pos_nb, LOG_NB, False, 1)
-                best = _bitonic(tl.maximum(best, new), pos_nb, LOG_NB, True, LOG_NB)
+                # Skip the merge when no row has a candidate above its cut-off, the NSEL-th best key so
+                # far (``best`` is sorted descending): the top NSEL of (best, new) is then best's own.
+                # Keys are distinct (each carries its block index), so nothing ties with the cut-off.
+                cutoff = tl.sum(tl.where(jcol[None, :] == NSEL - 1, best, 0), axis=1)
+                beats = tl.max(key, axis=1) > cutoff
+                if (tl.sum(beats.to(tl.int32), axis=0) > 0) | (SKIP == 0):
+                    # Top-NB of (best, new): best sorted descending, new ascending, elementwise max, re-sort.
+                    new = bitonic_sort(key, pos_nb, LOG_NB, False, 1)
+                    best = bitonic_sort(tl.maximum(best, new), pos_nb, LOG_NB, True, LOG_NB)
     taken = (jcol[None, :] < NSEL) & (best >= 0)
     idx = tl.where(taken, 2147483647 - (best & 2147483647).to(tl.int32), 2147483647)
-    idx = _bitonic(idx, pos_nb, LOG_NB, False, 1)
+    idx = bitonic_sort(idx, pos_nb, LOG_NB, False, 1)
     idx = tl.where(idx == 2147483647, -1, idx)
     out_tok = (q_start + toks).to(tl.int64)
     tl.store(
@@ -173,9 +160,10 @@ def _select_config(q: torch.Tensor, group: int) -> dict:
 
 def _fwd(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q: int,
          cmp_block: int, cmp_stride: int, slc_block: int, slc_count: int, init_blocks: int,
-         local_blocks: int, scale: float, _work: int = 3):
+         local_blocks: int, scale: float, _work: int = 3, _skip: bool = True):
     """Launch the selection kernel; returns int32 ``(Nq, Hkv, slc_count)`` block indices.
-    (``_work`` < 3 skips stages, for timing only: the result is then wrong.)"""
+    (``_work`` < 3 skips stages, for timing only: the result is then wrong. ``_skip=False`` merges
+    every tile into the running top-n, the same result without the cut-off test: tests, timing.)"""
     nq, hq, d = q.shape
     hkv = cmp_k.shape[1]
     group = hq // hkv
@@ -193,6 +181,6 @@ def _fwd(q, cmp_k, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_seqlen_q
         HQ=hq, HKV=hkv, G=group, GP=triton.next_power_of_2(group), D=d, BLOCK_D=pow2(d),
         CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, SLC_BLOCK=slc_block,
         NSEL=slc_count, INIT=init_blocks, LOCAL=local_blocks, NB=nb, LOG_NB=nb.bit_length() - 1,
-        DOT_PREC=dot_precision(q.dtype), WORK=_work, **cfg,
+        DOT_PREC=dot_precision(q.dtype), WORK=_work, SKIP=int(_skip), **cfg,
     )
     return out

@@ -9,7 +9,7 @@ Design (NSA paper, Section 3.3, plus sharing between neighbouring tokens):
 
 * **forward / dq** are query-centric and group-centric: one program owns ``TOK`` consecutive query
   tokens and one KV head, i.e. ``TOK * G`` query rows (the M side of every dot, padded to a power of
-  two >= 16). It walks the *union* of the blocks selected by its tokens (built with a torch sort),
+  two >= 16). It walks the *union* of the blocks selected by its tokens (built by a small index kernel, ``_prepare``),
   loading each block's keys/values once for all its rows; rows whose token did not select the block
   are masked. ``TOK = 1`` is the paper's kernel; ``TOK > 1`` fills the tile when ``G`` is small.
 * **dk / dv** are KV-block-centric: an inverted index (torch sort of the selections by block) lists
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .primitives import BIG, LOG2E, dot_precision, load_rows, pow2, softmax_step, store_o_lse
+from .primitives import BIG, LOG2E, bitonic_sort, dot_precision, load_rows, pow2, softmax_step, store_o_lse
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,63 +323,106 @@ def _slc_bwd_dkdv_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Index preparation (torch, no host synchronisation)
+# Index preparation (one Triton kernel, no host synchronisation)
 # ------------------------------------------------------------------------------------------------
 
 
-def _query_key_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, nq: int):
-    """Per query token: its sequence, the packed index of its own key position, and the packed
-    index of its sequence's first key (queries are the last Tq of the sequence's Tk positions)."""
-    tokens = torch.arange(nq, device=cu_seqlens_q.device, dtype=torch.int32)
-    seq = torch.searchsorted(cu_seqlens_q[1:].to(torch.int32), tokens, right=True)
-    q_kpos = cu_seqlens_k[seq + 1] - cu_seqlens_q[seq + 1] + tokens
-    return seq, q_kpos.to(torch.int32), cu_seqlens_k[seq].to(torch.int32)
-
-
-def _packed_selection(block_indices, q_kpos, k_start, slc_block):
-    """Per query and KV head, the packed first key of every usable selected block, ascending, then
-    ``BIG`` padding: ``(Nq, Hkv, n)``, and the number of usable blocks ``(Nq, Hkv)``. A block is
-    usable when its index is >= 0 and it starts at or before the query (later ones are masked).
-    (A sort of these short rows is cheaper on the GPU than a prefix-sum compaction: measured.)"""
-    start = (k_start[:, None, None] + block_indices * slc_block).to(torch.int32)
-    usable = (block_indices >= 0) & (start <= q_kpos[:, None, None])
-    sel = torch.sort(torch.where(usable, start, BIG), dim=-1).values
-    return sel.contiguous(), usable.sum(-1).to(torch.int32).contiguous()
-
-
-def _tile_unions(sel: torch.Tensor, tok: int):
-    """Sorted, de-duplicated union of the blocks of each tile of ``tok`` consecutive tokens:
-    ``(n_tiles, Hkv, tok * n)`` (padding ``BIG``) and ``(n_tiles, Hkv)`` counts. ``sel`` is the
-    ``BIG``-padded output of :func:`_packed_selection`."""
-    nq, hkv, nsel = sel.shape
-    n_tiles = -(-nq // tok)
-    pad = n_tiles * tok - nq
-    if pad:
-        sel = torch.cat([sel, sel.new_full((pad, hkv, nsel), BIG)])
-    u = sel.view(n_tiles, tok, hkv, nsel).permute(0, 2, 1, 3).reshape(n_tiles, hkv, tok * nsel)
-    if tok > 1:
-        u = torch.sort(u, dim=-1).values
-        dup = torch.zeros_like(u, dtype=torch.bool)
-        dup[..., 1:] = u[..., 1:] == u[..., :-1]
-        u = torch.sort(torch.where(dup, BIG, u), dim=-1).values
-    count = (u != BIG).sum(-1).to(torch.int32)
-    return u.contiguous(), count.contiguous()
-
-
-def _prepare(block_indices, cu_seqlens_q, cu_seqlens_k, nq: int, slc_block: int, tok: int):
-    """Index tensors shared by the forward and backward launchers (compute once, pass to both):
-    ``(q_kpos, sel, scnt, uni, ucnt)``."""
-    seq, q_kpos, k_start = _query_key_positions(cu_seqlens_q, cu_seqlens_k, nq)
-    sel, scnt = _packed_selection(block_indices, q_kpos, k_start, slc_block)
-    uni, ucnt = _tile_unions(sel, tok)
-    if tok > 1 and nq > 0:
+@triton.jit
+def _slc_prep_kernel(
+    BI,  # (Nq, HKV, NSEL) int32 selected block indices, -1 = unused
+    CU_Q, CU_K,
+    QKPOS, SEL, SCNT, UNI, UCNT,  # outputs, see _prepare
+    nq, n_seq, n_search,
+    HKV: tl.constexpr, NSEL: tl.constexpr, NSELP: tl.constexpr, LOG_NSELP: tl.constexpr,
+    TOK: tl.constexpr, TOKP: tl.constexpr, LOG_U: tl.constexpr, SLC_BLOCK: tl.constexpr,
+):
+    """The index tensors of one tile of ``TOK`` query tokens and one KV head (see :func:`_prepare`)."""
+    BIG_: tl.constexpr = 2147483647
+    U: tl.constexpr = TOKP * NSELP
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    r = tl.arange(0, TOKP)
+    t = tile * TOK + r
+    ok = (r < TOK) & (t < nq)
+    # Each token's sequence: how many of the offsets cu_q[1:] are <= t (a binary search).
+    lo = tl.zeros([TOKP], dtype=tl.int32)
+    hi = tl.zeros([TOKP], dtype=tl.int32) + n_seq
+    for _ in range(n_search):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        right = active & (tl.load(CU_Q + 1 + mid, mask=active, other=0) <= t)
+        hi = tl.where(active & (right == 0), mid, hi)
+        lo = tl.where(right, mid + 1, lo)
+    seq = tl.where(ok, lo, 0)
+    # Packed index of the query's own key position and of its sequence's first key.
+    q_kpos = tl.load(CU_K + seq + 1, mask=ok, other=0) - tl.load(CU_Q + seq + 1, mask=ok, other=0) + t
+    k_start = tl.load(CU_K + seq, mask=ok, other=0)
+    if h == 0:
+        tl.store(QKPOS + t, q_kpos, mask=ok)
+    # Usable blocks' packed first keys, ascending, BIG padding.
+    c = tl.arange(0, NSELP)
+    cm = ok[:, None] & (c[None, :] < NSEL)
+    row = (t.to(tl.int64) * HKV + h) * NSEL
+    bi = tl.load(BI + row[:, None] + c[None, :], mask=cm, other=-1)
+    start = k_start[:, None] + bi * SLC_BLOCK
+    usable = cm & (bi >= 0) & (start <= q_kpos[:, None])
+    vals = bitonic_sort(tl.where(usable, start, BIG_), tl.broadcast_to(c[None, :], (TOKP, NSELP)), LOG_NSELP,
+                        False, 1)
+    tl.store(SEL + row[:, None] + c[None, :], vals, mask=cm)
+    tl.store(SCNT + t.to(tl.int64) * HKV + h, tl.sum(usable.to(tl.int32), axis=1), mask=ok)
+    # The tile's union: all its tokens' blocks sorted, duplicates dropped (to BIG, sorted once more).
+    ubase = tile.to(tl.int64) * HKV + h
+    i = tl.arange(0, U)
+    upos = tl.reshape(i, (1, U))
+    if TOK > 1:
+        u = tl.reshape(bitonic_sort(tl.reshape(vals, (1, U)), upos, LOG_U, False, 1), (U,))
+        prev = tl.gather(u, tl.maximum(i - 1, 0), 0)
+        u = tl.where((i > 0) & (prev == u), BIG_, u)
+        u = tl.reshape(bitonic_sort(tl.reshape(u, (1, U)), upos, LOG_U, False, 1), (U,))
+        count = tl.sum((u != BIG_).to(tl.int32), axis=0)
         # A tile whose tokens span two documents never walks its union: its rows would share dots with
         # the other document's keys and values (masked scores, but 0 * NaN = NaN). Its tokens run per
         # token instead (a union count above every total fails the kernels' union test).
-        first = torch.arange(ucnt.shape[0], device=seq.device) * tok
-        last = (first + tok - 1).clamp_max(nq - 1)
-        mixed = seq[first] != seq[last]
-        ucnt = torch.where(mixed[:, None], tok * sel.shape[-1] + 1, ucnt).to(torch.int32).contiguous()
+        first_seq = tl.sum(tl.where(r == 0, seq, 0), axis=0)
+        last_seq = tl.max(tl.where(ok, seq, -1), axis=0)
+        count = tl.where(last_seq != first_seq, TOK * NSEL + 1, count)
+    else:
+        u = tl.reshape(vals, (U,))
+        count = tl.sum((u != BIG_).to(tl.int32), axis=0)
+    tl.store(UNI + ubase * (TOK * NSEL) + i, u, mask=i < TOK * NSEL)
+    tl.store(UCNT + ubase, count)
+
+
+def _prepare(block_indices, cu_seqlens_q, cu_seqlens_k, nq: int, slc_block: int, tok: int):
+    """Index tensors shared by the forward and backward launchers (compute once, pass to both), all
+    int32 and contiguous, made by one kernel launch:
+
+    * ``q_kpos (Nq,)``: the packed index of each query's own key position (queries are the last Tq of
+      their sequence's Tk positions);
+    * ``sel (Nq, Hkv, n)``: per query and KV head the packed first key of every usable selected block,
+      ascending, then ``BIG`` padding; ``scnt (Nq, Hkv)`` their number. A block is usable when its index
+      is >= 0 and it starts at or before the query (later ones are masked);
+    * ``uni (n_tiles, Hkv, tok * n)``: the sorted, de-duplicated union of the blocks of each tile of
+      ``tok`` consecutive tokens (``BIG`` padding) and ``ucnt (n_tiles, Hkv)`` its length, or
+      ``tok * n + 1`` for a tile whose tokens span two documents (never walked as a union)."""
+    nq_, hkv, nsel = block_indices.shape
+    device = block_indices.device
+    n_tiles = -(-nq // tok)
+    i32 = dict(device=device, dtype=torch.int32)
+    q_kpos = torch.empty(nq, **i32)
+    sel = torch.empty(nq, hkv, nsel, **i32)
+    scnt = torch.empty(nq, hkv, **i32)
+    uni = torch.empty(n_tiles, hkv, tok * nsel, **i32)
+    ucnt = torch.empty(n_tiles, hkv, **i32)
+    if nq > 0:
+        n_seq = cu_seqlens_q.shape[0] - 1
+        nselp, tokp = pow2(nsel, 1), pow2(tok, 1)
+        _slc_prep_kernel[(n_tiles, hkv)](
+            block_indices, cu_seqlens_q, cu_seqlens_k, q_kpos, sel, scnt, uni, ucnt,
+            nq, n_seq, n_seq.bit_length(),
+            HKV=hkv, NSEL=nsel, NSELP=nselp, LOG_NSELP=nselp.bit_length() - 1, TOK=tok, TOKP=tokp,
+            LOG_U=(nselp * tokp).bit_length() - 1, SLC_BLOCK=slc_block,
+        )
     return q_kpos, sel, scnt, uni, ucnt
 
 

@@ -9,8 +9,8 @@ key/value tile is loaded once for the whole group; it only visits the ``window +
 band can reach. The backward is FA2-style: dq (query-centric, also computing
 ``delta = rowsum(o * do)``), then dk/dv per key tile over the queries that can see it (no atomics).
 
-Work lists (which sequence and which tile each program handles) are built with torch ops sized by an
-upper bound, so launching never waits for the GPU.
+Each program finds its sequence and tile in the offsets itself (:func:`primitives.tile_of`; the grid
+is an upper bound of the tile count), so launching needs no torch pre-pass and never waits for the GPU.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .primitives import LOG2E, dot_precision, load_rows, pow2, softmax_step, store_o_lse
+from .primitives import LOG2E, dot_precision, load_rows, pow2, softmax_step, store_o_lse, tile_of, tile_programs
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -27,18 +27,17 @@ from .primitives import LOG2E, dot_precision, load_rows, pow2, softmax_step, sto
 
 @triton.jit
 def _win_fwd_kernel(
-    Q, K, V, O, LSE, CUQ, CUK, TILE_SEQ, TILE_START,
+    Q, K, V, O, LSE, CUQ, CUK, n_seq,
     window, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, TOK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    seq = tl.load(TILE_SEQ + pid)
+    seq, q0 = tile_of(pid, CUQ, n_seq, TOK, BLOCK_B)
     if seq >= 0:
-        q0 = tl.load(TILE_START + pid)
         q_end = tl.load(CUQ + seq + 1)
         k_beg = tl.load(CUK + seq)
         shift = tl.load(CUK + seq + 1) - q_end  # packed key index of a query = its token + shift
@@ -81,20 +80,19 @@ def _win_fwd_kernel(
 
 @triton.jit
 def _win_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ, CUQ, CUK, TILE_SEQ, TILE_START,
+    Q, K, V, O, DO, LSE, DELTA, DQ, CUQ, CUK, n_seq,
     window, scale, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, TOK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dq of one query tile; also writes ``delta = rowsum(o * do)`` for the dk/dv kernel."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    seq = tl.load(TILE_SEQ + pid)
+    seq, q0 = tile_of(pid, CUQ, n_seq, TOK, BLOCK_B)
     if seq >= 0:
-        q0 = tl.load(TILE_START + pid)
         q_end = tl.load(CUQ + seq + 1)
         k_beg = tl.load(CUK + seq)
         shift = tl.load(CUK + seq + 1) - q_end
@@ -149,21 +147,20 @@ def _win_bwd_dq_kernel(
 
 @triton.jit
 def _win_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DVAL, CUQ, CUK, TILE_SEQ, TILE_START,
+    Q, K, V, DO, LSE, DELTA, DK, DVAL, CUQ, CUK, n_seq,
     window, scale, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, TOK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dk/dv of one key tile (``BLOCK_N`` keys of one sequence, one KV head) over the queries whose
     window reaches it, ``TOK`` tokens (all ``G`` heads) at a time."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    seq = tl.load(TILE_SEQ + pid)
+    seq, k0 = tile_of(pid, CUK, n_seq, BLOCK_N, BLOCK_B)
     if seq >= 0:
-        k0 = tl.load(TILE_START + pid)
         q_beg = tl.load(CUQ + seq)
         q_end = tl.load(CUQ + seq + 1)
         k_end = tl.load(CUK + seq + 1)
@@ -217,24 +214,8 @@ def _win_bwd_dkdv_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Work lists and launchers (no global state)
+# Launchers (no global state)
 # ------------------------------------------------------------------------------------------------
-
-
-def _tile_list(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
-    """Cut every sequence of ``cu_seqlens`` into tiles of ``tile`` tokens. Returns per program its
-    sequence (``-1`` = idle) and first packed token, for an upper-bound count of programs."""
-    cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]
-    counts = (lens + tile - 1) // tile
-    cum = torch.cumsum(counts, 0)
-    n_prog = n_tokens // tile + (cu.numel() - 1)
-    pids = torch.arange(n_prog, device=cu.device)
-    seq = torch.searchsorted(cum, pids, right=True)
-    live = seq < counts.numel()
-    seq_c = seq.clamp_max(counts.numel() - 1)
-    start = cu[seq_c] + (pids - (cum[seq_c] - counts[seq_c])) * tile
-    return torch.where(live, seq_c, -1).to(torch.int32).contiguous(), start.to(torch.int32).contiguous()
 
 
 def _rows_config(group: int, block_m: int):
@@ -252,14 +233,15 @@ def _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, window: int, scale: float,
     tok, bm = _rows_config(group, block_m)
     o = torch.empty(nq, hq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
-    tile_seq, tile_start = _tile_list(cu_seqlens_q, nq, tok)
+    n_seq = cu_seqlens_q.shape[0] - 1
+    n_prog, block_b = tile_programs(nq, n_seq, tok)
     if nq > 0:
-        _win_fwd_kernel[(tile_seq.shape[0], hkv)](
-            q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_start,
+        _win_fwd_kernel[(n_prog, hkv)](
+            q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, n_seq,
             window, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             HKV=hkv, G=group, D=d, DV=dv, TOK=tok, BLOCK_M=bm, BLOCK_N=block_n,
-            BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), DOT_PREC=dot_precision(q.dtype),
+            BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), BLOCK_B=block_b, DOT_PREC=dot_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
     return o, lse
@@ -281,26 +263,27 @@ def _bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, window: int, scale: fl
     delta = torch.empty(nq, hq, device=q.device, dtype=torch.float32)
     prec = dot_precision(q.dtype)
     if nq > 0:
-        tile_seq, tile_start = _tile_list(cu_seqlens_q, nq, tok)
-        _win_bwd_dq_kernel[(tile_seq.shape[0], hkv)](
-            q, k, v, o, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_start,
+        n_seq = cu_seqlens_q.shape[0] - 1
+        n_prog, block_b = tile_programs(nq, n_seq, tok)
+        _win_bwd_dq_kernel[(n_prog, hkv)](
+            q, k, v, o, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, n_seq,
             window, scale, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             HKV=hkv, G=group, D=d, DV=dv_dim, TOK=tok, BLOCK_M=bm, BLOCK_N=block_n,
-            BLOCK_D=pow2(d), BLOCK_DV=pow2(dv_dim), DOT_PREC=prec,
+            BLOCK_D=pow2(d), BLOCK_DV=pow2(dv_dim), BLOCK_B=block_b, DOT_PREC=prec,
             num_warps=num_warps, num_stages=num_stages,
         )
         kv_n = dkdv_block_n or block_n
         kv_tok, kv_bm = _rows_config(group, dkdv_block_m or block_m)
-        ktile_seq, ktile_start = _tile_list(cu_seqlens_k, nk, kv_n)
-        _win_bwd_dkdv_kernel[(ktile_seq.shape[0], hkv)](
-            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, ktile_seq, ktile_start,
+        n_kprog, _ = tile_programs(nk, n_seq, kv_n)
+        _win_bwd_dkdv_kernel[(n_kprog, hkv)](
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, n_seq,
             window, scale, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             HKV=hkv, G=group, D=d, DV=dv_dim, TOK=kv_tok, BLOCK_M=kv_bm, BLOCK_N=kv_n,
-            BLOCK_D=pow2(d), BLOCK_DV=pow2(dv_dim), DOT_PREC=prec,
+            BLOCK_D=pow2(d), BLOCK_DV=pow2(dv_dim), BLOCK_B=block_b, DOT_PREC=prec,
             num_warps=dkdv_num_warps or num_warps, num_stages=num_stages,
         )
     return dq, dk, dv

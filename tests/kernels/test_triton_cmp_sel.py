@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nsa_kernels import reference
+from nsa_kernels import sel as _sel
 from nsa_kernels.parallel import parallel_sel
 from nsa_kernels.parallel import parallel_cmp
 from nsa_kernels.compression import MLPCompressor, MeanPoolCompressor, compress_varlen
@@ -234,10 +235,42 @@ def test_select_blocks_fp32(hkv, group):
     _, want = reference_cmp(case, TINY, scale, dtype=torch.float32, return_blocks=True)
     assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, TINY, scale), TINY, rtol=1e-5,
                                         q_pos=query_positions(case["cu_q"], case["cu_k"]))
+    # Skipping the top-n merge of tiles below the cut-off changes nothing (bit for bit).
+    no_skip = _sel._fwd(case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], max(query_lens), 8, 4,
+                        TINY.slc_block, TINY.slc_count, TINY.init_blocks, TINY.local_blocks, scale, _skip=False)
+    assert torch.equal(got, no_skip)
     # The query's own block and the first block are always chosen.
     own = torch.cat([torch.arange(tk - tq, tk) for tq, tk in zip(query_lens, key_lens)]) // TINY.slc_block
     assert bool((got == own[:, None, None].to(got.device)).any(-1).all())
     assert bool((got[..., 0] == 0).all())
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 16])
+def test_select_blocks_cutoff_skip_is_exact(group):
+    """The running top-n skips the merge of a tile when no candidate beats the cut-off: the same blocks
+    as merging every tile (bit for bit) and as the reference. "Coherent" inputs make skipping certain:
+    the first selection blocks' keys align with every query, so for the later queries no block of the
+    middle tiles beats them (their forced local blocks lie in the last tile); odd lengths, 4 tiles."""
+    key_lens, query_lens = [221, 99], [221, 58]
+    case = make_case(key_lens, query_lens, 1, group, 16, 16, torch.float32, TINY)
+    direction = torch.randn(16)
+    case["q"] = case["q"] * 0.3 + direction
+    early = case["cmp_k"].new_zeros(case["cmp_k"].shape[0], 1, 1)
+    for b in range(2):  # compressed tokens of the first 3 selection blocks of each sequence
+        c0 = int(case["cu_c"][b])
+        early[c0 : c0 + 3 * TINY.slc_block // TINY.cmp_stride] = 1.0
+    case["cmp_k"] = case["cmp_k"] * 0.3 + early * 2.0 * direction
+    scale = 16**-0.5
+    _, lse = parallel_cmp(case["q"], case["cmp_k"], case["cmp_v"], case["cu_q"], case["cu_k"], case["cu_c"], 8, 4)
+    args = (case["q"], case["cmp_k"], lse, case["cu_q"], case["cu_k"], case["cu_c"], max(query_lens), 8, 4,
+            TINY.slc_block, TINY.slc_count, TINY.init_blocks, TINY.local_blocks, scale)
+    got = _sel._fwd(*args)
+    assert torch.equal(got, _sel._fwd(*args, _skip=False))
+    _, want = reference_cmp(case, TINY, scale, dtype=torch.float32, return_blocks=True)
+    assert_same_blocks_up_to_near_ties(got, want, block_scores_f64(case, TINY, scale), TINY, rtol=1e-5,
+                                        q_pos=query_positions(case["cu_q"], case["cu_k"]))
+    # The late queries chose one of the aligned blocks 1, 2 by score: the middle tiles lost to the cut-off.
+    assert bool(((got[150:221] == 1) | (got[150:221] == 2)).any(-1).all())
 
 
 @pytest.mark.parametrize("params", [
