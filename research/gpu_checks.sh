@@ -5,6 +5,7 @@
 #   PYTEST_PATHS   files or folders to run instead of every file with a gpu test (that order is kept)
 #   PYTEST_ARGS    extra pytest arguments (e.g. -x, -k bf16); PYTHON the interpreter (python3)
 #   --list         print the files in order and exit
+#   GPU_DIAGNOSTICS=0  skip the diagnostic run after the tests (research.selection_ties decode-choices)
 #   GPU_TESTS_BUDGET  seconds for the whole run (default 540: one device call is 600 s at most); a file
 #                  gets min(its own limit, what is left), and files with less than 20 s left are not started
 # Order: the kernels first (tests/kernels, test_triton_long.py after the others: it is the slow one), then
@@ -66,6 +67,20 @@ for f in $files; do
   rows+=("| $f | $status | $secs | $counts |")
   tail -3 "$LOGS/$name.log"
 done
+
+# Diagnostic (not a test): which block choices of the fp32 decode test's steps the decode kernels flip
+# against the float64 reference, and at what margin (its H200 failure was a flip at a relative gap of 2.6e-5).
+if [ "${GPU_DIAGNOSTICS:-1}" = 1 ] && [ -z "${PYTEST_PATHS:-}" ]; then
+  left=$(( budget - ($(date +%s) - start) ))
+  if [ "$left" -ge 30 ]; then
+    t0=$(date +%s)
+    timeout -k 10 $(( left < 120 ? left : 120 )) "${PYTHON:-python3}" -m research.selection_ties decode-choices \
+        --device cuda >"$LOGS/selection_ties_decode_choices.log" 2>&1
+    code=$?
+    rows+=("| research.selection_ties decode-choices | rc $code (diagnostic) | $(( $(date +%s) - t0 )) | $(grep -m1 'choices differ' "$LOGS/selection_ties_decode_choices.log") |")
+    tail -12 "$LOGS/selection_ties_decode_choices.log"
+  fi
+fi
 
 {
   echo "| file | result | s | pytest summary |"
