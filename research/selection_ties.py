@@ -13,7 +13,12 @@ whole block's worth. This harness replays the two tests' exact inputs on the CPU
   against the float32 reference of the same weights; the tokens outside the test's tolerance and every
   block choice bf16 flips, with its float64 margin.
 
+* ``decode-choices``: that test's teacher-forced steps through the decode kernels (on the GPU, or the
+  interpreter on the CPU, slow); every block choice that differs from the float64 reference, with its
+  margin: on the GPU it tells how close a tie the kernels' rounding can flip.
+
     python -m research.selection_ties decode
+    python -m research.selection_ties decode-choices --device cuda
     python -m research.selection_ties family --family mistral
 """
 from __future__ import annotations
@@ -24,6 +29,9 @@ import os
 import zlib
 
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # decode-choices on the CPU: the kernels in the interpreter
 
 MASK32 = 0xFFFFFFFF
 DECODE_TEST = "tests/hf/test_hf_decode_kernels.py::test_cuda_auto_uses_decode_kernels_and_matches_varlen[dtype0-0.002]"
@@ -130,6 +138,92 @@ def _flip_effect(model, ids, layer, pos, ref, nsa_backend) -> None:
           f"the fp32 test's 2e-3)")
 
 
+STEPS = [1] * 20 + [3, 1, 4, 1, 5] + [1] * 7  # the decode test's teacher-forced query chunks after its prefill
+
+
+def decode_choices(args) -> None:
+    """The decode test's teacher-forced steps through the decode kernels on ``args.device`` (on the CPU: the
+    interpreter), their chosen blocks against the float64 reference's, with the margin at every difference."""
+    import nsa_hf.decoding as nsa_decoding
+    import nsa_kernels.reference as ref
+    from nsa_hf import NSACache, nsa_backend
+    from tests.hf.test_hf_generate import tiny_model
+
+    seed = zlib.crc32(args.node_id.encode()) + int(os.environ.get("NSA_TEST_SEED", "0"))
+    torch.manual_seed(seed)
+    model = tiny_model(8, 2, layers=2).to(args.device)
+    lengths, width = (70, 23, 41), 70
+    ids = (torch.randint(3, 100, (3, width + 45), device="cuda").cpu() if args.device == "cuda"
+           else cuda_randint(seed, 3, 100, (3, width + 45)))
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, width - n:] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    chosen = []  # per decode call (layer-major within a step): (B, Hkv, Tq, n)
+    original = nsa_decoding.decode_module
+
+    class Recording:
+        def nsa_decode(self, *a, check_lengths=None, **k):
+            out, idx = original().nsa_decode(*a, check_lengths=check_lengths, return_block_indices=True, **k)
+            chosen.append(idx.cpu())
+            return out
+
+    nsa_decoding.decode_module = Recording
+    try:
+        with nsa_backend(decode="triton"), torch.no_grad():
+            cache, t = NSACache(config=model.config), width
+            d = lambda x: x.to(args.device)  # noqa: E731
+            model(d(ids[:, :t]), attention_mask=d(mask[:, :t]), position_ids=d(pos[:, :t]), past_key_values=cache,
+                  use_cache=True)
+            for q in STEPS:
+                model(d(ids[:, t:t + q]), attention_mask=d(mask[:, :t + q]), position_ids=d(pos[:, t:t + q]),
+                      past_key_values=cache, use_cache=True)
+                t += q
+    finally:
+        nsa_decoding.decode_module = original
+    # the reference's choices and scores, float64, each row uncached
+    select, record = ref.select_blocks, []
+
+    def spy(scores, q_pos, params):
+        out = select(scores, q_pos, params)
+        record.append((scores, out))
+        return out
+
+    reference, per_row = copy.deepcopy(model).to("cpu", torch.float64), []
+    ref.select_blocks = spy
+    try:
+        with nsa_backend(varlen="reference"), torch.no_grad():
+            for i, n in enumerate(lengths):
+                record.clear()
+                reference(ids[i, width - n:t][None], use_cache=False)
+                per_row.append(list(record))
+    finally:
+        ref.select_blocks = select
+    layers, differ, compared = model.config.num_hidden_layers, [], 0
+    t = width
+    for s, q in enumerate(STEPS):
+        for layer in range(layers):
+            idx = chosen[s * layers + layer]
+            for row, n in enumerate(lengths):
+                scores, blocks = per_row[row][layer]
+                for j in range(q):
+                    p = t + j - (width - n)  # the row's own position of this query
+                    for h in range(idx.shape[1]):
+                        ours, theirs = set(idx[row, h, j].tolist()) - {-1}, set(blocks[p, h].tolist()) - {-1}
+                        compared += 1
+                        if ours != theirs:
+                            sc = scores[h, p]
+                            gaps = [abs(float(sc[a] - sc[b])) / float(max(sc[a], sc[b]))
+                                    for a in ours - theirs for b in theirs - ours]
+                            differ.append((row, p, layer, h, sorted(ours - theirs), sorted(theirs - ours), max(gaps)))
+        t += q
+    print(f"{args.device}: {len(differ)} of {compared} (row, query, layer, KV head) choices differ from the float64 "
+          f"reference")
+    for row, p, layer, h, a, b, gap in differ:
+        print(f"  row {row} position {p} layer {layer} KV head {h}: kernels take {a}, reference {b}; relative gap "
+              f"{gap:.2e}")
+
+
 def family(args) -> None:
     import nsa_kernels.reference as ref
     from nsa_hf import nsa_backend
@@ -184,6 +278,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     sub = ap.add_subparsers(dest="what", required=True)
     d = sub.add_parser("decode", help="the fp32 decode-kernel test's inputs: selection margins, the flip's effect")
     d.add_argument("--node-id", default=DECODE_TEST, help="pytest node id that seeds the test (conftest.py)")
+    c = sub.add_parser("decode-choices", help="the decode test's steps through the decode kernels: their chosen "
+                       "blocks against the float64 reference (run it on the GPU)")
+    c.add_argument("--node-id", default=DECODE_TEST, help="pytest node id that seeds the test (conftest.py)")
+    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     f = sub.add_parser("family", help="the per-family bf16 test: bf16 vs float32 reference, flipped choices")
     f.add_argument("--family", default="mistral")
     return ap.parse_args(argv)
@@ -191,7 +289,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    {"decode": decode, "family": family}[args.what](args)
+    {"decode": decode, "decode-choices": decode_choices, "family": family}[args.what](args)
 
 
 if __name__ == "__main__":
