@@ -2,7 +2,7 @@
 # One device call: install, then run the named stages in order; logs and tables under $OUT.
 #   device run (carry .whl):  bash benchmarks/gpu_session.sh STAGE [STAGE...]
 # Stages:
-#   tests     pytest -m gpu ${PYTEST_PATHS:-tests}     (GPU tests; CI skips them)
+#   tests     research/gpu_checks.sh: pytest -m gpu per file, time limits, table ($PYTEST_PATHS, $GPU_TESTS_BUDGET)
 #   bench     benchmarks/bench_training.py             (one layer vs SDPA flash/cuDNN and fla-core; $BENCH_SEQLENS)
 #   model     benchmarks/bench_model_training.py       (~1B NSA-Llama training step vs sdpa, 32k tokens)
 #   generate  benchmarks/bench_generate.py             (~1B NSA-Llama prefill + decode vs sdpa; $GEN_PROMPTS)
@@ -26,8 +26,8 @@ for stage in "${@:-tests}"; do
   stamp "stage $stage"
   case $stage in
     tests)
-      # shellcheck disable=SC2086
-      python3 -m pytest -q -m gpu ${PYTEST_PATHS:-tests} -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+      # one pytest per file, each under a time limit; logs in $OUT/gpu_tests/, a pass/fail table last
+      OUT="$OUT" bash research/gpu_checks.sh 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
     bench)
       # shellcheck disable=SC2086

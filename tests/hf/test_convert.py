@@ -487,12 +487,39 @@ def test_keys_per_query_matches_the_reference_selection():
     assert got["nsa"] == pytest.approx(got["cmp"] + got["slc"] + got["win"])
 
 
+def check_bf16_logits(model, ids, mask, got, want, tie_tol=2e-2, max_bad=0.05):
+    """bf16 logits ``got`` against the float32 reference ``want`` of the same weights (left-padded ``ids``,
+    ``mask``): every token within atol 0.1 / rtol 0.05, except a few (at most ``max_bad`` of them) that a
+    near-tie of the block choice explains. bf16 keeps 8 significant bits, so the block scores (sums of
+    softmax probabilities over bf16 queries and compressed keys) carry relative errors near 1e-2, and where
+    the best blocks' scores are that close bf16 may take the other block: a different but equally valid
+    attention pattern, not an error (mistral's tiny model: layer 0 flips at a relative gap of 5e-3, layer 1
+    at 2.7e-4 and 1.5e-2; 110 of 63040 logits off by up to 0.23, at three tokens). A token is excused where
+    the float64 reference (:func:`selection_margins`) has a gap of at most ``tie_tol`` at that token in some
+    layer, or at an earlier token of its row in a layer below the last (whose keys/values later tokens
+    read); a real error (a wrong key range, a wrong block, a wrong gate) shows at tokens without ties or at
+    more than ``max_bad`` of them."""
+    from tests.hf.test_hf_decode_kernels import selection_margins
+
+    keep = mask.bool().cpu()
+    got, want = got.cpu().float(), want.cpu().float()
+    bad = ((got - want).abs() > 0.1 + 0.05 * want.abs()).any(-1) & keep  # (rows, width) tokens
+    excused = torch.zeros_like(keep)
+    for i, margin in enumerate(selection_margins(model, [ids.cpu()[i, keep[i]] for i in range(len(ids))])):
+        near = margin <= tie_tol  # (layers, T)
+        excused[i, keep[i]] = near.any(0) | (near[:-1].any(0).cumsum(0) > 0)
+    diff = (got - want).abs().amax(-1)
+    assert not (bad & ~excused).any(), [(i, j, float(diff[i, j])) for i, j in (bad & ~excused).nonzero().tolist()]
+    assert bad.sum() <= max_bad * keep.sum(), [(i, j, float(diff[i, j])) for i, j in bad.nonzero().tolist()]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_in_bfloat16_on_cuda(family):
     """bf16 on the GPU (Triton kernels): the conversion copies the bf16 weights exactly, sdpa equals the dense
-    model, NSA is close to the float32 CPU reference run of the same weights, and the scores of cached
-    decoding (decode kernels) match a full uncached forward over the generated tokens."""
+    model, NSA is close to the float32 CPU reference run of the same weights (:func:`check_bf16_logits`:
+    except at a few tokens explained by a near-tie of the block choice), and the scores of cached decoding
+    (decode kernels) match a full uncached forward over the generated tokens."""
     dense = tiny_dense(family).to("cuda", torch.bfloat16)
     model, report = convert_to_nsa(dense, None, NSAParams(**SMALL), dtype="bfloat16", evaluate=False, progress=False)
     assert report.dtype == "bfloat16" and model.dtype == torch.bfloat16 and model.device.type == "cuda"
@@ -506,8 +533,7 @@ def test_each_family_in_bfloat16_on_cuda(family):
         got = model(ids, attention_mask=mask).logits.float()
         reference = copy.deepcopy(model).to("cpu", torch.float32)
         want = reference(ids.cpu(), attention_mask=mask.cpu()).logits
-    keep = mask.bool().cpu()
-    torch.testing.assert_close(got.cpu()[keep], want[keep], atol=0.1, rtol=0.05)
+    check_bf16_logits(model, ids, mask, got, want)
     prompt = ids[:1, -70:]
     out = model.generate(prompt, max_new_tokens=24, do_sample=False, output_scores=True,
                          return_dict_in_generate=True, pad_token_id=0)

@@ -252,6 +252,57 @@ def test_bench_generate_tiny_smoke(tmp_path):
         assert f"| 40 | {variant} |" in text
 
 
+def selection_margins(model, rows):
+    """Where block selection is a near-tie: for each sequence of token ids in ``rows`` (1-D, no padding) a
+    ``(layers, T)`` float64 tensor, at every position the smallest relative gap, over KV heads, between the
+    last block chosen by score and the best one left out (``inf`` where no block is chosen by score), from a
+    float64 CPU copy of ``model`` run uncached through the reference. Where the gap is below the rounding
+    error of the scores, two correct implementations may choose different blocks."""
+    import copy
+
+    import nsa_kernels.reference as ref
+
+    reference, select, found = copy.deepcopy(model).to("cpu", torch.float64), ref.select_blocks, []
+
+    def spy(scores, q_pos, params):
+        eligible, forced = ref.selection_block_masks(q_pos, scores.shape[-1], params)
+        need = (params.slc_count - forced.sum(-1)).clamp(0, scores.shape[-1])[None, :, None]
+        need = need.expand(scores.shape[0], -1, 1)  # blocks chosen by score
+        ranked = scores.masked_fill(forced | ~eligible, float("-inf")).sort(-1, descending=True).values
+        ranked = torch.cat([ranked, torch.full_like(ranked[..., :1], float("-inf"))], -1)
+        last, left_out = ranked.gather(-1, (need - 1).clamp(min=0)), ranked.gather(-1, need)
+        contest = (need > 0) & (left_out > float("-inf")) & (last > 0)
+        found.append(torch.where(contest, (last - left_out) / last, torch.inf)[..., 0].amin(0))
+        return select(scores, q_pos, params)
+
+    margins = []
+    ref.select_blocks = spy
+    try:
+        with nsa_backend(varlen="reference"), torch.no_grad():
+            for row in rows:
+                found.clear()
+                reference(row.cpu()[None], use_cache=False)
+                assert len(found) == reference.config.num_hidden_layers  # one call per layer
+                margins.append(torch.stack(found))
+    finally:
+        ref.select_blocks = select
+    return margins
+
+
+def near_tie_steps(model, ids, lengths, steps, tie_tol=1e-4):
+    """``(rows, steps)`` bool: the teacher-forced steps of the test below whose block choice is a near-tie
+    (:func:`selection_margins` at most ``tie_tol``). A tie in the last layer changes that step's logits
+    only; one in an earlier layer reaches later steps too (through the keys/values above it), so the rest
+    of the row counts as tied."""
+    tied = torch.zeros(len(lengths), steps, dtype=torch.bool)
+    width = max(lengths)
+    rows = [ids[i, width - n:width - 1 + steps] for i, n in enumerate(lengths)]
+    for i, (n, margin) in enumerate(zip(lengths, selection_margins(model, rows))):
+        near = margin[:, n - 1:] <= tie_tol  # (layers, steps): step s scores the token at position n - 1 + s
+        tied[i] = near.any(0) | (near[:-1].any(0).cumsum(0) > 0)
+    return tied
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 5e-2)])
 def test_cuda_auto_uses_decode_kernels_and_matches_varlen(dtype, tol, monkeypatch, backend):
@@ -283,8 +334,10 @@ def test_cuda_auto_uses_decode_kernels_and_matches_varlen(dtype, tol, monkeypatc
         runs[mode] = (torch.cat(steps, dim=1).float(), list(calls))
     assert len(runs["auto"][1]) == 2 * 32 and runs["off"][1] == []
     fast, slow = runs["auto"][0], runs["off"][0]
-    if dtype == torch.float32:
-        torch.testing.assert_close(fast, slow, atol=tol, rtol=tol)
+    if dtype == torch.float32:  # equal, except at steps whose block choice is a float64 near-tie (rare)
+        tied = near_tie_steps(model, ids, lengths, fast.shape[1]).to(fast.device)
+        assert tied.float().mean() < 0.5, tied.nonzero().tolist()  # still compares most steps
+        torch.testing.assert_close(fast[~tied], slow[~tied], atol=tol, rtol=tol)
     else:  # bf16 rounding may flip a near-tie block choice: allow rare outliers
         off = (fast - slow).abs() > tol * (1 + slow.abs())
         assert off.float().mean() < 0.01, float(off.float().mean())
