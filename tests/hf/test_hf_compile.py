@@ -246,3 +246,39 @@ def test_static_cache_prefill_under_compile_names_the_fix(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with torch.no_grad(), pytest.raises(ValueError, match="eager prefill"):
         model(ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_static_cache_auto_compiles_on_cuda(dtype):
+    """On CUDA generate(cache_implementation="static") compiles the decoding steps by itself (default
+    CompileConfig: inductor, CUDA graphs) around the Triton decode op: the tokens of the eager static-cache
+    generate, and in fp32 of the dynamic-cache generate."""
+    model = tiny_model(8, 2, layers=2).to("cuda", dtype)
+    ids, mask = left_padded([70, 23, 41], device="cuda")
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False)
+    eager = model.generate(ids, cache_implementation="static", disable_compile=True, **kwargs)
+    compiled = model.generate(ids, cache_implementation="static", **kwargs)
+    assert hasattr(model, "_compiled_call")
+    assert torch.equal(compiled, eager)
+    if dtype == torch.float32:
+        assert torch.equal(compiled, model.generate(ids, **kwargs))
+
+
+@pytest.mark.gpu
+def test_static_cache_decode_step_compiles_fullgraph_inductor_cuda():
+    """A decoding step on an NSAStaticCache compiled with inductor (fullgraph=True) on CUDA, Triton decode op
+    inside: the eager steps' logits."""
+    model = tiny_model(8, 2, layers=2).to("cuda")
+    ids, mask = left_padded([70, 23, 41], device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        eager_cache, tok = _prefill(model, ids, mask, ids.shape[1] + 8)
+        compiled_cache, _ = _prefill(model, ids, mask, ids.shape[1] + 8)
+        for _ in range(6):
+            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+            kwargs = dict(attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1, use_cache=True)
+            ref = model(tok, **kwargs, **{cache_kwarg(model): eager_cache}).logits
+            out = compiled(tok, **kwargs, **{cache_kwarg(model): compiled_cache}).logits
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+            tok = ref[:, -1:].argmax(-1)
