@@ -33,13 +33,14 @@ import warnings
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import StaticLayer
 
 from nsa_kernels import MLPCompressor, MeanPoolCompressor, NSAParams, num_cmp_blocks, validate_nsa_params
 from nsa_kernels import nsa_attention_varlen, nsa_sequence
 
 from .backends import varlen_backend
 from .cache import NSACompressedState, NSAStaticCacheLayer
-from .decoding import MAX_DECODE_QUERIES, try_decode, try_static_decode
+from .decoding import MAX_DECODE_QUERIES, try_decode, try_plain_static_decode, try_static_decode
 from .packing import compress_packed, cu_seqlens, pad_output, static_pad_output, static_unpad_input, unpad_input
 from .families import NSA_MODEL_TYPES, supported_model_types
 
@@ -231,6 +232,14 @@ def nsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     batch, hq, q_len, _ = query.shape
     if gates is None:
         gates = query.new_tensor(FALLBACK_GATES).expand(batch, q_len, hq, 3)
+    if type(cache_layer) is StaticLayer:
+        # A plain StaticCache (transformers' export recipes): graph-safe steps recompressing the dense keys.
+        decoded = try_plain_static_decode(query, key, value, attention_mask, gates, compressors, params,
+                                          cache_layer, scaling, getattr(module, "config", None), kwargs)
+        if decoded is not None:
+            return decoded, None
+        if not torch.compiler.is_compiling():  # other steps: the varlen path on the written positions
+            key, value, attention_mask = _static_prefix(key, value, attention_mask, cache_layer)
     if cache_layer is not None and not isinstance(cache_layer, NSACompressedState):
         cache_layer = None
     config = getattr(module, "config", None)

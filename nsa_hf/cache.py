@@ -502,15 +502,16 @@ class NSAStaticCache(StaticCache):
         Cache.__init__(self, layers=layers, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
 
 
-def nsa_cache_layer(past_key_values, layer_idx: int) -> NSACompressedState | None:
-    """The :class:`NSACacheLayer` or :class:`NSAStaticCacheLayer` of ``layer_idx`` in ``past_key_values``,
-    or ``None`` when the cache is absent or of another kind (the backend then recompresses from the
-    dense keys)."""
+def nsa_cache_layer(past_key_values, layer_idx: int) -> NSACompressedState | StaticLayer | None:
+    """The :class:`NSACacheLayer` or :class:`NSAStaticCacheLayer` of ``layer_idx`` in ``past_key_values``, a
+    plain transformers :class:`StaticLayer` (no compressed state: the backend compresses every block of its
+    dense keys at each step, e.g. in transformers' export recipes), or ``None`` when the cache is absent or of
+    another kind (the backend then recompresses from the dense keys)."""
     layers = getattr(past_key_values, "layers", None)
     if layers is None or layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
-    return layer if isinstance(layer, NSACompressedState) else None
+    return layer if isinstance(layer, (NSACompressedState, StaticLayer)) else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -282,3 +282,26 @@ def test_static_cache_decode_step_compiles_fullgraph_inductor_cuda():
             out = compiled(tok, **kwargs, **{cache_kwarg(model): compiled_cache}).logits
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
             tok = ref[:, -1:].argmax(-1)
+
+
+@pytest.mark.slow
+def test_transformers_export_recipe_with_a_plain_static_cache():
+    """transformers' export recipe (TorchExportableModuleWithStaticCache: a plain StaticCache registered as
+    buffers, no padding mask, one token per call from position 0) exports an NSA model: each step recompresses
+    the dense keys (no compressed state) inside the graph, and the program fed a sequence token by token gives
+    the uncached forward's logits at every position."""
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    model = tiny_model(4, 2, layers=2)
+    model.generation_config.cache_implementation = "static"
+    ids = torch.randint(3, 100, (1, 22))  # crosses compression (stride 4) and selection (16) block boundaries
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        module = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=30)
+        program = torch.export.export(module, (), kwargs={"input_ids": ids[:, :1], "cache_position": torch.tensor([0])},
+                                      strict=True)
+        assert sum("nsa_kernels.decode" in str(node.target) for node in program.graph.nodes) == 2
+        step = program.module()
+        for i in range(ids.shape[1]):
+            out = step(input_ids=ids[:, i:i + 1], cache_position=torch.tensor([i]))
+            torch.testing.assert_close(out[0, -1], full[0, i], atol=1e-5, rtol=1e-5)
