@@ -7,8 +7,9 @@ whole process. Any Llama-style model then runs NSA with ``attn_implementation="n
 
 A call takes one of three paths:
 
-* a decoding step through the Triton decode kernels (:mod:`.decoding`: a few new tokens on an NSA cache,
-  left-padded rows; on a static cache with no host synchronisation);
+* a decoding step through the decode kernels (:mod:`.decoding`: a few new tokens on an NSA cache,
+  left-padded rows; on a static cache with no host synchronisation, traceable by ``torch.compile`` and
+  ``torch.export``);
 * otherwise the varlen path: the batch is packed (:mod:`.packing`: padding dropped, packed documents
   split), the cache layer gives the compressed keys/values, compressing only new blocks
   (:meth:`.cache.NSACompressedState.update_compressed`), and :func:`_nsa_varlen` computes NSA (the Triton
@@ -32,13 +33,14 @@ import warnings
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import StaticLayer
 
 from nsa_kernels import MLPCompressor, MeanPoolCompressor, NSAParams, num_cmp_blocks, validate_nsa_params
 from nsa_kernels import nsa_attention_varlen, nsa_sequence
 
 from .backends import varlen_backend
 from .cache import NSACompressedState, NSAStaticCacheLayer
-from .decoding import MAX_DECODE_QUERIES, try_decode, try_static_decode
+from .decoding import MAX_DECODE_QUERIES, try_decode, try_plain_static_decode, try_static_decode
 from .packing import compress_packed, cu_seqlens, pad_output, static_pad_output, static_unpad_input, unpad_input
 from .families import NSA_MODEL_TYPES, supported_model_types
 
@@ -230,18 +232,34 @@ def nsa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     batch, hq, q_len, _ = query.shape
     if gates is None:
         gates = query.new_tensor(FALLBACK_GATES).expand(batch, q_len, hq, 3)
+    if type(cache_layer) is StaticLayer:
+        # A plain StaticCache (transformers' export recipes): graph-safe steps recompressing the dense keys.
+        decoded = try_plain_static_decode(query, key, value, attention_mask, gates, compressors, params,
+                                          cache_layer, scaling, getattr(module, "config", None), kwargs)
+        if decoded is not None:
+            return decoded, None
+        if not torch.compiler.is_compiling():  # other steps: the varlen path on the written positions
+            key, value, attention_mask = _static_prefix(key, value, attention_mask, cache_layer)
     if cache_layer is not None and not isinstance(cache_layer, NSACompressedState):
         cache_layer = None
     config = getattr(module, "config", None)
 
-    if torch.compiler.is_compiling():
-        return _static_varlen(query, key, value, attention_mask, gates, compressors, params, cache_layer, scaling,
-                              varlen_backend(config), kwargs), None
     if isinstance(cache_layer, NSAStaticCacheLayer):
+        # Graph-safe (no host work): also the path of decoding steps traced by torch.compile / torch.export.
         decoded = try_static_decode(query, key, value, gates, compressors, params, cache_layer, scaling, config,
                                     kwargs)
         if decoded is not None:
             return decoded, None
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                "under torch.compile / torch.export a step on an NSAStaticCache must be a decoding step of at most "
+                f"{min(MAX_DECODE_QUERIES, cache_layer.max_decode_queries)} tokens after an eager prefill of "
+                "left-padded rows, with the decode backend not 'off'; run the prefill (and other steps) eagerly"
+            )
+    if torch.compiler.is_compiling():
+        return _static_varlen(query, key, value, attention_mask, gates, compressors, params, cache_layer, scaling,
+                              varlen_backend(config), kwargs), None
+    if isinstance(cache_layer, NSAStaticCacheLayer):
         key, value, attention_mask = _static_prefix(key, value, attention_mask, cache_layer)
     else:
         decoded = try_decode(query, key, value, attention_mask, gates, compressors, params, cache_layer, scaling,

@@ -5,8 +5,13 @@ Two calls can be chosen:
 * ``varlen``, every non-decoding NSA call (training, prefill, packed documents): ``"auto"`` (the Triton
   kernels on CUDA, the PyTorch reference on CPU), ``"triton"`` (on a CPU only under ``TRITON_INTERPRET=1``)
   or ``"reference"`` (the specification, also on CUDA: slow, O(T^2) memory per sequence, to check a run);
-* ``decode``, decoding steps from an NSA cache: ``"auto"`` (the Triton decode kernels on CUDA), ``"triton"``
-  (always; on a CPU only under ``TRITON_INTERPRET=1``) or ``"off"`` (decoding steps take the varlen path).
+* ``decode``, decoding steps from an NSA cache: ``"auto"``, ``"triton"`` (the Triton decode kernels always;
+  on a CPU only under ``TRITON_INTERPRET=1``) or ``"off"`` (decoding steps take the varlen path). ``"auto"``
+  means the Triton decode kernels on CUDA; elsewhere, steps on a dynamic :class:`~.cache.NSACache` take the
+  varlen path, and steps on an :class:`~.cache.NSAStaticCache` the batched PyTorch reference decode
+  (:func:`nsa_kernels.reference.nsa_decode_reference`). Either way a static-cache step is one
+  ``nsa_kernels::decode`` op with no host synchronisation, so ``torch.compile(fullgraph=True)`` /
+  ``torch.export`` trace it, and it can be captured in a CUDA graph (:func:`static_decode_impl`).
 
 The choice in force for a model is, per field, the innermost :func:`nsa_backend` block that sets it, else
 the model config's ``nsa_varlen_backend`` / ``nsa_decode_backend`` attribute, else ``"auto"``::
@@ -30,7 +35,7 @@ import importlib
 import torch
 
 __all__ = ["DECODE_CHOICES", "VARLEN_CHOICES", "NSABackend", "decode_backend", "decode_enabled", "decode_module",
-           "nsa_backend", "varlen_backend"]
+           "decode_ops", "nsa_backend", "static_decode_impl", "varlen_backend"]
 
 VARLEN_CHOICES = ("auto", "triton", "reference")
 DECODE_CHOICES = ("auto", "triton", "off")
@@ -89,6 +94,23 @@ def decode_backend(config) -> str:
     return _chosen(config, "decode", DECODE_CHOICES)
 
 
+def _import_or_none(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+# Imported once, here, rather than on first use: a decoding step traced by torch.compile reads it as a constant.
+_DECODE_OPS = _import_or_none("nsa_kernels.ops")
+
+
+def decode_ops():
+    """``nsa_kernels.ops`` (the ``nsa_kernels::decode`` op; needs triton), or ``None`` when it cannot be
+    imported (Hub remote code without nsa-hf: imported by name so that the exporter does not bundle it)."""
+    return _DECODE_OPS
+
+
 @functools.cache
 def decode_module():
     """``nsa_kernels.decode`` (needs triton), or ``None`` when it cannot be imported (e.g. Hub remote code
@@ -105,3 +127,18 @@ def decode_enabled(config, device: torch.device) -> bool:
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return False
     return decode_module() is not None  # "triton", or "auto" on CUDA (what resolve_backend picks there)
+
+
+def static_decode_impl(config, device: torch.device) -> str | None:
+    """How decoding steps on an :class:`~.cache.NSAStaticCache` of a model with ``config`` on ``device`` run:
+    ``"triton"`` (the decode kernels: ``"triton"``, or ``"auto"`` on CUDA), ``"reference"`` (the batched
+    PyTorch reference: ``"auto"`` elsewhere, or on CUDA without the kernels), or ``None`` (``"off"``, or
+    ``"triton"`` without the kernels: the varlen path)."""
+    mode = decode_backend(config)
+    if mode == "off":
+        return None
+    if mode == "triton" or device.type == "cuda":
+        if _DECODE_OPS is not None:
+            return "triton"
+        return "reference" if mode == "auto" else None
+    return "reference"

@@ -325,6 +325,15 @@ class NSACacheLayer(NSACompressedState, DynamicLayer):
         self._set_counts(keep)
 
 
+def _mark_static(*tensors: torch.Tensor) -> None:
+    """Tag the fixed-address tensors of a static cache layer as :class:`StaticLayer` tags its keys/values
+    (``torch._dynamo.mark_static_address``), so that compiled decoding steps update them in place and CUDA
+    graphs need not copy them; not while tracing (where the tag is not supported)."""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
 class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
     """A :class:`StaticLayer` (dense keys/values of a fixed ``max_cache_len``, written in place at
     ``cumulative_length``) whose compressed state also has a fixed size and fixed addresses, so that a
@@ -332,7 +341,10 @@ class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
 
     The compressed buffers hold ``static_capacity()`` tokens per row: every block of ``max_cache_len``
     positions plus the candidate slots of a ``max_decode_queries``-token step. They are allocated once
-    (per batch shape) and reused after :meth:`reset`.
+    (per batch shape) by the first (eager) prefill and reused after :meth:`reset`. A decoding step reads and
+    updates in place ``keys``, ``values``, ``cumulative_length`` (as a :class:`StaticLayer`) and ``cmp_k``,
+    ``cmp_v``, ``cmp_len``, ``left_pad``: the tensors to register as buffers of a module given to
+    ``torch.export`` (see docs/fallback.md).
 
     Extra attributes:
         left_pad: ``(B,)`` int32, padding positions before each row's first real token, recorded by the
@@ -380,6 +392,7 @@ class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
             or bufs[0].device != torch.device(device)
         ):
             bufs = (torch.zeros(shape_k, dtype=dtype, device=device), torch.zeros(shape_v, dtype=dtype, device=device))
+            _mark_static(*bufs)
             self._static_bufs = bufs
         self.cmp_k, self.cmp_v = bufs
 
@@ -389,6 +402,7 @@ class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
         buf = self._len_buf
         if buf is None or buf.shape[0] != len(counts) or buf.device != self.cmp_k.device:
             buf = self._len_buf = torch.zeros(len(counts), dtype=torch.int32, device=self.cmp_k.device)
+            _mark_static(buf)
         buf.copy_(src)
         self.cmp_len = buf
 
@@ -418,6 +432,7 @@ class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
             return
         if self.left_pad is None or self.left_pad.shape != left_pad.shape or self.left_pad.device != left_pad.device:
             self.left_pad = torch.zeros(left_pad.shape, dtype=torch.int32, device=left_pad.device)
+            _mark_static(self.left_pad)
         self.left_pad.copy_(left_pad)
 
     def _select_rows(self, rows: list[int]) -> None:
@@ -487,15 +502,16 @@ class NSAStaticCache(StaticCache):
         Cache.__init__(self, layers=layers, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
 
 
-def nsa_cache_layer(past_key_values, layer_idx: int) -> NSACompressedState | None:
-    """The :class:`NSACacheLayer` or :class:`NSAStaticCacheLayer` of ``layer_idx`` in ``past_key_values``,
-    or ``None`` when the cache is absent or of another kind (the backend then recompresses from the
-    dense keys)."""
+def nsa_cache_layer(past_key_values, layer_idx: int) -> NSACompressedState | StaticLayer | None:
+    """The :class:`NSACacheLayer` or :class:`NSAStaticCacheLayer` of ``layer_idx`` in ``past_key_values``, a
+    plain transformers :class:`StaticLayer` (no compressed state: the backend compresses every block of its
+    dense keys at each step, e.g. in transformers' export recipes), or ``None`` when the cache is absent or of
+    another kind (the backend then recompresses from the dense keys)."""
     layers = getattr(past_key_values, "layers", None)
     if layers is None or layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
-    return layer if isinstance(layer, NSACompressedState) else None
+    return layer if isinstance(layer, (NSACompressedState, StaticLayer)) else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,7 +18,16 @@ without a padding mask, one per forward with one (its row sums and the left-padd
 the first layer and kept on the mask tensor, which every layer of the forward receives).
 
 On an :class:`~.cache.NSAStaticCacheLayer`, :func:`try_static_decode` runs the step with no host work at
-all (so that it can be captured in a CUDA graph).
+all and no data-dependent Python branch: the cache state it relies on is Python attributes (guards for
+``torch.compile``) and fixed-size tensors updated in place. The attention itself is one
+``nsa_kernels::decode`` custom op: the Triton decode kernels on CUDA, the batched PyTorch reference elsewhere
+(:func:`.backends.static_decode_impl`; ``"auto"`` also on a CPU, unlike the dynamic path). So the step can be
+captured in a CUDA graph, compiled with ``torch.compile(fullgraph=True)`` (``generate()``'s automatic
+compilation of decoding steps on a static cache) and exported with ``torch.export``.
+
+On a plain transformers ``StaticLayer`` (no compressed state: transformers' export recipes build one) with no
+padding mask, :func:`try_plain_static_decode` compresses every complete block of the dense keys at each
+step and calls the same op: graph-safe too, at ``O(max_cache_len)`` compression work per step.
 """
 from __future__ import annotations
 
@@ -27,11 +36,12 @@ import dataclasses
 import torch
 
 from nsa_kernels import NSAParams, num_cmp_blocks
+from nsa_kernels.reference import nsa_decode_reference
 
-from .backends import decode_enabled, decode_module
+from .backends import decode_enabled, decode_module, decode_ops, static_decode_impl
 from .cache import NSAStaticCacheLayer
 
-__all__ = ["MAX_DECODE_QUERIES", "try_decode", "try_static_decode"]
+__all__ = ["MAX_DECODE_QUERIES", "try_decode", "try_plain_static_decode", "try_static_decode"]
 
 MAX_DECODE_QUERIES = 16
 """Largest query length (new tokens per row) handled by the decode kernels; longer steps (prefill,
@@ -182,8 +192,10 @@ def try_static_decode(query, key, value, gates, compressors, params, cache_layer
     ``ceil(Q / d)`` candidate blocks that may end among the new positions and writes them at their slots;
     ``cmp_len`` is recomputed from the length, so the state also survives ``crop``."""
     batch, hq, q_len, _ = query.shape
+    impl = static_decode_impl(config, query.device)
     if (
-        not isinstance(cache_layer, NSAStaticCacheLayer)
+        impl is None
+        or not isinstance(cache_layer, NSAStaticCacheLayer)
         or not cache_layer.static_ready
         or not 1 <= q_len <= min(MAX_DECODE_QUERIES, cache_layer.max_decode_queries)
         or kwargs.get("cu_seq_lens_q") is not None
@@ -192,7 +204,6 @@ def try_static_decode(query, key, value, gates, compressors, params, cache_layer
         or cache_layer.left_pad is None
         or cache_layer.left_pad.shape[0] != batch
         or cache_layer.cmp_k is None
-        or not decode_enabled(config, query.device)
     ):
         return None
     k_start = cache_layer.left_pad
@@ -200,13 +211,51 @@ def try_static_decode(query, key, value, gates, compressors, params, cache_layer
     n_new, slots, gather = _candidate_blocks(k_start, k_len, q_len, key.shape[2], params)
     cmp_k, cmp_v, cmp_len = cache_layer.static_decode_compressed(
         slots, n_new, _candidates(key, value, slots, gather, compressors, params))
-    return _nsa_decode(
-        query.transpose(1, 2), key, value, cmp_k, cmp_v, gates,
-        k_start, k_len, torch.zeros_like(k_start), cmp_len, params, scaling,
-    )
+    args = (query.transpose(1, 2), key, value, cmp_k, cmp_v, gates, k_start, k_len, torch.zeros_like(k_start),
+            cmp_len, params, scaling)
+    ops = decode_ops()
+    if ops is None:  # no triton (Hub remote code without nsa-hf): the reference, traced op by op
+        return nsa_decode_reference(*args)
+    return ops.nsa_decode_op(*args, use_triton=impl == "triton")
+
+
+def try_plain_static_decode(query, key, value, attention_mask, gates, compressors, params, layer, scaling, config,
+                            kwargs):
+    """A decoding step on a plain transformers :class:`~transformers.StaticLayer` (no compressed state, e.g.
+    the ``StaticCache`` of transformers' ``TorchExportableModuleWithStaticCache``) with no padding mask: every
+    row is positions ``[0, cumulative_length)``, and every complete compression block of the dense keys is
+    compressed at each step (``O(max_cache_len)`` work, no state). Graph-safe like :func:`try_static_decode`;
+    ``None`` when the step is not one (a padding mask, more than ``MAX_DECODE_QUERIES`` tokens, packed
+    sequences, the decode backend off)."""
+    batch, hq, q_len, _ = query.shape
+    impl = static_decode_impl(config, query.device)
+    if (
+        impl is None
+        or attention_mask is not None
+        or not 1 <= q_len <= MAX_DECODE_QUERIES
+        or kwargs.get("cu_seq_lens_q") is not None
+        or kwargs.get("cu_seq_lens_k") is not None
+    ):
+        return None
+    slots = key.shape[2]
+    l, d = params.cmp_block, params.cmp_stride
+    n_blocks = max(1, num_cmp_blocks(slots, l, d))
+    gather = (torch.arange(n_blocks, device=key.device)[:, None] * d + torch.arange(l, device=key.device))
+    gather = gather.clamp_(max=slots - 1).reshape(1, n_blocks * l).expand(batch, -1)
+    slot_ids = torch.zeros(batch, n_blocks, dtype=torch.long, device=key.device)  # only the count matters here
+    cmp_k, cmp_v = _candidates(key, value, slot_ids, gather, compressors, params)()
+    k_len = layer.cumulative_length.to(query.device).reshape(1).expand(batch).to(torch.int32)
+    zeros = torch.zeros_like(k_len)
+    args = (query.transpose(1, 2), key, value, cmp_k, cmp_v, gates, zeros, k_len, zeros,
+            _device_cmp_blocks(k_len, l, d), params, scaling)
+    ops = decode_ops()
+    if ops is None:
+        return nsa_decode_reference(*args)
+    return ops.nsa_decode_op(*args, use_triton=impl == "triton")
 
 
 def _nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len, params, scale):
-    """The decode kernels (lengths consistent by construction: no host-side check)."""
+    """The decode kernels, called directly on the dynamic path (lengths consistent by construction: no
+    host-side check)."""
     return decode_module().nsa_decode(q, k, v, cmp_k, cmp_v, gates, k_start, k_len, cmp_start, cmp_len, params,
                                       scale, check_lengths=False)

@@ -312,9 +312,9 @@ class NSAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    # The compressed cache grows by data-dependent amounts, and serving engines that replace the
-    # attention function would silently drop the NSA branches.
-    _can_compile_fullgraph = False
+    # torch.compile(fullgraph=True) traces forwards with no cached past and decoding steps on an NSAStaticCache
+    # (what generate() compiles); serving engines that replace the attention function would drop the NSA branches.
+    _can_compile_fullgraph = True
     _supports_attention_backend = False
     _can_record_outputs = {
         "hidden_states": NSADecoderLayer,

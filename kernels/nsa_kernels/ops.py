@@ -19,6 +19,10 @@ ops, and the compiler sees five forward and four backward nodes.
   backward reuses (``q_kpos, sel, scnt, uni, ucnt``), so nothing is recomputed.
 * ``win_fwd`` / ``win_bwd``: sliding-window attention.
 * ``gate_fwd`` / ``gate_bwd``: the fused gated sum (:mod:`gate`).
+* ``decode``: a decoding step from a KV cache (inference only, no autograd): the Triton decode kernels
+  (:func:`decode.nsa_decode`, lengths unchecked: no host synchronisation, so it can be captured in a CUDA
+  graph) when ``use_triton``, else the batched reference :func:`reference.nsa_decode_reference`.
+  :func:`nsa_decode_op` calls it with an :class:`~params.NSAParams`.
 
 Host synchronisation: the cmp and selection launch grids need ``max_seqlen_q`` and ``max_seqlen_cmp``
 as Python ints. The ops take them as ints; ``-1`` means "not known": the op then copies the cu_seqlens
@@ -29,13 +33,16 @@ import torch
 from torch import Tensor
 
 from . import cmp as _cmp
+from . import decode as _decode
 from . import gate as _gate
 from . import sel as _sel
 from . import slc as _slc
 from . import win as _win
+from .params import NSAParams
 from .primitives import dense as _dense
 from .primitives import rows_contiguous as _rows
 from .primitives import varlen_plan
+from .reference import nsa_decode_reference
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
@@ -338,3 +345,41 @@ def _gate_backward(ctx, dout):
 
 
 gate_fwd.register_autograd(_gate_backward, setup_context=_gate_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding from a KV cache
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("nsa_kernels::decode", mutates_args=())
+def decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cmp_k_cache: Tensor, cmp_v_cache: Tensor, gates: Tensor,
+    k_start: Tensor, k_len: Tensor, cmp_start: Tensor, cmp_len: Tensor,
+    cmp_block: int, cmp_stride: int, slc_block: int, slc_count: int, init_blocks: int, local_blocks: int,
+    window: int, scale: float, use_triton: bool,
+) -> Tensor:
+    """``(B, Tq, Hq, Dv)``: NSA for the last ``Tq`` positions of every row of a KV cache (arguments as for
+    :func:`decode.nsa_decode`; the NSA sizes spelled out). ``use_triton``: the decode kernels (lengths not
+    checked), else the PyTorch reference."""
+    params = NSAParams(cmp_block, cmp_stride, slc_block, slc_count, init_blocks, local_blocks, window)
+    args = (q, k_cache, v_cache, cmp_k_cache, cmp_v_cache, gates, k_start, k_len, cmp_start, cmp_len, params, scale)
+    if use_triton:
+        return _decode.nsa_decode(*args, check_lengths=False)
+    return nsa_decode_reference(*args).contiguous()
+
+
+@decode.register_fake
+def _(q, k_cache, v_cache, cmp_k_cache, cmp_v_cache, gates, *args):
+    return q.new_empty(*q.shape[:3], v_cache.shape[-1])
+
+
+def nsa_decode_op(q, k_cache, v_cache, cmp_k_cache, cmp_v_cache, gates, k_start, k_len, cmp_start, cmp_len,
+                  params: NSAParams, scale: float | None = None, use_triton: bool = True) -> Tensor:
+    """The ``nsa_kernels::decode`` op with an :class:`NSAParams` (see :func:`decode.nsa_decode` for the
+    arguments; ``scale`` defaults to ``D ** -0.5``). One opaque node for ``torch.compile`` / ``torch.export``,
+    no host synchronisation on either implementation."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return decode(q, k_cache, v_cache, cmp_k_cache, cmp_v_cache, gates, k_start, k_len, cmp_start, cmp_len,
+                  params.cmp_block, params.cmp_stride, params.slc_block, params.slc_count, params.init_blocks,
+                  params.local_blocks, params.window, scale, use_triton)

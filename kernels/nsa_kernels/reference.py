@@ -181,6 +181,92 @@ def nsa_sequence(
     return out
 
 
+def nsa_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cmp_k_cache: torch.Tensor,
+    cmp_v_cache: torch.Tensor,
+    gates: torch.Tensor,
+    k_start: torch.Tensor,
+    k_len: torch.Tensor,
+    cmp_start: torch.Tensor,
+    cmp_len: torch.Tensor,
+    params: NSAParams,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """NSA for the last ``Tq`` positions of every row of a KV cache: the same function as
+    :func:`nsa_sequence` applied to each row, computed for the whole batch at once with explicit
+    positions and masks (no host synchronisation, every shape a function of the input shapes, so it can
+    be traced by ``torch.compile`` / ``torch.export`` and captured in a CUDA graph). Same arguments as
+    :func:`nsa_kernels.decode.nsa_decode`:
+
+    Args:
+        q: ``(B, Tq, Hq, D)``; row ``b``'s queries are the last ``Tq`` of its ``k_len[b]`` positions.
+        k_cache, v_cache: ``(B, Hkv, S, D)`` / ``(B, Hkv, S, Dv)``; row ``b``'s position ``p`` is at cache
+            index ``k_start[b] + p``.
+        cmp_k_cache, cmp_v_cache: ``(B, Hkv, Sc, D)`` / ``(B, Hkv, Sc, Dv)``; row ``b``'s compressed token
+            ``i`` (block ``[i*d, i*d + l)``) is at ``cmp_start[b] + i``, for ``i < cmp_len[b]``.
+        gates: ``(B, Tq, Hq, 3)``; k_start, k_len, cmp_start, cmp_len: ``(B,)`` integer tensors.
+        scale: softmax scale, ``D ** -0.5`` by default.
+
+    Returns:
+        ``(B, Tq, Hq, Dv)`` in ``q.dtype``. Lengths are not checked (they stay on the device).
+    """
+    bsz, tq, hq, dim = q.shape
+    hkv, slots = k_cache.shape[1], k_cache.shape[2]
+    n_slots_cmp = cmp_k_cache.shape[2]
+    group = hq // hkv
+    scale = dim ** -0.5 if scale is None else scale
+    device = q.device
+    l, d, ls = params.cmp_block, params.cmp_stride, params.slc_block
+    n_slc = -(-slots // ls)
+
+    # Query positions t (B, Tq) inside each row; key and compressed positions of every cache slot.
+    t = (k_len.long()[:, None] - tq + torch.arange(tq, device=device))
+    pos = torch.arange(slots, device=device)[None, :] - k_start.long()[:, None]  # (B, S), < 0: before the row
+    cpos = torch.arange(n_slots_cmp, device=device)[None, :] - cmp_start.long()[:, None]  # (B, Sc)
+    qg = _acc(q).view(bsz, tq, hkv, group, dim).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, Tq, D)
+
+    # cmp: complete blocks (i*d + l - 1 <= t) that exist in the cache (0 <= i < cmp_len).
+    cmp_ok = (cpos >= 0) & (cpos < cmp_len.long()[:, None])
+    cmp_allowed = cmp_ok[:, None, :] & (cpos[:, None, :] * d + l - 1 <= t[:, :, None])  # (B, Tq, Sc)
+    scores = torch.einsum("bhgqd,bhcd->bhgqc", qg, _acc(cmp_k_cache)) * scale
+    p_cmp = _masked_softmax(scores, cmp_allowed[:, None, None])  # (B, Hkv, G, Tq, Sc)
+    o_cmp = torch.einsum("bhgqc,bhcd->bhgqd", p_cmp, _acc(cmp_v_cache))
+
+    # slc: block scores p_cmp @ overlap (per row: compressed slot -> its row's block index), summed over
+    # the group; selection as in select_blocks.
+    with torch.no_grad():
+        chunks = cpos[:, :, None] * d + torch.arange(l // d, device=device) * d  # (B, Sc, l/d) chunk starts
+        blk = torch.where(cmp_ok[:, :, None], chunks // ls, n_slc).clamp_(0, n_slc)
+        overlap = torch.zeros(bsz, n_slots_cmp, n_slc + 1, device=device, dtype=p_cmp.dtype)
+        overlap.scatter_add_(2, blk, torch.ones_like(blk, dtype=p_cmp.dtype))
+        block_scores = (p_cmp @ overlap[:, None, None, :, :n_slc]).sum(dim=2)  # (B, Hkv, Tq, n_slc)
+        j = torch.arange(n_slc, device=device)
+        own = (t // ls)[:, None, :, None]  # (B, 1, Tq, 1)
+        eligible = j <= own
+        forced = eligible & ((j < params.init_blocks) | (j > own - params.local_blocks))
+        ranked = block_scores.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
+        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., : params.slc_count]
+        taken = torch.gather(eligible.expand_as(ranked), -1, order)
+        chosen = torch.zeros(bsz, hkv, tq, n_slc + 1, dtype=torch.bool, device=device)
+        chosen.scatter_(-1, torch.where(taken, order, n_slc), True)
+        key_blk = torch.where(pos >= 0, pos // ls, n_slc).clamp_(0, n_slc)  # (B, S)
+        key_chosen = torch.gather(chosen, -1, key_blk[:, None, None, :].expand(bsz, hkv, tq, slots))
+    causal = (pos[:, None, :] >= 0) & (pos[:, None, :] <= t[:, :, None])  # (B, Tq, S)
+    slc_allowed = (key_chosen & causal[:, None])[:, :, None]  # (B, Hkv, 1, Tq, S)
+    win_allowed = (causal & (pos[:, None, :] > t[:, :, None] - params.window))[:, None, None]
+    dense = torch.einsum("bhgqd,bhsd->bhgqs", qg, _acc(k_cache)) * scale
+    vals = _acc(v_cache)
+    o_slc = torch.einsum("bhgqs,bhsd->bhgqd", _masked_softmax(dense, slc_allowed), vals)
+    o_win = torch.einsum("bhgqs,bhsd->bhgqd", _masked_softmax(dense, win_allowed), vals)
+
+    g = _acc(gates).view(bsz, tq, hkv, group, 3).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, Tq, 3)
+    o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
+    return o.permute(0, 3, 1, 2, 4).reshape(bsz, tq, hq, -1).to(q.dtype)
+
+
 def nsa_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -170,3 +170,17 @@ def test_cuda_graph_decoding_equals_eager(dtype, static_calls):
     assert torch.equal(graph, eager)
     if dtype == torch.float32:
         assert torch.equal(graph, model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False))
+
+
+def test_plain_static_cache_without_mask_equals_uncached():
+    """A plain transformers StaticCache (no compressed state) and no padding mask, as in transformers' export
+    recipes: a prefill (varlen path on the written positions) then steps of 3 and 7 tokens (graph-safe decode
+    steps recompressing the dense keys) give the uncached forward's logits."""
+    model = tiny_model(4, 2, layers=2)
+    ids = torch.randint(3, 100, (2, 30))
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        for start, end in ((0, 20), (20, 23), (23, 30)):
+            out = model(ids[:, start:end], past_key_values=cache, use_cache=True).logits
+            torch.testing.assert_close(out, full[:, start:end], **TOL)

@@ -1,4 +1,6 @@
-"""Triton NSA decode kernels (kernels/decode.py) against the reference (kernels/reference.py).
+"""Triton NSA decode kernels (kernels/decode.py) against the reference (kernels/reference.py), and the
+batched reference decode (``reference.nsa_decode_reference``) and the ``nsa_kernels::decode`` op against
+the reference applied row by row.
 
 Each case builds a ragged KV cache (left padding, different lengths per row, optionally strided
 views), gathers every row's valid keys into packed tensors and calls the reference on them with the
@@ -13,7 +15,8 @@ import torch
 
 from nsa_kernels import NSAParams, num_cmp_blocks
 from nsa_kernels.decode import nsa_decode
-from nsa_kernels.reference import chunk_overlap_matrix, nsa_attention_varlen, nsa_sequence
+from nsa_kernels.ops import nsa_decode_op
+from nsa_kernels.reference import chunk_overlap_matrix, nsa_attention_varlen, nsa_decode_reference, nsa_sequence
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = NSAParams(cmp_block=8, cmp_stride=4, slc_block=12, slc_count=4, init_blocks=1, local_blocks=2, window=24)
@@ -179,6 +182,63 @@ def test_decode_errors():
         nsa_decode(**{**case, "k_start": case["k_start"].float()}, params=SMALL)
     with pytest.raises(ValueError, match="head dim"):
         nsa_decode(**{**case, "cmp_v_cache": case["cmp_v_cache"][..., :8]}, params=SMALL)
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched reference decode and the decode op
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("tq", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_decode_equals_reference_rows(group, tq, dtype):
+    """``nsa_decode_reference`` (whole batch, masks) against ``nsa_sequence`` on each row's packed keys:
+    ragged left-padded rows of odd lengths (one shorter than a compression block, one with ``k_len == Tq``),
+    compressed tokens at per-row offsets. The same selection rules and accumulation order: equal to
+    rounding."""
+    lens = [int(torch.randint(40, 90, ())) | 1, 5, tq, int(torch.randint(10, 30, ()))]
+    case = make_case(lens, tq, 2 * group, 2, d=16, dv=8 if group == 3 else 16, params=SMALL, dtype=dtype,
+                     device="cpu", pad=(0, 7))
+    out = nsa_decode_reference(**case, params=SMALL)
+    assert out.shape == (4, tq, 2 * group, case["v_cache"].shape[-1]) and out.dtype == dtype
+    for b in range(len(lens)):
+        ref = nsa_sequence(*rows_of(case, b), SMALL, 16 ** -0.5).to(dtype)
+        torch.testing.assert_close(out[b], ref, atol=1e-6 if dtype == torch.float32 else 0.0, rtol=1e-5 if
+                                   dtype == torch.float32 else 0.0)
+
+
+def test_reference_decode_scale_and_no_compressed_tokens():
+    """A given scale, and rows whose compressed tokens are hidden (``cmp_len = 0``: the cmp branch is zero)."""
+    case = make_case([33, 21], 2, 4, 2, d=16, dv=16, params=SMALL, device="cpu")
+    case["cmp_len"] = torch.zeros_like(case["cmp_len"])
+    out = nsa_decode_reference(**case, params=SMALL, scale=0.3)
+    for b in range(2):
+        q, k, v, ck, cv, g = rows_of(case, b)
+        torch.testing.assert_close(out[b], nsa_sequence(q, k, v, ck, cv, g, SMALL, 0.3), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_decode_op_equals_reference_decode(use_triton):
+    """The ``nsa_kernels::decode`` op: the reference implementation exactly, the Triton one (interpreter on a
+    CPU) to rounding (the selection compared as in ``check``)."""
+    case = make_case([57, 23, 40], 2, 6, 2, d=16, dv=16, params=SMALL)
+    out = nsa_decode_op(**case, params=SMALL, use_triton=use_triton)
+    ref = nsa_decode_reference(**case, params=SMALL)
+    if use_triton:
+        check(case, SMALL, atol=1e-4, rtol=1e-4, max_ties=1)
+        torch.testing.assert_close(out, nsa_decode(**case, params=SMALL))
+    else:
+        assert torch.equal(out, ref)
+
+
+def test_decode_op_opcheck():
+    """Schema, fake tensor and AOT dispatch checks of the decode op (reference implementation)."""
+    case = make_case([19, 12], 1, 4, 2, d=16, dv=16, params=SMALL, device="cpu")
+    args = tuple(case.values()) + (SMALL.cmp_block, SMALL.cmp_stride, SMALL.slc_block, SMALL.slc_count,
+                                   SMALL.init_blocks, SMALL.local_blocks, SMALL.window, 0.25, False)
+    torch.library.opcheck(torch.ops.nsa_kernels.decode.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 # ---------------------------------------------------------------------------------------------
