@@ -42,15 +42,6 @@ from nsa_kernels import num_cmp_blocks
 _MIN_CAPACITY = 16
 
 
-def _mark_static(*tensors: torch.Tensor) -> None:
-    """Tell ``torch.compile`` that these cache buffers keep their address across calls (as transformers does
-    for ``StaticLayer``'s keys and values), so that compiled decoding steps that update them in place can be
-    replayed from CUDA graphs. Not while tracing (``mark_static_address`` is not traceable)."""
-    if not torch.compiler.is_compiling():
-        for t in tensors:
-            torch._dynamo.mark_static_address(t)
-
-
 class NSACompressedState:
     """The compressed keys/values of each batch row, kept beside a cache layer's dense keys/values
     (mixed into :class:`NSACacheLayer` and :class:`NSAStaticCacheLayer`).
@@ -334,6 +325,15 @@ class NSACacheLayer(NSACompressedState, DynamicLayer):
         self._set_counts(keep)
 
 
+def _mark_static(*tensors: torch.Tensor) -> None:
+    """Tag the fixed-address tensors of a static cache layer as :class:`StaticLayer` tags its keys/values
+    (``torch._dynamo.mark_static_address``), so that compiled decoding steps update them in place and CUDA
+    graphs need not copy them; not while tracing (where the tag is not supported)."""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
 class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
     """A :class:`StaticLayer` (dense keys/values of a fixed ``max_cache_len``, written in place at
     ``cumulative_length``) whose compressed state also has a fixed size and fixed addresses, so that a
@@ -389,8 +389,8 @@ class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
             or bufs[0].device != torch.device(device)
         ):
             bufs = (torch.zeros(shape_k, dtype=dtype, device=device), torch.zeros(shape_v, dtype=dtype, device=device))
-            self._static_bufs = bufs
             _mark_static(*bufs)
+            self._static_bufs = bufs
         self.cmp_k, self.cmp_v = bufs
 
     def _set_counts(self, counts: list[int], device_counts: torch.Tensor | None = None) -> None:
