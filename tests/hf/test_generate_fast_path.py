@@ -332,3 +332,18 @@ def test_compiled_decoding_steps_equal_eager_and_compile_once_per_bucket():
             assert frames  # the decoding step was compiled
             first = len(frames)
     assert len(frames) == first  # a new prompt length in the same bucket compiles nothing new
+
+
+@pytest.mark.gpu
+def test_cuda_default_is_the_compiled_static_path():
+    # On CUDA nothing is forced: plain generate() builds the static NSA cache and transformers compiles the
+    # decoding step (inductor, CUDA graphs); fp32 greedy tokens equal the eager dynamic path's, also for a
+    # second prompt length in the same bucket.
+    model = tiny_model(8, 2, layers=2).to("cuda")
+    for lengths in ([70, 23, 41], [66, 30, 12]):
+        ids, mask = left_padded(lengths, device="cuda")
+        fast = _greedy(model, ids, mask, 24)
+        assert type(cache_of(fast)) is NSAStaticCache
+        dynamic = _greedy(model, ids, mask, 24, cache_implementation="dynamic")
+        assert type(cache_of(dynamic)) is NSACache
+        assert torch.equal(fast.sequences, dynamic.sequences)
