@@ -1,27 +1,32 @@
-"""End-to-end generation benchmark: an ~1B-shape NSA-Llama (random weights) against the same weights as
-a plain ``LlamaForCausalLM`` with SDPA attention: prefill time, greedy decode tokens/s and peak memory
-for long prompts.
+"""generate() benchmark: an ~1B-shape NSA-Llama (random weights) against the same weights as a plain
+``LlamaForCausalLM`` with SDPA attention, both through plain ``model.generate()`` (greedy): time to first
+token, decode tokens/s, the extra time of the first call for a new shape (compilation and CUDA-graph
+capture) and peak memory.
 
-Run on a GPU machine:
-    python benchmarks/bench_generate.py [--prompt-lens 32768 65536] [--new-tokens 64] [--out bench_generate.md]
-Smoke test on CPU (tiny model, seconds):
-    python benchmarks/bench_generate.py --tiny
+One command on a GPU machine; each row is printed as it is measured, the tables last:
+    python benchmarks/bench_generate.py [--out bench_generate.md]
+Default configurations (``--configs BATCHxPROMPT ...``): 1x32768, 1x65536, 1x131072 and 8x32768, with
+``--new-tokens 128``. Smoke test on a CPU (tiny model, seconds): ``python benchmarks/bench_generate.py --tiny``.
 
 Variants (``--variants``, comma separated):
-* ``nsa``: NSA-Llama, decode steps through the Triton decode kernels (decode backend ``"auto"``);
-* ``nsa-varlen``: NSA-Llama, decode steps through the varlen training kernels (``nsa_backend(decode="off")``);
-* ``sdpa``: ``LlamaForCausalLM`` (the NSA checkpoint without its ``nsa_*`` modules), ``attn_implementation="sdpa"``;
-* ``nsa-graph`` / ``sdpa-graph``: the same two models decoding on a static cache with one decoding step
-  captured in a CUDA graph and replayed (:class:`nsa_hf.generation.StaticGreedyDecoder`; NSA takes its
-  graph-safe static decode path). The decode time counts replays only (the eager warm-up steps and the
-  capture run first, untimed); speed-ups of a ``-graph`` variant are against ``sdpa-graph``.
+* ``nsa``: NSA-Llama, ``model.generate(...)`` as a user calls it. On CUDA that is the fast path: a static
+  NSA cache (length rounded up to a bucket) and decoding steps compiled by transformers (``torch.compile``,
+  mode ``reduce-overhead``: CUDA graphs);
+* ``nsa-dynamic``: NSA-Llama with ``cache_implementation="dynamic"``: the dynamic ``NSACache``, eager steps;
+* ``sdpa``: ``LlamaForCausalLM`` (the NSA checkpoint without its ``nsa_*`` modules), ``attn_implementation=
+  "sdpa"``, ``model.generate(...)`` as a user calls it (dynamic cache, eager steps);
+* ``sdpa-static``: the same with ``cache_implementation="static"`` (transformers compiles its steps too).
 
-Each (variant, prompt length) runs once to warm up and once measured: prefill = one forward over the
-prompt into a fresh cache (logits of the last position only), decode = ``--new-tokens`` greedy steps
-fed one token at a time with the cache (a manual loop: no generate() overhead in the numbers). Times
-from ``time.perf_counter`` around ``torch.cuda.synchronize()``. Peak memory is
-``torch.cuda.max_memory_allocated`` over prefill + decode with only that variant's model resident.
-An out-of-memory configuration is reported as OOM and the run continues.
+Each (variant, configuration) starts from an empty compile cache (``torch._dynamo.reset()``, as a new
+process) and runs ``generate()`` twice on the same prompt: the first call (``first call s``: for a compiled
+variant it includes compiling and capturing the decoding step for this cache shape), then the measured
+call. Time to first token (TTFT) is the time from calling ``generate()`` to the first
+new token reaching a streamer (prefill plus one step of bookkeeping); decode tokens/s counts the other
+``new_tokens - 1`` tokens of every row over the rest of the call. Peak memory is
+``torch.cuda.max_memory_allocated`` over the measured call, model weights included, with only that
+variant's model resident. ``same tokens`` compares the greedy tokens of an NSA variant with
+``nsa-dynamic``'s (in bf16 the paths may round differently). An out-of-memory configuration is reported
+as OOM and the run continues.
 """
 from __future__ import annotations
 
@@ -36,29 +41,39 @@ ONE_B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hid
              num_attention_heads=32, num_key_value_heads=8, head_dim=64)
 TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16)
-VARIANTS = ("nsa", "nsa-varlen", "sdpa", "nsa-graph", "sdpa-graph")
 TINY_NSA = dict(nsa_cmp_block=8, nsa_cmp_stride=4, nsa_slc_block=16, nsa_slc_count=4, nsa_init_blocks=1,
                 nsa_local_blocks=2, nsa_window=24)
+VARIANTS = {  # name -> (model, generate() kwargs)
+    "nsa": ("nsa", {}),
+    "nsa-dynamic": ("nsa", dict(cache_implementation="dynamic")),
+    "sdpa": ("sdpa", {}),
+    "sdpa-static": ("sdpa", dict(cache_implementation="static")),
+}
+DEFAULT_CONFIGS = ["1x32768", "1x65536", "1x131072", "8x32768"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt-lens", type=int, nargs="+", default=None, help="default 32768 65536 (--tiny: 40)")
-    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens to decode (default 64, --tiny: 4)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--variants", default="nsa,sdpa", help="comma separated: " + ", ".join(VARIANTS))
-    p.add_argument("--head-dim", type=int, default=None, help="override head_dim (default 64; hidden stays 2048)")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="BATCHxPROMPT, default " + " ".join(DEFAULT_CONFIGS) + " (--tiny: 1x40 2x40)")
+    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per row (default 128, --tiny: 6)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma separated: " + ", ".join(VARIANTS))
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--tiny", action="store_true", help="tiny model and prompt: CPU smoke test")
-    p.add_argument("--out", default=None, help="write the markdown table to this .md file")
+    p.add_argument("--tiny", action="store_true", help="tiny model and prompts: CPU smoke test")
+    p.add_argument("--out", default=None, help="also write the tables to this .md file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", action="store_true",
-                   help="after each measurement, profile 8 decode steps and print the top operators")
     args = p.parse_args(argv)
-    args.prompt_lens = args.prompt_lens or ([40] if args.tiny else [32768, 65536])
-    args.new_tokens = args.new_tokens or (4 if args.tiny else 64)
+    configs = args.configs or (["1x40", "2x40"] if args.tiny else DEFAULT_CONFIGS)
+    try:
+        args.configs = [tuple(int(x) for x in c.lower().split("x")) for c in configs]
+        assert all(len(c) == 2 and min(c) > 0 for c in args.configs)
+    except (ValueError, AssertionError):
+        p.error(f"--configs takes BATCHxPROMPT items such as 8x32768; got {configs}")
+    args.new_tokens = args.new_tokens or (6 if args.tiny else 128)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (the first token measures TTFT, the others the decode rate)")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
         if v not in VARIANTS:
@@ -68,11 +83,9 @@ def parse_args(argv=None):
 
 def model_shapes(args) -> dict:
     shapes = dict(TINY if args.tiny else ONE_B)
-    if args.head_dim:
-        shapes["head_dim"] = args.head_dim
     if args.layers:
         shapes["num_hidden_layers"] = args.layers
-    shapes["max_position_embeddings"] = max(args.prompt_lens) + args.new_tokens + 16
+    shapes["max_position_embeddings"] = max(p for _, p in args.configs) + args.new_tokens + 16
     return shapes
 
 
@@ -102,7 +115,6 @@ def llama_from_nsa(nsa_model, device, dtype):
     if missing or unexpected:
         raise RuntimeError(f"weight copy NSA -> Llama: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(device=device, dtype=dtype).eval()
-    # compared after the cast: .to(dtype) rounds the inv_freq buffer of both models alike
     ours, theirs = nsa_model.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq
     if not torch.allclose(ours.float().cpu(), theirs.float().cpu()):
         raise RuntimeError("the Llama copy has different rotary frequencies than the NSA model")
@@ -114,126 +126,65 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def new_cache(model):
-    """An empty cache of the kind ``generate()`` would make: :class:`NSACache` for NSA-Llama."""
-    from nsa_hf import NSACache
-    from transformers import DynamicCache
+class _FirstToken:
+    """A streamer that records when the first new token arrives (generate() streams the prompt first)."""
 
-    return NSACache(config=model.config) if hasattr(model.config, "nsa_params") else DynamicCache()
+    def __init__(self):
+        self.puts, self.first = 0, None
 
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
 
-def greedy_step(model, ids, cache):
-    """One cached forward over ``ids``; the greedy next token ``(B, 1)``."""
-    from nsa_hf.cache import cache_kwarg  # `cache=` from transformers 5.24 on, `past_key_values=` before
-
-    out = model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
-    return out.logits[:, -1].argmax(-1, keepdim=True)
+    def end(self):
+        pass
 
 
 @torch.no_grad()
-def run_once(model, ids, new_tokens, device):
-    """Prefill then ``new_tokens`` greedy steps; returns (prefill s, decode s, tokens)."""
-    cache = new_cache(model)
+def timed_generate(model, ids, mask, new_tokens, device, kwargs):
+    """One greedy ``generate()``; returns (total s, TTFT s, sequences, cache type name)."""
+    streamer = _FirstToken()
     _sync(device)
     t0 = time.perf_counter()
-    token = greedy_step(model, ids, cache)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, streamer=streamer, return_dict_in_generate=True, **kwargs)
     _sync(device)
-    t1 = time.perf_counter()
-    tokens = [token]
-    for _ in range(new_tokens):
-        token = greedy_step(model, token, cache)
-        tokens.append(token)
-    _sync(device)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, torch.cat(tokens, dim=1)
+    total = time.perf_counter() - t0
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return total, streamer.first - t0, out.sequences, type(cache).__name__
 
 
-@torch.no_grad()
-def run_once_static(model, ids, new_tokens, device):
-    """Prefill into a static cache, the eager warm-up steps and the capture (untimed), then ``new_tokens``
-    replayed steps (eager static steps off CUDA); returns (prefill s, decode s, tokens)."""
-    from nsa_hf.generation import StaticGreedyDecoder
-
-    graph = device.type == "cuda"
-    decoder = StaticGreedyDecoder(model, ids.shape[1] + new_tokens + 4, cuda_graph=graph, warmup_steps=2)
-    _sync(device)
-    t0 = time.perf_counter()
-    first = decoder.prefill(ids)
-    _sync(device)
-    t1 = time.perf_counter()
-    warm = decoder.decode(3)  # 2 eager warm-up steps + the capture's replay
-    _sync(device)
-    t2 = time.perf_counter()
-    rest = decoder.decode(new_tokens)
-    _sync(device)
-    t3 = time.perf_counter()
-    return t1 - t0, t3 - t2, torch.cat([first[:, None], warm, rest], dim=1)
-
-
-@torch.no_grad()
-def profile_steps(model, ids, device, steps: int = 8):
-    """Print the operators that take the most host (CPU) and device time over ``steps`` decode steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cache = new_cache(model)
-    token = greedy_step(model, ids, cache)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            token = greedy_step(model, token, cache)
-        _sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15), flush=True)
-
-
-def measure(model, variant, length, args, device):
-    import nsa_hf.decoding as nsa_decoding
-    from nsa_hf import nsa_backend
-
-    row = dict(variant=variant, prompt=length)
-    calls = [0]
-    original = nsa_decoding._nsa_decode
-
-    def counted(*a, **k):
-        calls[0] += 1
-        return original(*a, **k)
-
-    scope = nsa_backend(decode="off" if variant == "nsa-varlen" else None)
-    scope.__enter__()
-    nsa_decoding._nsa_decode = counted
+def measure(model, variant, batch, length, args, device):
+    row = dict(variant=variant, batch=batch, prompt=length)
+    kwargs = VARIANTS[variant][1]
+    # Each configuration as in a fresh process: no compiled graphs (and their CUDA-graph memory) of other
+    # shapes, and transformers' static cache sized for this call, not for the longest call before it.
+    torch._dynamo.reset()
+    model.__dict__.pop("_previous_max_cache_length", None)
     try:
         gen = torch.Generator().manual_seed(args.seed + length)
-        ids = torch.randint(3, model.config.vocab_size, (args.batch, length), generator=gen).to(device)
-        # Warm-up over the same lengths as the measured run: the Triton kernels specialise on some
-        # integer arguments, so the first pass over new cache lengths also compiles kernel variants.
-        runner = run_once_static if variant.endswith("-graph") else run_once
-        runner(model, ids, args.new_tokens, device)
-        calls[0] = 0
+        ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=gen).to(device)
+        mask = torch.ones_like(ids)
+        first, _, _, _ = timed_generate(model, ids, mask, args.new_tokens, device, kwargs)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        prefill, decode, _ = runner(model, ids, args.new_tokens, device)
-        if args.profile and runner is run_once:
-            profile_steps(model, ids, device)
-        row.update(prefill_ms=prefill * 1e3, decode_tok_s=args.batch * args.new_tokens / decode,
-                   step_ms=decode / args.new_tokens * 1e3, decode_calls=calls[0])
+        total, ttft, seqs, cache = timed_generate(model, ids, mask, args.new_tokens, device, kwargs)
+        row.update(first_s=first, ttft_ms=ttft * 1e3, total_s=total, cache=cache,
+                   decode_tok_s=batch * (args.new_tokens - 1) / max(total - ttft, 1e-9),
+                   tokens=seqs[:, length:].cpu())
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     except torch.cuda.OutOfMemoryError as e:
         row["error"] = "OOM"
-        print(f"{variant} prompt {length}: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
-    except (RuntimeError, ValueError) as e:  # e.g. a model whose step cannot be captured in a CUDA graph
-        if not variant.endswith("-graph"):
-            raise
+        print(f"{variant} {batch}x{length}: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  (a failing variant is reported, the others still run)
         row["error"] = f"failed ({type(e).__name__})"
         import traceback
 
         traceback.print_exc()
     finally:
-        nsa_decoding._nsa_decode = original
-        scope.__exit__(None, None, None)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -244,36 +195,51 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def same_tokens(row, rows) -> str:
+    """Leading greedy tokens equal to nsa-dynamic's, worst row (``all`` when every token is equal)."""
+    if not row["variant"].startswith("nsa") or row["variant"] == "nsa-dynamic":
+        return ""
+    ref = next((r for r in rows if r["variant"] == "nsa-dynamic" and (r["batch"], r["prompt"]) ==
+                (row["batch"], row["prompt"]) and "tokens" in r), None)
+    if ref is None:
+        return ""
+    diff = (row["tokens"] != ref["tokens"]).int()
+    if not diff.any():
+        return "all"
+    return str(int(torch.where(diff.any(1), diff.argmax(1), diff.shape[1]).min()))
+
+
 def table(rows, args, device, dtype, shapes) -> str:
     head = [
-        f"# Generation benchmark ({'tiny, ' if args.tiny else ''}{device.type}"
+        f"# generate() benchmark ({'tiny, ' if args.tiny else ''}{device.type}"
         f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, {str(dtype).split('.')[-1]})",
         "",
         f"Model: {shapes['num_hidden_layers']} layers, hidden {shapes['hidden_size']}, "
         f"{shapes['num_attention_heads']}/{shapes['num_key_value_heads']} heads, head_dim {shapes['head_dim']}, "
-        f"intermediate {shapes['intermediate_size']}, vocab {shapes['vocab_size']}; batch {args.batch}, "
-        f"{args.new_tokens} greedy tokens after the prompt. Ratios: NSA variant / sdpa (speed: higher is better "
-        "for NSA; memory: lower is better).",
+        f"intermediate {shapes['intermediate_size']}, vocab {shapes['vocab_size']}; greedy, {args.new_tokens} new "
+        "tokens per row. Speed-ups and memory ratio against `sdpa` (plain generate() of the dense model): "
+        "higher is better for speed, lower for memory.",
         "",
-        "| prompt | variant | prefill ms | decode tok/s | ms/step | peak GiB | decode-kernel calls | prefill speed-up | decode speed-up | memory ratio |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch x prompt | variant | cache | first call s | TTFT ms | decode tok/s | peak GiB | TTFT speed-up "
+        "| decode speed-up | memory ratio | same tokens as nsa-dynamic |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     lines = []
-    for length in args.prompt_lens:
-        for r in (r for r in rows if r["prompt"] == length):
+    for batch, length in args.configs:
+        group = [r for r in rows if (r["batch"], r["prompt"]) == (batch, length)]
+        base = next((b for b in group if b["variant"] == "sdpa" and "error" not in b), None)
+        for r in group:
+            name = f"{batch}x{length}"
             if "error" in r:
-                lines.append(f"| {length} | {r['variant']} | {r['error']} | | | | | | | |")
+                lines.append(f"| {name} | {r['variant']} | {r['error']} | | | | | | | | |")
                 continue
-            base_name = "sdpa-graph" if r["variant"].endswith("-graph") else "sdpa"
-            base = next((b for b in rows if b["prompt"] == length and b["variant"] == base_name and "error" not in b),
-                        None)
             ratio = lambda a, b: None if base is None or r is base or not a or not b else a / b  # noqa: E731
             lines.append(
-                f"| {length} | {r['variant']} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {r['step_ms']:.2f} | "
-                f"{fmt(r.get('peak_gib'), '.2f')} | {r['decode_calls']} | "
-                f"{fmt(ratio(base and base['prefill_ms'], r['prefill_ms']), '.2f')} | "
+                f"| {name} | {r['variant']} | {r['cache']} | {r['first_s']:.1f} | {r['ttft_ms']:.0f} | "
+                f"{r['decode_tok_s']:.1f} | {fmt(r.get('peak_gib'), '.2f')} | "
+                f"{fmt(ratio(base and base['ttft_ms'], r['ttft_ms']), '.2f')} | "
                 f"{fmt(ratio(r['decode_tok_s'], base and base['decode_tok_s']), '.2f')} | "
-                f"{fmt(ratio(r.get('peak_gib'), base and base.get('peak_gib')), '.2f')} |"
+                f"{fmt(ratio(r.get('peak_gib'), base and base.get('peak_gib')), '.2f')} | {same_tokens(r, rows)} |"
             )
     return "\n".join(head + lines) + "\n"
 
@@ -283,23 +249,24 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     shapes = model_shapes(args)
+    print(f"torch {torch.__version__}; configs {args.configs}; variants {args.variants}", flush=True)
     rows = []
+
+    def run(model, kind):
+        for variant in (v for v in args.variants if VARIANTS[v][0] == kind):
+            for batch, length in args.configs:
+                rows.append(measure(model, variant, batch, length, args, device))
+                print({k: v for k, v in rows[-1].items() if k != "tokens"}, flush=True)
+
     nsa_model = build_nsa(args, device, dtype)
-    for variant in (v for v in args.variants if not v.startswith("sdpa")):
-        for length in args.prompt_lens:
-            rows.append(measure(nsa_model, variant, length, args, device))
-            print(rows[-1], flush=True)
-    dense = [v for v in args.variants if v.startswith("sdpa")]
-    if dense:
+    run(nsa_model, "nsa")
+    if any(VARIANTS[v][0] == "sdpa" for v in args.variants):
         llama = llama_from_nsa(nsa_model, device, dtype)
         del nsa_model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        for variant in dense:
-            for length in args.prompt_lens:
-                rows.append(measure(llama, variant, length, args, device))
-                print(rows[-1], flush=True)
+        run(llama, "sdpa")
     text = table(rows, args, device, dtype, shapes)
     print(text)
     if args.out:

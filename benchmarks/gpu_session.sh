@@ -5,7 +5,7 @@
 #   tests     research/gpu_checks.sh: pytest -m gpu per file, time limits, table ($PYTEST_PATHS, $GPU_TESTS_BUDGET)
 #   bench     benchmarks/bench_training.py             (one layer vs SDPA flash/cuDNN and fla-core; $BENCH_SEQLENS)
 #   model     benchmarks/bench_model_training.py       (~1B NSA-Llama training step vs sdpa, 32k tokens)
-#   generate  benchmarks/bench_generate.py             (~1B NSA-Llama prefill + decode vs sdpa; $GEN_PROMPTS)
+#   generate  benchmarks/bench_generate.py             (~1B NSA-Llama generate() vs sdpa: TTFT, tok/s, memory; $GEN_CONFIGS)
 #   decode    benchmarks/bench_decode.py               (per-layer decode kernels vs dense and fla-core)
 #   quality   python -m research.quality               (dense vs NSA continued training, needle probe;
 #                                                       $QUALITY_ARGS, default --budget $QUALITY_BUDGET s)
@@ -36,8 +36,8 @@ for stage in "${@:-tests}"; do
       python3 benchmarks/bench_model_training.py --out "$OUT/bench_model_training.md" 2>&1 | tee "$OUT/bench_model_training.log" | tail -12 ;;
     generate)
       # shellcheck disable=SC2086
-      python3 benchmarks/bench_generate.py --prompt-lens ${GEN_PROMPTS:-32768 65536} --new-tokens 64 \
-          --variants "${GEN_VARIANTS:-nsa,nsa-graph,sdpa,sdpa-graph}" --out "$OUT/bench_generate.md" 2>&1 | tee "$OUT/bench_generate.log" | tail -20 ;;
+      python3 benchmarks/bench_generate.py ${GEN_CONFIGS:+--configs $GEN_CONFIGS} \
+          ${GEN_VARIANTS:+--variants $GEN_VARIANTS} --out "$OUT/bench_generate.md" 2>&1 | tee "$OUT/bench_generate.log" | tail -24 ;;
     decode)
       python3 benchmarks/bench_decode.py --graph --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -30 ;;
     quality)

@@ -435,19 +435,66 @@ class NSAStaticCacheLayer(NSACompressedState, StaticLayer):
             _mark_static(self.left_pad)
         self.left_pad.copy_(left_pad)
 
+    # -- rows and length edits made by generate(): beam search, batch selection, assisted decoding -----
+    #
+    # Every row is one left-padded sequence (``left_pad``); rows that stopped at EOS keep decoding padding
+    # tokens like any other row, so they need nothing here. Edits that keep the batch size work in place,
+    # so that the buffers keep the addresses a captured or compiled decoding step reads.
+
+    is_croppable = True
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes row ``beam_idx[i]``, in place (dense and compressed keys/values,
+        block counts, left padding). The varlen path's host-side record of the rows is dropped (its next
+        step, if any, recompresses from the dense keys); the static decode path does not read it."""
+        if not self.is_initialized:
+            return
+        for buf in (self.keys, self.values, self.cmp_k, self.cmp_v, self.cmp_len, self.left_pad):
+            if buf is not None:
+                buf.copy_(buf.index_select(0, beam_idx.to(buf.device)))
+        self.valid = None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (new buffers: the batch size changes)."""
+        if self.is_initialized:
+            self._resize_rows(torch.arange(self.keys.shape[0])[torch.as_tensor(indices).cpu()])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every row ``repeats`` times in place of the row (new buffers: the batch size changes)."""
+        if self.is_initialized:
+            self._resize_rows(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def _resize_rows(self, rows: torch.Tensor) -> None:
+        self.keys = self.keys.index_select(0, rows.to(self.keys.device))
+        self.values = self.values.index_select(0, rows.to(self.values.device))
+        self.batch_size = self.keys.shape[0]
+        _mark_static(self.keys, self.values)
+        self._select_rows(rows.tolist())
+
     def _select_rows(self, rows: list[int]) -> None:
         super()._select_rows(rows)
         if self.cmp_k is not None:
             self._static_bufs, self._len_buf = (self.cmp_k, self.cmp_v), self.cmp_len
+            _mark_static(self.cmp_k, self.cmp_v, self.cmp_len)
         if self.left_pad is not None:
             self.left_pad = self.left_pad[torch.tensor(rows, dtype=torch.long, device=self.left_pad.device)]
+            _mark_static(self.left_pad)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Crop as :class:`StaticLayer` does. The decoding path recomputes the block counts from the
-        length at every step, so its state stays valid; the host-side bookkeeping of the varlen path is
-        dropped (its next step recompresses)."""
-        super().crop(tokens_to_remove)
-        self.valid = None
+        """Assisted decoding: forget the last ``-tokens_to_remove`` positions (a count <= 0, as
+        ``generate()`` passes it) by moving ``cumulative_length`` back in place; the dense keys beyond it
+        are overwritten by the next step. The static decode path recomputes every row's block count from
+        the length, so blocks completed by the dropped positions are not read (and are rewritten when they
+        complete again); the varlen path's host-side record of the rows is dropped (its next step
+        recompresses). Works on every transformers version (5.17's ``StaticLayer`` has no ``crop``)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"NSAStaticCacheLayer.crop takes minus the number of positions to remove (got {tokens_to_remove}); "
+                "pass e.g. -3 to drop the last 3 positions"
+            )
+        if tokens_to_remove < 0 and self.is_initialized:
+            self.cumulative_length.sub_(-tokens_to_remove)
+            self.valid = None
 
 
 class NSACache(DynamicCache):
@@ -500,6 +547,18 @@ class NSAStaticCache(StaticCache):
         num_layers = config.get_text_config(decoder=True).num_hidden_layers
         layers = [NSAStaticCacheLayer(max_cache_len=int(max_cache_len)) for _ in range(num_layers)]
         Cache.__init__(self, layers=layers, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
+
+
+def static_cache_length(needed: int, shortest: int = 256) -> int:
+    """The length of the static cache that ``generate()`` builds by default for ``needed`` positions (prompt,
+    padding included, plus new tokens): ``needed`` rounded up to one of four steps per power of two (at
+    most 25 % more positions), and at least ``shortest``. Compiled decoding steps and their CUDA graphs are
+    specific to the cache length, so prompts whose lengths round to the same bucket reuse them."""
+    needed = int(needed)
+    if needed <= shortest:
+        return shortest
+    step = 1 << (needed.bit_length() - 3)  # 2**k <= needed < 2**(k+1): steps of 2**(k-2)
+    return -(-needed // step) * step
 
 
 def nsa_cache_layer(past_key_values, layer_idx: int) -> NSACompressedState | StaticLayer | None:

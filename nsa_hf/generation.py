@@ -10,8 +10,11 @@ for every further token, with no host synchronisation until the tokens are read.
 
 With NSA-Llama the captured step takes the static decode path of :mod:`.decoding` (decode kernels,
 candidate-block compression, no host work), which needs the Triton decode kernels (CUDA, or
-``nsa_backend(decode="triton")``) and left-padded prompts. ``generate(cache_implementation="static")``
-also works (eagerly) with the same cache.
+``nsa_backend(decode="triton")``) and left-padded prompts.
+
+``model.generate()`` of an NSA model does the same on CUDA by default, for every decoding strategy: a static
+NSA cache, with decoding steps compiled by transformers (``docs/generation.md``). This module remains as
+the greedy-only loop with a plain CUDA graph and no ``torch.compile``.
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMixin, GenerationMode
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -53,7 +53,8 @@ from nsa_kernels import MLPCompressor
 
 from .alignment import SelectionAlignment, alignment_settings
 from .attention import nsa_attention_forward  # noqa: F401  (registers attn_implementation "nsa", also as remote code)
-from .cache import NSACache, NSAStaticCache, nsa_cache_layer
+from .backends import decode_backend, decode_enabled
+from .cache import NSACache, NSAStaticCache, nsa_cache_layer, static_cache_length
 from .configuration_nsa import NSAConfigMixin
 from .remote_code import bundle_if_remote_code
 
@@ -479,8 +480,10 @@ class NSAModel(NSAPreTrainedModel):
 
 
 class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
-    """The NSA decoder with a language-modelling head; ``generate()`` uses an :class:`NSACache`. A family's
-    ``NSA<Family>ForCausalLM`` sets ``model_class``."""
+    """The NSA decoder with a language-modelling head. ``generate()`` decodes on an NSA cache: on CUDA by
+    default a static one with compiled decoding steps, else an :class:`NSACache` (see
+    :meth:`_prepare_cache_for_generation` and ``docs/generation.md``). A family's ``NSA<Family>ForCausalLM``
+    sets ``model_class``."""
 
     model_class: type[NSAModel] = NSAModel
 
@@ -496,27 +499,65 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
 
         self.post_init()
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Build the generation cache as an :class:`NSACache` (default) or an :class:`NSAStaticCache`
-        (``cache_implementation="static"``), so that the compressed keys/values are kept between decoding
-        steps instead of being recomputed."""
-        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        """Build ``generate()``'s cache as an NSA cache, which keeps the compressed keys/values between steps:
+
+        * no cache and no ``cache_implementation`` given, on CUDA with the decode kernels enabled
+          (:meth:`_static_generation_by_default`): an :class:`NSAStaticCache` of
+          :func:`~.cache.static_cache_length` positions, so that transformers compiles the decoding steps (its
+          automatic compilation on a static cache: ``compile_config``, ``disable_compile``) and a new prompt
+          length within the same bucket reuses the compiled steps;
+        * ``cache_implementation="static"``: an :class:`NSAStaticCache` of the length transformers chose;
+        * otherwise (CPU, ``cache_implementation="dynamic"``, an assistant model, prompts that are not
+          left-padded): an :class:`NSACache`, decoded eagerly.
+
+        Steps of assisted decoding (candidates of varying length) and chunked prefill are not compiled
+        on a static NSA cache: they run eagerly on it.
+        """
+        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                                    max_cache_length)
         # The cache is under `model_kwargs["cache"]` from transformers 5.24 on, `["past_key_values"]` before.
         key = "cache" if isinstance(model_kwargs.get("cache"), Cache) else "past_key_values"
         cache = model_kwargs.get(key)
-        if getattr(cache, "_is_user_defined", False):
+        if cache is None or getattr(cache, "_is_user_defined", False):
             return out
-        if type(cache) is DynamicCache:
-            nsa_cache = NSACache(config=self.config, offloading=getattr(cache, "offloading", False))
+        offloading = getattr(cache, "offloading", False)
+        if type(cache) is DynamicCache and self._static_generation_by_default(generation_config, model_kwargs):
+            cache = NSAStaticCache(config=self.config, max_cache_len=static_cache_length(max_cache_length))
+        elif type(cache) is DynamicCache:
+            cache = NSACache(config=self.config, offloading=offloading)
             if getattr(generation_config, "is_assistant", False):
-                nsa_cache.activate_past_recording()
-            model_kwargs[key] = nsa_cache
+                cache.activate_past_recording()
         elif type(cache) is StaticCache:
-            model_kwargs[key] = NSAStaticCache(
-                config=self.config, max_cache_len=cache.layers[0].max_cache_len,
-                offloading=getattr(cache, "offloading", False),
-            )
+            cache = NSAStaticCache(config=self.config, max_cache_len=cache.layers[0].max_cache_len,
+                                   offloading=offloading)
+        else:
+            return out
+        if isinstance(cache, NSAStaticCache) and (
+            generation_mode == GenerationMode.ASSISTED_GENERATION or generation_config.prefill_chunk_size is not None
+        ):
+            generation_config.disable_compile = True  # (this call's copy of the generation config)
+        model_kwargs[key] = cache
         return out
+
+    def _static_generation_by_default(self, generation_config, model_kwargs) -> bool:
+        """Whether ``generate()`` decodes on a static NSA cache when the user chose no cache: on CUDA with the
+        decode kernels enabled (:func:`~.backends.decode_enabled`), or on any device where the user asks
+        transformers to compile decoding steps (``compile_config._compile_all_devices``) unless the decode
+        backend is ``"off"``; for the model itself (not as an assistant) and prompts that are left-padded or
+        unpadded (what the static decode path reads)."""
+        compile_elsewhere = bool(getattr(generation_config.compile_config, "_compile_all_devices", False))
+        device_ok = (decode_enabled(self.config, self.device) if self.device.type == "cuda"
+                     else compile_elsewhere and decode_backend(self.config) != "off")
+        mask = model_kwargs.get("attention_mask")
+        left_padded = mask is None or (mask.dim() == 2 and bool((mask[:, 1:] >= mask[:, :-1]).all()))
+        return (
+            device_ok
+            and generation_config.cache_implementation is None
+            and not getattr(generation_config, "is_assistant", False)
+            and left_padded
+        )
 
     @can_return_tuple
     def forward(
