@@ -20,7 +20,7 @@ from nsa_hf.cache import static_cache_length
 from nsa_hf.modeling_nsa import CACHE_NAME
 
 from tests.hf.test_hf_generate import SMALL_NSA, full_logits, tiny_model
-from tests.hf.test_hf_static_cache import left_padded
+from tests.hf.test_hf_static_cache import left_padded, static_calls  # noqa: F401  (fixture)
 
 TOL = dict(atol=5e-5, rtol=1e-5)
 
@@ -49,22 +49,6 @@ def decode_op_compiles() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
-
-
-@pytest.fixture
-def static_steps(monkeypatch):
-    """Query lengths of the layer calls that took the static decode path (no host work)."""
-    calls = []
-    original = nsa_attention.try_static_decode
-
-    def counted(query, *args, **kwargs):
-        out = original(query, *args, **kwargs)
-        if out is not None:
-            calls.append(query.shape[2])
-        return out
-
-    monkeypatch.setattr(nsa_attention, "try_static_decode", counted)
-    return calls
 
 
 @pytest.fixture
@@ -231,7 +215,7 @@ def test_text_generation_pipeline_takes_the_static_cache(static_caches):
     assert all(len(r[0]["generated_text"].split()) > len(p.split()) for r, p in zip(fast, prompts))
 
 
-def test_prompt_lookup_verifies_candidates_on_the_static_decode_path(static_steps, monkeypatch):
+def test_prompt_lookup_verifies_candidates_on_the_static_decode_path(static_calls, monkeypatch):
     # Candidate chunks of up to 4 tokens go through the static decode kernels in one step; rejected ones
     # are cropped off the static cache; the tokens are those of greedy decoding on the dynamic path.
     crops = []
@@ -244,7 +228,7 @@ def test_prompt_lookup_verifies_candidates_on_the_static_decode_path(static_step
         lookup = model.generate(prompt, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3,
                                 **as_on_cuda())
     assert torch.equal(lookup, greedy)
-    assert static_steps and max(static_steps) > 1  # several query tokens in one static step
+    assert static_calls and max(static_calls) > 1  # several query tokens in one static step
     assert any(n < 0 for n in crops)
 
 

@@ -148,6 +148,22 @@ def _prefill(model, ids, mask, max_cache_len):
     return cache, out.logits[:, -1:].argmax(-1)
 
 
+def _compare_decode_steps(model, compiled, ids, mask, tol):
+    """Prefill two static caches eagerly, then six greedy decoding steps (crossing compression and selection
+    block boundaries) through ``model`` on one and ``compiled`` on the other: the same logits. Returns the
+    two caches (eager, compiled)."""
+    eager_cache, tok = _prefill(model, ids, mask, ids.shape[1] + 8)
+    compiled_cache, _ = _prefill(model, ids, mask, ids.shape[1] + 8)
+    for _ in range(6):
+        mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+        kwargs = dict(attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1, use_cache=True)
+        ref = model(tok, **kwargs, **{cache_kwarg(model): eager_cache}).logits
+        out = compiled(tok, **kwargs, **{cache_kwarg(model): compiled_cache}).logits
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+        tok = ref[:, -1:].argmax(-1)
+    return eager_cache, compiled_cache
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("decode", ["auto", pytest.param("triton", marks=pytest.mark.skipif(
     not interpreter, reason="needs TRITON_INTERPRET=1 on a CPU"))])
@@ -160,15 +176,7 @@ def test_static_cache_decode_steps_compile_fullgraph(decode):
     backend, graphs = _recording_backend()
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     with nsa_backend(decode=decode), torch.no_grad():
-        eager_cache, tok = _prefill(model, ids, mask, ids.shape[1] + 8)
-        compiled_cache, _ = _prefill(model, ids, mask, ids.shape[1] + 8)
-        for _ in range(6):  # crosses compression (stride 4) and selection (16) block boundaries
-            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
-            kwargs = dict(attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1, use_cache=True)
-            ref = model(tok, **kwargs, **{cache_kwarg(model): eager_cache}).logits
-            out = compiled(tok, **kwargs, **{cache_kwarg(model): compiled_cache}).logits
-            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-            tok = ref[:, -1:].argmax(-1)
+        eager_cache, compiled_cache = _compare_decode_steps(model, compiled, ids, mask, tol=1e-5)
     assert graphs and all(_decode_ops(gm) == 2 for gm in graphs)  # the attention of both layers: one op each
     torch.testing.assert_close(compiled_cache.layers[1].cmp_k, eager_cache.layers[1].cmp_k)
     assert torch.equal(compiled_cache.layers[1].cmp_len, eager_cache.layers[1].cmp_len)
@@ -273,15 +281,7 @@ def test_static_cache_decode_step_compiles_fullgraph_inductor_cuda():
     ids, mask = left_padded([70, 23, 41], device="cuda")
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
-        eager_cache, tok = _prefill(model, ids, mask, ids.shape[1] + 8)
-        compiled_cache, _ = _prefill(model, ids, mask, ids.shape[1] + 8)
-        for _ in range(6):
-            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
-            kwargs = dict(attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1, use_cache=True)
-            ref = model(tok, **kwargs, **{cache_kwarg(model): eager_cache}).logits
-            out = compiled(tok, **kwargs, **{cache_kwarg(model): compiled_cache}).logits
-            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-            tok = ref[:, -1:].argmax(-1)
+        _compare_decode_steps(model, compiled, ids, mask, tol=1e-4)
 
 
 @pytest.mark.slow
