@@ -243,13 +243,14 @@ def test_bench_generate_tiny_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "gen.md"
-    rows = bench.main(["--tiny", "--layers", "1", "--new-tokens", "3", "--out", str(out),
-                       "--variants", "nsa,nsa-graph,sdpa,sdpa-graph"])
-    assert [r["variant"] for r in rows] == ["nsa", "nsa-graph", "sdpa", "sdpa-graph"]
+    variants = ["nsa", "nsa-dynamic", "sdpa", "sdpa-static"]
+    rows = bench.main(["--tiny", "--layers", "1", "--new-tokens", "3", "--configs", "1x40", "--out", str(out),
+                       "--variants", ",".join(variants)])
+    assert [r["variant"] for r in rows] == variants
     assert all("error" not in r for r in rows)
     text = out.read_text()
-    for variant in ("nsa", "nsa-graph", "sdpa", "sdpa-graph"):
-        assert f"| 40 | {variant} |" in text
+    for variant in variants:
+        assert f"| 1x40 | {variant} |" in text
 
 
 def selection_margins(model, rows):
