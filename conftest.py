@@ -26,3 +26,11 @@ def _fresh_seed(request):
     seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("NSA_TEST_SEED", "0"))
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_state():
+    """Every test compiles from scratch: dynamo's recompile limit counts compilations of a code object (e.g.
+    the model's forward) across the whole process, so compiling tests would otherwise fail by their order."""
+    torch._dynamo.reset()
+    yield
