@@ -459,8 +459,8 @@ def _inv_chunk_sorted(
 ):
     """The entries ``(token, kv head, slot)`` of the ``TC`` tokens of chunk ``c`` sorted by
     ``(key, flat index)``, key ``h * nb + block`` (``HKV * nb`` for an unused slot, ``HKV * nb + 1``
-    for padding lanes). Returns the sorted keys, the entries' lanes (``(r * HKVP + h) * NSELP + s``)
-    and each one's rank in its run of equal keys."""
+    for padding lanes). Returns the sorted keys, the entries' lanes (``(r * HKVP + h) * NSELP + s``),
+    each one's rank in its run of equal keys and the sorted positions ``0 .. E - 1``."""
     E: tl.constexpr = TC * HKVP * NSELP
     BIG_: tl.constexpr = 2147483647
     r = tl.arange(0, TC)
