@@ -12,9 +12,10 @@ Design (NSA paper, Section 3.3, plus sharing between neighbouring tokens):
   two >= 16). It walks the *union* of the blocks selected by its tokens (built by a small index kernel, ``_prepare``),
   loading each block's keys/values once for all its rows; rows whose token did not select the block
   are masked. ``TOK = 1`` is the paper's kernel; ``TOK > 1`` fills the tile when ``G`` is small.
-* **dk / dv** are KV-block-centric: an inverted index (torch sort of the selections by block) lists
-  the query tokens that chose each block; one program owns one key tile of one block and a chunk of
-  those tokens, accumulates dk/dv in registers and adds them (fp32 atomics) to the output once.
+* **dk / dv** are KV-block-centric: an inverted index (a stable counting sort of the selections by
+  block, two small kernels and a cumsum, ``_build_inverted_index``) lists the query tokens that chose
+  each block; one program owns one key tile of one block and a chunk of those tokens, accumulates
+  dk/dv in registers and adds them (fp32 atomics) to the output once.
 * ``delta = rowsum(o * do)`` is computed inside the dq kernel (it loads ``do`` anyway), which runs
   before the dk/dv kernel.
 
@@ -263,7 +264,7 @@ def _slc_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DVAL,  # DK, DVAL: fp32 (Nk, HKV, D/DV), zero-initialised
     QKPOS,
     TOKS,  # (n_entries,) query tokens sorted by (kv head, block): the inverted index
-    WORK_KEY, WORK_START, WORK_END,  # per program: block key (h * NB + block) and its token range
+    WORK_KEY, WORK_START, WORK_END,  # per program: block key (h * NB + block), -1 = idle, and its token range
     BLK_START, BLK_LEN,  # (NB,) packed first key and length of every block
     NB, scale, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -426,64 +427,230 @@ def _prepare(block_indices, cu_seqlens_q, cu_seqlens_k, nq: int, slc_block: int,
     return q_kpos, sel, scnt, uni, ucnt
 
 
-def _build_inverted_index(sel, cu_seqlens_k, nk, slc_block, chunk):
+# ------------------------------------------------------------------------------------------------
+# Inverted index of the dk/dv kernel (two Triton kernels and a cumsum, no host synchronisation)
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _blocks_before(seq, CU_K, n_seq, SLC_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Blocks of the sequences before ``seq`` (a vector): sum over ``s < seq`` of ``ceil(len_k(s) / l')``."""
+    acc = tl.zeros(seq.shape, dtype=tl.int32)
+    for c0 in range(0, n_seq, BLOCK_B):
+        idx = c0 + tl.arange(0, BLOCK_B)
+        ok = idx < n_seq
+        nblk = tl.where(ok, (tl.load(CU_K + idx + 1, mask=ok, other=0) - tl.load(CU_K + idx, mask=ok, other=0)
+                             + SLC_BLOCK - 1) // SLC_BLOCK, 0)
+        acc += tl.sum(tl.where(idx[None, :] < seq[:, None], nblk[None, :], 0), axis=1)
+    return acc
+
+
+@triton.jit
+def _inv_chunk_sorted(
+    SEL, CU_Q, CU_K, c, nq, n_seq, n_search, nb,
+    HKV: tl.constexpr, NSEL: tl.constexpr, TC: tl.constexpr, HKVP: tl.constexpr,
+    NSELP: tl.constexpr, LOG_E: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """The entries ``(token, kv head, slot)`` of the ``TC`` tokens of chunk ``c`` sorted by
+    ``(key, flat index)``, key ``h * nb + block`` (``HKV * nb`` for an unused slot, ``HKV * nb + 1``
+    for padding lanes). Returns the sorted keys, the entries' lanes (``(r * HKVP + h) * NSELP + s``),
+    each one's rank in its run of equal keys and the sorted positions ``0 .. E - 1``."""
+    E: tl.constexpr = TC * HKVP * NSELP
+    BIG_: tl.constexpr = 2147483647
+    r = tl.arange(0, TC)
+    t = c * TC + r
+    ok = t < nq
+    # Each token's sequence (binary search of cu_q[1:], as in _slc_prep_kernel), its blocks before.
+    lo = tl.zeros([TC], dtype=tl.int32)
+    hi = tl.zeros([TC], dtype=tl.int32) + n_seq
+    for _ in range(n_search):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        right = active & (tl.load(CU_Q + 1 + mid, mask=active, other=0) <= t)
+        hi = tl.where(active & (right == 0), mid, hi)
+        lo = tl.where(right, mid + 1, lo)
+    seq = tl.where(ok, lo, 0)
+    boff = _blocks_before(seq, CU_K, n_seq, SLC_BLOCK, BLOCK_B)
+    kst = tl.load(CU_K + seq, mask=ok, other=0)
+    hh = tl.arange(0, HKVP)
+    ss = tl.arange(0, NSELP)
+    lane_ok = ok[:, None, None] & (hh[None, :, None] < HKV) & (ss[None, None, :] < NSEL)
+    val = tl.load(
+        SEL + (t[:, None, None].to(tl.int64) * HKV + hh[None, :, None]) * NSEL + ss[None, None, :],
+        mask=lane_ok, other=BIG_,
+    )
+    blk = boff[:, None, None] + (val - kst[:, None, None]) // SLC_BLOCK
+    nkeys = HKV * nb
+    key = tl.where(val != BIG_, hh[None, :, None] * nb + blk, nkeys)
+    key = tl.where(lane_ok, key, nkeys + 1)
+    lane = (r[:, None, None] * HKVP + hh[None, :, None]) * NSELP + ss[None, None, :]
+    if WIDE:
+        comp = (key.to(tl.int64) << LOG_E) | lane
+    else:
+        comp = (key << LOG_E) | lane
+    i = tl.arange(0, E)
+    u = tl.reshape(bitonic_sort(tl.reshape(comp, (1, E)), tl.reshape(i, (1, E)), LOG_E, False, 1), (E,))
+    skey = (u >> LOG_E).to(tl.int32)
+    slane = (u & (E - 1)).to(tl.int32)
+    prev = tl.gather(skey, tl.maximum(i - 1, 0), 0)
+    # The first position of each entry's run: a running maximum of the runs' first positions.
+    first = tl.associative_scan(tl.where((i == 0) | (prev != skey), i, 0), 0, _max_combine)
+    return skey, slane, i - first, i
+
+
+@triton.jit
+def _slc_inv_count_kernel(
+    SEL, CU_Q, CU_K,
+    HIST,  # (HKV * nb + 1, n_c) zero-initialised: entries per (key, token chunk)
+    BLK_START, BLK_LEN,  # (nb,) outputs
+    nq, n_seq, n_search, nb, n_c,
+    HKV: tl.constexpr, NSEL: tl.constexpr, TC: tl.constexpr, HKVP: tl.constexpr,
+    NSELP: tl.constexpr, LOG_E: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_NB: tl.constexpr,
+):
+    """Programs ``< n_c``: the entry counts of one token chunk per key; the others: ``BLOCK_NB``
+    blocks' packed first key and length."""
+    pid = tl.program_id(0)
+    if pid < n_c:
+        skey, slane, rank, i = _inv_chunk_sorted(
+            SEL, CU_Q, CU_K, pid, nq, n_seq, n_search, nb, HKV, NSEL, TC, HKVP, NSELP, LOG_E, SLC_BLOCK,
+            BLOCK_B, WIDE,
+        )
+        E: tl.constexpr = TC * HKVP * NSELP
+        nxt = tl.gather(skey, tl.minimum(i + 1, E - 1), 0)
+        last = ((i == E - 1) | (nxt != skey)) & (skey <= HKV * nb)
+        tl.store(HIST + skey.to(tl.int64) * n_c + pid, rank + 1, mask=last)
+    else:
+        b = (pid - n_c) * BLOCK_NB + tl.arange(0, BLOCK_NB)
+        # The block's sequence: how many sequences end (in blocks) at or before it, at most n_seq - 1.
+        cnt = tl.zeros([BLOCK_NB], dtype=tl.int32)
+        done = tl.zeros([], dtype=tl.int32)
+        for c0 in range(0, n_seq, BLOCK_B):
+            idx = c0 + tl.arange(0, BLOCK_B)
+            ok = idx < n_seq
+            nblk = tl.where(ok, (tl.load(CU_K + idx + 1, mask=ok, other=0) - tl.load(CU_K + idx, mask=ok, other=0)
+                                 + SLC_BLOCK - 1) // SLC_BLOCK, 0)
+            incl = tl.cumsum(nblk, axis=0) + done
+            cnt += tl.sum((ok[None, :] & (incl[None, :] <= b[:, None])).to(tl.int32), axis=1)
+            done += tl.sum(nblk, axis=0)
+        seq = tl.minimum(cnt, n_seq - 1)
+        local = b - _blocks_before(seq, CU_K, n_seq, SLC_BLOCK, BLOCK_B)
+        bstart = tl.load(CU_K + seq) + local * SLC_BLOCK
+        blen = tl.minimum(tl.maximum(tl.load(CU_K + seq + 1) - bstart, 0), SLC_BLOCK)
+        blen = tl.where(b < done, blen, 0)
+        tl.store(BLK_START + b, bstart, mask=b < nb)
+        tl.store(BLK_LEN + b, blen, mask=b < nb)
+
+
+@triton.jit
+def _slc_inv_fill_kernel(
+    SEL, CU_Q, CU_K, HIST, INCL,  # INCL: inclusive cumsum of HIST (flat, key-major)
+    TOKS, WORK_KEY, WORK_START, WORK_END,  # outputs
+    nq, n_seq, n_search, nb, n_c, n_prog, key_search,
+    HKV: tl.constexpr, NSEL: tl.constexpr, TC: tl.constexpr, HKVP: tl.constexpr,
+    NSELP: tl.constexpr, LOG_E: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
+    WIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Programs ``< n_c``: place the entries of one token chunk in ``TOKS`` (stable: a key's entries
+    of earlier chunks come first); the others: ``BLOCK_P`` slots of the work list. Key ``k`` owns
+    the slots from ``S_k = offs[k] // CHUNK + k`` (``offs[k]``: entries of the smaller keys) to
+    ``S_{k+1}``; its ``ceil(count / CHUNK)`` work items fill the first ones, the rest are idle (-1)."""
+    pid = tl.program_id(0)
+    if pid < n_c:
+        skey, slane, rank, i = _inv_chunk_sorted(
+            SEL, CU_Q, CU_K, pid, nq, n_seq, n_search, nb, HKV, NSEL, TC, HKVP, NSELP, LOG_E, SLC_BLOCK,
+            BLOCK_B, WIDE,
+        )
+        live = skey <= HKV * nb
+        at = skey.to(tl.int64) * n_c + pid
+        base = tl.load(INCL + at, mask=live, other=0) - tl.load(HIST + at, mask=live, other=0)
+        tok = pid * TC + slane // (HKVP * NSELP)
+        tl.store(TOKS + base + rank, tok, mask=live)
+    else:
+        p = (pid - n_c) * BLOCK_P + tl.arange(0, BLOCK_P)
+        nkeys = HKV * nb
+        # The key owning slot p: the last k < nkeys with S_k <= p (S_0 = 0, S strictly increasing).
+        lo = tl.zeros([BLOCK_P], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_P], dtype=tl.int32) + nkeys
+        for _ in range(key_search):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            off_mid = tl.load(INCL + mid.to(tl.int64) * n_c - 1, mask=active & (mid > 0), other=0)
+            right = active & (off_mid // CHUNK + mid <= p)
+            hi = tl.where(active & (right == 0), mid, hi)
+            lo = tl.where(right, mid + 1, lo)
+        k = lo - 1
+        off0 = tl.load(INCL + k.to(tl.int64) * n_c - 1, mask=k > 0, other=0)
+        off1 = tl.load(INCL + (k + 1).to(tl.int64) * n_c - 1)
+        j = p - (off0 // CHUNK + k)
+        live = j * CHUNK < off1 - off0
+        w0 = off0 + j * CHUNK
+        pm = p < n_prog
+        tl.store(WORK_KEY + p, tl.where(live, k, -1), mask=pm)
+        tl.store(WORK_START + p, tl.where(live, w0, 0), mask=pm)
+        tl.store(WORK_END + p, tl.where(live, tl.minimum(w0 + CHUNK, off1), 0), mask=pm)
+
+
+def _build_inverted_index(sel, cu_seqlens_q, cu_seqlens_k, nk, slc_block, chunk, lanes=2048, wide=None):
     """Which query tokens chose each (kv head, block), cut into work items of <= ``chunk`` tokens.
 
-    ``nk`` is the packed key count (a Python int). Blocks are numbered over the packed sequences.
-    Returns ``(toks, work_key, work_start, work_end, blk_start, blk_len, nb)``: ``toks`` lists the
-    query tokens sorted by key ``h * nb + block``; program ``p`` handles
-    ``toks[work_start[p]:work_end[p]]`` for key ``work_key[p]`` (-1 = idle program). ``nb`` is an
-    upper bound of the block count, so nothing here waits for the GPU."""
+    ``sel`` is :func:`_prepare`'s (each query's usable blocks, packed first keys); ``nk`` is the
+    packed key count (a Python int). Blocks are numbered over the packed sequences. Returns
+    ``(toks, work_key, work_start, work_end, blk_start, blk_len, nb)``: ``toks`` lists the query
+    tokens sorted by key ``h * nb + block``, a key's tokens in increasing order (a stable counting
+    sort), then the unused slots' tokens; program ``p`` handles ``toks[work_start[p]:work_end[p]]``
+    for key ``work_key[p]`` (-1 = idle program; a key's items are consecutive and in order, idle
+    programs may sit between keys). ``nb`` is an upper bound of the block count, so nothing here
+    waits for the GPU.
+
+    Two kernel launches and a cumsum: per chunk of ``TC`` query tokens, its entries are sorted by key
+    in registers; the first kernel stores how many fall on each key (``hist (nkeys + 1, n_c)``), the
+    cumsum over (key, chunk) gives each chunk's first place in each key, and the second kernel
+    stores the tokens there (and builds the work list from the keys' offsets). The in-register sort
+    key is ``key << log2(lanes) | lane``, in int64 when it could pass 2**31 (``wide``: force either).
+    ``hist`` and its cumsum hold ``(Hkv * nb + 1) * ceil(Nq / TC)`` int32 each (at 64k tokens, 4 KV heads,
+    16 blocks of 64: about 8M, i.e. 34 MB)."""
     device = sel.device
     nq, hkv, nsel = sel.shape
-    bsz = cu_seqlens_k.numel() - 1
-    lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    nblk = (lens_k + slc_block - 1) // slc_block  # blocks of each sequence
-    blk_off = torch.zeros(bsz + 1, dtype=torch.long, device=device)
-    blk_off[1:] = torch.cumsum(nblk, 0)
-    nb = nk // slc_block + bsz  # upper bound on the total number of blocks (no host sync)
-    blk_ids = torch.arange(nb, device=device)
-    blk_seq = torch.searchsorted(blk_off[1:], blk_ids, right=True).clamp_max(bsz - 1)
-    local = blk_ids - blk_off[blk_seq]
-    blk_start = cu_seqlens_k[blk_seq].long() + local * slc_block
-    seq_end = cu_seqlens_k[blk_seq + 1].long()
-    blk_len = (seq_end - blk_start).clamp(min=0, max=slc_block)
-    blk_len = torch.where(blk_ids < blk_off[-1], blk_len, 0)
-    # Map each packed block start back to its block id: start = cu_k[seq] + j * l'.
-    flat = sel.reshape(-1).long()
-    valid = flat != BIG
-    tok_of = torch.arange(flat.numel(), device=device) // (hkv * nsel)
-    h_of = (torch.arange(flat.numel(), device=device) // nsel) % hkv
-    flat = torch.where(valid, flat, 0)
-    seq_q = torch.searchsorted(cu_seqlens_k[1:].long(), flat, right=True).clamp_max(bsz - 1)
-    blk = blk_off[seq_q] + (flat - cu_seqlens_k[seq_q].long()) // slc_block
+    n_seq = cu_seqlens_k.numel() - 1
+    nb = nk // slc_block + n_seq  # upper bound on the total number of blocks (no host sync)
     nkeys = hkv * nb
-    key = torch.where(valid, h_of * nb + blk, nkeys)
-    sorted_key, order = torch.sort(key, stable=True)
-    toks = tok_of[order].to(torch.int32).contiguous()
-    # Entries per key from the sorted keys (torch.bincount would copy its maximum to the host on CUDA).
-    bounds = torch.searchsorted(sorted_key, torch.arange(nkeys + 1, device=device))
-    counts = bounds[1:] - bounds[:-1]
-    offs = bounds[:-1]
-    chunks = (counts + chunk - 1) // chunk
-    cum = torch.cumsum(chunks, 0)
-    n_prog = flat.numel() // chunk + nkeys  # upper bound of sum(chunks)
-    pids = torch.arange(n_prog, device=device)
-    wkey = torch.searchsorted(cum, pids, right=True)
-    live = wkey < nkeys
-    wkey_c = wkey.clamp_max(nkeys - 1)
-    c = pids - (cum[wkey_c] - chunks[wkey_c])
-    wstart = offs[wkey_c] + c * chunk
-    wend = torch.minimum(wstart + chunk, offs[wkey_c] + counts[wkey_c])
-    return (
-        toks,
-        torch.where(live, wkey_c, -1).to(torch.int32).contiguous(),
-        wstart.to(torch.int32).contiguous(),
-        wend.to(torch.int32).contiguous(),
-        blk_start.to(torch.int32).contiguous(),
-        blk_len.to(torch.int32).contiguous(),
-        nb,
+    n_prog = nq * hkv * nsel // chunk + nkeys  # upper bound of the work items
+    hkvp, nselp = pow2(hkv, 1), pow2(nsel, 1)
+    tc = max(1, lanes // (hkvp * nselp))  # tokens per chunk (a power of two): ``lanes`` entries sorted together
+    log_e = (tc * hkvp * nselp).bit_length() - 1
+    n_c = -(-nq // tc)
+    i32 = dict(device=device, dtype=torch.int32)
+    hist = torch.zeros((nkeys + 1) * n_c, **i32)
+    toks = torch.empty(nq * hkv * nsel, **i32)
+    wkey = torch.empty(n_prog, **i32)
+    wstart = torch.empty(n_prog, **i32)
+    wend = torch.empty(n_prog, **i32)
+    blk_start = torch.empty(nb, **i32)
+    blk_len = torch.empty(nb, **i32)
+    common = dict(
+        HKV=hkv, NSEL=nsel, TC=tc, HKVP=hkvp, NSELP=nselp, LOG_E=log_e, SLC_BLOCK=slc_block,
+        BLOCK_B=min(64, pow2(n_seq, 1), max(1, 8192 // tc)), WIDE=((nkeys + 2) << log_e >= 2**31) if wide is None else wide,
     )
+    block_nb = 128
+    _slc_inv_count_kernel[(n_c + triton.cdiv(nb, block_nb),)](
+        sel, cu_seqlens_q, cu_seqlens_k, hist, blk_start, blk_len,
+        nq, n_seq, n_seq.bit_length(), nb, n_c, BLOCK_NB=block_nb, **common,
+    )
+    incl = torch.cumsum(hist, 0, dtype=torch.int32)
+    block_p = 1024
+    _slc_inv_fill_kernel[(n_c + triton.cdiv(n_prog, block_p),)](
+        sel, cu_seqlens_q, cu_seqlens_k, hist, incl, toks, wkey, wstart, wend,
+        nq, n_seq, n_seq.bit_length(), nb, n_c, n_prog, nkeys.bit_length(),
+        CHUNK=chunk, BLOCK_P=block_p, **common,
+    )
+    return toks, wkey, wstart, wend, blk_start, blk_len, nb
 
 
 # ------------------------------------------------------------------------------------------------
@@ -576,7 +743,7 @@ def _bwd(do, q, k, v, o, lse, block_indices, cu_seqlens_q, cu_seqlens_k, slc_blo
             )
         tq = max(1, dkdv_rows // group)
         toks, wkey, wstart, wend, blk_start, blk_len, nb = _build_inverted_index(
-            sel, cu_seqlens_k, nk, slc_block, chunk_tokens
+            sel, cu_seqlens_q, cu_seqlens_k, nk, slc_block, chunk_tokens
         )
         _slc_bwd_dkdv_kernel[(wkey.shape[0], nsub)](
             q, k, v, do, lse, delta, dk32, dv32, q_kpos, toks, wkey, wstart, wend, blk_start, blk_len,
