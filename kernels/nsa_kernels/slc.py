@@ -597,7 +597,61 @@ def _slc_inv_fill_kernel(
         tl.store(WORK_END + p, tl.where(live, tl.minimum(w0 + CHUNK, off1), 0), mask=pm)
 
 
-def _build_inverted_index(sel, cu_seqlens_q, cu_seqlens_k, nk, slc_block, chunk, lanes=2048, wide=None):
+def _inverted_index_by_sort(sel, cu_seqlens_k, nk, slc_block, chunk):
+    """:func:`_build_inverted_index`'s result from torch ops (about 30, one stable sort of all entries by key):
+    where the kernels' count table would be too large (long sequences)."""
+    device = sel.device
+    nq, hkv, nsel = sel.shape
+    bsz = cu_seqlens_k.numel() - 1
+    lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    nblk = (lens_k + slc_block - 1) // slc_block
+    blk_off = torch.zeros(bsz + 1, dtype=torch.long, device=device)
+    blk_off[1:] = torch.cumsum(nblk, 0)
+    nb = nk // slc_block + bsz
+    blk_ids = torch.arange(nb, device=device)
+    blk_seq = torch.searchsorted(blk_off[1:], blk_ids, right=True).clamp_max(bsz - 1)
+    local = blk_ids - blk_off[blk_seq]
+    blk_start = cu_seqlens_k[blk_seq].long() + local * slc_block
+    seq_end = cu_seqlens_k[blk_seq + 1].long()
+    blk_len = (seq_end - blk_start).clamp(min=0, max=slc_block)
+    blk_len = torch.where(blk_ids < blk_off[-1], blk_len, 0)
+    flat = sel.reshape(-1).long()
+    valid = flat != BIG
+    tok_of = torch.arange(flat.numel(), device=device) // (hkv * nsel)
+    h_of = (torch.arange(flat.numel(), device=device) // nsel) % hkv
+    flat = torch.where(valid, flat, 0)
+    seq_q = torch.searchsorted(cu_seqlens_k[1:].long(), flat, right=True).clamp_max(bsz - 1)
+    blk = blk_off[seq_q] + (flat - cu_seqlens_k[seq_q].long()) // slc_block
+    nkeys = hkv * nb
+    key = torch.where(valid, h_of * nb + blk, nkeys)
+    sorted_key, order = torch.sort(key, stable=True)
+    toks = tok_of[order].to(torch.int32).contiguous()
+    bounds = torch.searchsorted(sorted_key, torch.arange(nkeys + 1, device=device))
+    counts = bounds[1:] - bounds[:-1]
+    offs = bounds[:-1]
+    chunks = (counts + chunk - 1) // chunk
+    cum = torch.cumsum(chunks, 0)
+    n_prog = flat.numel() // chunk + nkeys
+    pids = torch.arange(n_prog, device=device)
+    wkey = torch.searchsorted(cum, pids, right=True)
+    live = wkey < nkeys
+    wkey_c = wkey.clamp_max(nkeys - 1)
+    c = pids - (cum[wkey_c] - chunks[wkey_c])
+    wstart = offs[wkey_c] + c * chunk
+    wend = torch.minimum(wstart + chunk, offs[wkey_c] + counts[wkey_c])
+    return (
+        toks,
+        torch.where(live, wkey_c, -1).to(torch.int32).contiguous(),
+        wstart.to(torch.int32).contiguous(),
+        wend.to(torch.int32).contiguous(),
+        blk_start.to(torch.int32).contiguous(),
+        blk_len.to(torch.int32).contiguous(),
+        nb,
+    )
+
+
+def _build_inverted_index(sel, cu_seqlens_q, cu_seqlens_k, nk, slc_block, chunk, lanes=2048, wide=None,
+                          sort_above=6.0):
     """Which query tokens chose each (kv head, block), cut into work items of <= ``chunk`` tokens.
 
     ``sel`` is :func:`_prepare`'s (each query's usable blocks, packed first keys); ``nk`` is the
@@ -615,7 +669,11 @@ def _build_inverted_index(sel, cu_seqlens_q, cu_seqlens_k, nk, slc_block, chunk,
     stores the tokens there (and builds the work list from the keys' offsets). The in-register sort
     key is ``key << log2(lanes) | lane``, in int64 when it could pass 2**31 (``wide``: force either).
     ``hist`` and its cumsum hold ``(Hkv * nb + 1) * ceil(Nq / TC)`` int32 each (at 64k tokens, 4 KV heads,
-    16 blocks of 64: about 8M, i.e. 34 MB)."""
+    16 blocks of 64: about 8M, i.e. 34 MB). That grows with the square of the tokens: where it would
+    hold more than ``sort_above`` times the entries (``Nq * Hkv * n``; 6: about what the torch sort's
+    int64 buffers take per entry; e.g. 128k tokens with 8 KV heads), :func:`_inverted_index_by_sort`
+    builds the same index from torch ops in less memory (host work does not matter at those lengths).
+    ``sort_above=None`` always takes the kernels."""
     device = sel.device
     nq, hkv, nsel = sel.shape
     n_seq = cu_seqlens_k.numel() - 1
@@ -626,6 +684,8 @@ def _build_inverted_index(sel, cu_seqlens_q, cu_seqlens_k, nk, slc_block, chunk,
     tc = max(1, lanes // (hkvp * nselp))  # tokens per chunk (a power of two): ``lanes`` entries sorted together
     log_e = (tc * hkvp * nselp).bit_length() - 1
     n_c = -(-nq // tc)
+    if sort_above is not None and (nkeys + 1) * n_c > sort_above * max(1, nq * hkv * nsel):
+        return _inverted_index_by_sort(sel, cu_seqlens_k, nk, slc_block, chunk)
     i32 = dict(device=device, dtype=torch.int32)
     hist = torch.zeros((nkeys + 1) * n_c, **i32)
     toks = torch.empty(nq * hkv * nsel, **i32)

@@ -1,6 +1,6 @@
-"""The dk/dv inverted index of the selected branch (two Triton kernels) against the torch version it
-replaced (a stable torch sort of all (token, slot) entries by key, kept here as the reference): the
-same tokens in the same order, the same work items in the same order, the same block table."""
+"""The dk/dv inverted index of the selected branch (two Triton kernels) against the stable torch sort of
+all (token, slot) entries by key (``_inverted_index_by_sort``, what long sequences use): the same tokens in
+the same order, the same work items in the same order, the same block table."""
 import pytest
 import torch
 
@@ -8,58 +8,6 @@ from nsa_kernels import slc as slc_mod
 from nsa_kernels.primitives import BIG
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _torch_inverted_index(sel, cu_seqlens_k, nk, slc_block, chunk):
-    """The former torch implementation (about 30 ops, one stable sort), unchanged."""
-    device = sel.device
-    nq, hkv, nsel = sel.shape
-    bsz = cu_seqlens_k.numel() - 1
-    lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    nblk = (lens_k + slc_block - 1) // slc_block
-    blk_off = torch.zeros(bsz + 1, dtype=torch.long, device=device)
-    blk_off[1:] = torch.cumsum(nblk, 0)
-    nb = nk // slc_block + bsz
-    blk_ids = torch.arange(nb, device=device)
-    blk_seq = torch.searchsorted(blk_off[1:], blk_ids, right=True).clamp_max(bsz - 1)
-    local = blk_ids - blk_off[blk_seq]
-    blk_start = cu_seqlens_k[blk_seq].long() + local * slc_block
-    seq_end = cu_seqlens_k[blk_seq + 1].long()
-    blk_len = (seq_end - blk_start).clamp(min=0, max=slc_block)
-    blk_len = torch.where(blk_ids < blk_off[-1], blk_len, 0)
-    flat = sel.reshape(-1).long()
-    valid = flat != BIG
-    tok_of = torch.arange(flat.numel(), device=device) // (hkv * nsel)
-    h_of = (torch.arange(flat.numel(), device=device) // nsel) % hkv
-    flat = torch.where(valid, flat, 0)
-    seq_q = torch.searchsorted(cu_seqlens_k[1:].long(), flat, right=True).clamp_max(bsz - 1)
-    blk = blk_off[seq_q] + (flat - cu_seqlens_k[seq_q].long()) // slc_block
-    nkeys = hkv * nb
-    key = torch.where(valid, h_of * nb + blk, nkeys)
-    sorted_key, order = torch.sort(key, stable=True)
-    toks = tok_of[order].to(torch.int32).contiguous()
-    bounds = torch.searchsorted(sorted_key, torch.arange(nkeys + 1, device=device))
-    counts = bounds[1:] - bounds[:-1]
-    offs = bounds[:-1]
-    chunks = (counts + chunk - 1) // chunk
-    cum = torch.cumsum(chunks, 0)
-    n_prog = flat.numel() // chunk + nkeys
-    pids = torch.arange(n_prog, device=device)
-    wkey = torch.searchsorted(cum, pids, right=True)
-    live = wkey < nkeys
-    wkey_c = wkey.clamp_max(nkeys - 1)
-    c = pids - (cum[wkey_c] - chunks[wkey_c])
-    wstart = offs[wkey_c] + c * chunk
-    wend = torch.minimum(wstart + chunk, offs[wkey_c] + counts[wkey_c])
-    return (
-        toks,
-        torch.where(live, wkey_c, -1).to(torch.int32).contiguous(),
-        wstart.to(torch.int32).contiguous(),
-        wend.to(torch.int32).contiguous(),
-        blk_start.to(torch.int32).contiguous(),
-        blk_len.to(torch.int32).contiguous(),
-        nb,
-    )
 
 
 def _random_case(gen, lens_k, lens_q, hkv, nsel, slc_block, unused):
@@ -123,8 +71,9 @@ def _check(lens_k, lens_q, hkv, nsel, slc_block, chunk, unused, lanes, wide):
     if nq == 0:
         pytest.skip("the backward skips the index with no queries")
     sel = slc_mod._prepare(bi, cu_q, cu_k, nq, slc_block, 1)[1]
-    ref = _torch_inverted_index(sel, cu_k, nk, slc_block, chunk)
-    got = slc_mod._build_inverted_index(sel, cu_q, cu_k, nk, slc_block, chunk, lanes=lanes, wide=wide)
+    ref = slc_mod._inverted_index_by_sort(sel, cu_k, nk, slc_block, chunk)
+    got = slc_mod._build_inverted_index(sel, cu_q, cu_k, nk, slc_block, chunk, lanes=lanes, wide=wide,
+                                       sort_above=None)
     toks, wkey, wstart, wend, blk_start, blk_len, nb = got
     r_toks, r_wkey, r_wstart, r_wend, r_blk_start, r_blk_len, r_nb = ref
     assert nb == r_nb
@@ -159,10 +108,27 @@ def test_backward_bit_identical_to_torch_index(monkeypatch, lens_k, lens_q, hkv,
     o, lse = slc_mod._fwd(q, k, v, bi, cu_q, cu_k, slc_block, scale)
     do = torch.randn_like(o)
     new = slc_mod._bwd(do, q, k, v, o, lse, bi, cu_q, cu_k, slc_block, scale, chunk_tokens=chunk)
+    sort = slc_mod._inverted_index_by_sort
     monkeypatch.setattr(
         slc_mod, "_build_inverted_index",
-        lambda sel, cu_q_, cu_k_, nk_, blk, ch: _torch_inverted_index(sel, cu_k_, nk_, blk, ch),
+        lambda sel, cu_q_, cu_k_, nk_, blk, ch: sort(sel, cu_k_, nk_, blk, ch),
     )
     old = slc_mod._bwd(do, q, k, v, o, lse, bi, cu_q, cu_k, slc_block, scale, chunk_tokens=chunk)
     for a, b in zip(new, old):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lanes, sorted_", [(2048, False), (1, True)])
+def test_long_sequences_take_the_sort(monkeypatch, lanes, sorted_):
+    """The kernels' count table grows with the square of the tokens: where it would hold more than
+    ``sort_above`` (6) times the entries, the torch sort builds the index instead (same result)."""
+    gen = torch.Generator().manual_seed(3)
+    lens = (300, 211)
+    bi, cu_q, cu_k = _random_case(gen, lens, lens, 2, 4, 8, 0.3)
+    sel = slc_mod._prepare(bi, cu_q, cu_k, sum(lens), 8, 1)[1]
+    calls, sort = [], slc_mod._inverted_index_by_sort
+    monkeypatch.setattr(slc_mod, "_inverted_index_by_sort", lambda *a: calls.append(1) or sort(*a))
+    got = slc_mod._build_inverted_index(sel, cu_q, cu_k, sum(lens), 8, 16, lanes=lanes)
+    assert bool(calls) == sorted_
+    ref = sort(sel, cu_k, sum(lens), 8, 16)
+    assert torch.equal(got[0], ref[0])
