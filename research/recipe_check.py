@@ -41,6 +41,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -52,7 +53,7 @@ from . import quality
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "examples" / "train.py"
-RUNS = ("recipe", "no_align", "dense")
+RUNS = ("recipe", "dense", "no_align")  # the short dense run second: a call cut short keeps recipe vs dense
 RUN_LABELS = {"dense_base": "dense base (pretrained)", "converted": "NSA converted (untrained)",
               "recipe": "NSA recipe (alignment term)", "no_align": "NSA, same run without the term",
               "dense": "dense continued (sdpa)"}
@@ -72,6 +73,11 @@ def parse_args(argv=None):
     ap.add_argument("--base", default=None, metavar="DIR",
                     help="dense base checkpoint to start from (a folder this harness wrote: OUT/dense); default: "
                          "pretrain one with research/quality.py's functions")
+    ap.add_argument("--start-before", type=float, default=None, metavar="SECONDS",
+                    help="start a training run only this many seconds into the script; past that, stop (exit status "
+                         "3) with what is done saved under --out: the same command again reuses the dense base, the "
+                         "converted model, the data and every finished run, and continues (for device calls with a "
+                         "time limit). Default: no limit")
     ap.add_argument("--extra-code", nargs="*", default=[],
                     help="directories whose .py files are added to the training text (quality.py's flag)")
     b = ap.add_argument_group("dense base (research/quality.py's pretraining)")
@@ -84,7 +90,8 @@ def parse_args(argv=None):
                    help=f"the NSA runs' --nsa-only-steps (default {FULL['nsa_only_steps']}; the dense run has none)")
     t.add_argument("--batch-size", type=int, default=None,
                    help=f"documents of <= --seq-len tokens per step (default {FULL['batch_size']})")
-    t.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {FULL['lr']}; NSA-only phase x10)")
+    t.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default {FULL['lr']}; NSA-only phase x10)")
     t.add_argument("--logging-steps", type=int, default=None, help=f"default {FULL['logging_steps']}")
     t.add_argument("--needle-frac", type=float, default=0.5,
                    help="fraction of the training documents that are needle documents (default 0.5)")
@@ -106,10 +113,13 @@ def parse_args(argv=None):
         ap.error(f"--nsa-only-steps {args.nsa_only_steps}: must be >= 0 and below --steps {args.steps}")
     if args.align_in == "warmup" and args.nsa_only_steps == 0:
         ap.error("--align-in warmup: needs --nsa-only-steps N > 0 (the phase that has the term)")
+    if args.start_before is not None and not args.start_before >= 0:
+        ap.error(f"--start-before {args.start_before}: must be a number of seconds >= 0")
     if not 0.0 <= args.needle_frac <= 1.0:
         ap.error(f"--needle-frac {args.needle_frac}: must be in [0, 1]")
     if not (args.align_weight > 0 and math.isfinite(args.align_weight)):
-        ap.error(f"--align-weight {args.align_weight}: must be a finite number > 0 (the run without it is the other run)")
+        ap.error(f"--align-weight {args.align_weight}: must be a finite number > 0 (the run without the term is the "
+                 "other run)")
     if args.base is not None and not (Path(args.base) / "config.json").is_file():
         ap.error(f"--base {args.base}: no config.json there; give a checkpoint folder (OUT/dense of an earlier run)")
     return args
@@ -155,6 +165,20 @@ def tokenized_data(qargs, tokenizer):
         raise RuntimeError(f"only {len(stream)} training tokens: fewer than 2 blocks of {qargs.seq_len}")
     return stream[: n * qargs.seq_len].view(n, qargs.seq_len), token_blocks(tokenizer, eval_docs, qargs.seq_len,
                                                                            max_blocks=qargs.eval_blocks)
+
+
+def cached_blocks(path: Path, qargs, tokenizer):
+    """Training and held-out blocks from ``path`` when an earlier call of the same command saved them there (same
+    context length), else tokenized now (:func:`tokenized_data`) and saved there."""
+    if path.is_file():
+        saved = torch.load(path)
+        if saved["seq_len"] == qargs.seq_len:
+            log(f"reusing the tokenized data in {path}")
+            return saved["train"], saved["eval"]
+    train_blocks, eval_blocks = tokenized_data(qargs, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"seq_len": qargs.seq_len, "train": train_blocks, "eval": eval_blocks}, path)
+    return train_blocks, eval_blocks
 
 
 def pretrain_dense(qargs, tokenizer, train_blocks, probe, device, dtype):
@@ -243,7 +267,15 @@ def write_training_data(path: Path, probe, tokenizer, train_blocks: torch.Tensor
                         seed: int) -> dict:
     """``count`` documents as JSON lines (``{"text": ...}``): ``round(needle_frac * count)`` needle documents
     (uniform depths, fillers from the training blocks) spread evenly among ordinary training blocks decoded to
-    text. Returns what was written."""
+    text. Returns what was written (also in ``path`` + ``.info.json``; a file written before with the same
+    settings is kept)."""
+    info_path = path.with_name(path.name + ".info.json")
+    settings = {"count": count, "needle_frac": needle_frac, "seed": seed, "seq_len": probe.seq_len}
+    if path.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("settings") == settings:
+            log(f"reusing the training data in {path}")
+            return info
     gen = torch.Generator().manual_seed(seed * 7919 + 31)
     needles = int(round(needle_frac * count))
     order = torch.randperm(len(train_blocks), generator=gen)
@@ -259,6 +291,8 @@ def write_training_data(path: Path, probe, tokenizer, train_blocks: torch.Tensor
                 text = tokenizer.decode(block.tolist())
             f.write(json.dumps({"text": text}) + "\n")
     written["bytes"] = path.stat().st_size
+    written["settings"] = settings
+    info_path.write_text(json.dumps(written, indent=1))
     return written
 
 
@@ -296,7 +330,8 @@ def phase_step_times(out_dir: Path) -> dict:
     is the only one."""
     times = {}
     for phase_dir in sorted(out_dir.glob("phase*")):
-        states = sorted(phase_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+        states = sorted(phase_dir.glob("checkpoint-*/trainer_state.json"),
+                        key=lambda p: int(p.parent.name.split("-")[1]))
         if not states:
             continue
         logs = [h for h in json.loads(states[-1].read_text())["log_history"]
@@ -393,11 +428,70 @@ def verdict(results: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def obtain_dense_base(args, qargs, out: Path, device, dtype, results: dict):
+    """The dense base folder, its tokenizer and the training and held-out blocks: ``--base``, else ``OUT/dense``
+    when an earlier call of the same command saved it, else pretrained now (:func:`pretrain_dense`) and saved
+    there (written to ``OUT/dense.tmp`` first, so a folder cut short is never taken for a finished one)."""
+    from transformers import AutoTokenizer
+
+    dense_dir = Path(args.base).resolve() if args.base else out / "dense"
+    blocks = out / "data" / "blocks.pt"
+    if (dense_dir / "config.json").is_file():
+        log(f"dense base: {dense_dir}")
+        tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+        train_blocks, eval_blocks = cached_blocks(blocks, qargs, tokenizer)
+        return dense_dir, tokenizer, train_blocks, eval_blocks
+    tokenizer, train_blocks, eval_blocks, results["data"] = quality.load_data(qargs)
+    blocks.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"seq_len": qargs.seq_len, "train": train_blocks, "eval": eval_blocks}, blocks)
+    start = time.perf_counter()
+    dense = pretrain_dense(qargs, tokenizer, train_blocks, quality.make_probe(qargs, tokenizer), device, dtype)
+    tmp = out / "dense.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dense.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, dense_dir)
+    results["seconds"]["dense_base"] = time.perf_counter() - start
+    log(f"saved the dense base to {dense_dir} ({results['seconds']['dense_base']:.0f} s)")
+    return dense_dir, tokenizer, train_blocks, eval_blocks
+
+
+def convert_base(dense_dir: Path, out: Path, qargs, results: dict) -> Path:
+    """``OUT/nsa_converted``: converted now with ``nsa-hf convert``, or kept from an earlier call."""
+    nsa_dir = out / "nsa_converted"
+    cmd = convert_command(dense_dir, out / "nsa_converted.tmp", qargs)
+    results["commands"]["convert"] = " ".join(shlex.quote(c) for c in cmd).replace("nsa_converted.tmp", "nsa_converted")
+    if (nsa_dir / "config.json").is_file():
+        log(f"converted model: {nsa_dir} (from an earlier call)")
+        return nsa_dir
+    results["seconds"]["convert"] = run_logged(cmd, out / "logs" / "convert.log", "convert")
+    os.replace(out / "nsa_converted.tmp", nsa_dir)
+    return nsa_dir
+
+
+def train_run(run: str, cmd: list[str], out: Path, results: dict) -> bool:
+    """Run ``examples/train.py`` for ``run`` unless an earlier call finished it (``runs/RUN/done.json``); a run
+    cut short before is started again from scratch. Returns whether the run is done."""
+    run_dir = out / "runs" / run
+    results["commands"][run] = " ".join(shlex.quote(c) for c in cmd)
+    done = run_dir / "done.json"
+    if done.is_file() and (run_dir / "final" / "config.json").is_file():
+        results["seconds"][run] = json.loads(done.read_text())["seconds"]
+        log(f"train.py {run}: finished in an earlier call ({run_dir})")
+        return True
+    shutil.rmtree(run_dir, ignore_errors=True)
+    seconds = run_logged(cmd, out / "logs" / f"train_{run}.log", f"train.py {run}")
+    done.write_text(json.dumps({"seconds": seconds, "command": results["commands"][run]}))
+    results["seconds"][run] = seconds
+    return True
+
+
 def main(argv=None) -> dict:
+    """The whole check; returns the results (``results["incomplete"]`` when ``--start-before`` stopped it)."""
     args = parse_args(argv)
     qargs = quality_args(args)
     import nsa_hf  # noqa: F401  (registers NSA-Llama and attn_implementation="nsa")
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -413,15 +507,12 @@ def main(argv=None) -> dict:
     if cuda:
         results["gpu"] = torch.cuda.get_device_name(device)
 
-    # 1. dense base
-    if args.base:
-        dense_dir = Path(args.base).resolve()
-        tokenizer = AutoTokenizer.from_pretrained(dense_dir)
-        train_blocks, eval_blocks = tokenized_data(qargs, tokenizer)
-    else:
-        tokenizer, train_blocks, eval_blocks, info = quality.load_data(qargs)
-        results["data"] = info
+    # 1. dense base, 2. conversion
+    dense_dir, tokenizer, train_blocks, eval_blocks = obtain_dense_base(args, qargs, out, device, dtype, results)
     log(f"data: {len(train_blocks)} training blocks, {len(eval_blocks)} held-out blocks of {qargs.seq_len} tokens")
+    nsa_dir = convert_base(dense_dir, out, qargs, results)
+
+    # 3. data files
     probe = quality.make_probe(qargs, tokenizer)
     text_probe = quality.make_probe(qargs, tokenizer)
     text_probe.vocab_ids = text_safe_ids(tokenizer)
@@ -429,36 +520,22 @@ def main(argv=None) -> dict:
     if len(text_probe.vocab_ids) < 2 * qargs.span_len:
         raise RuntimeError(f"only {len(text_probe.vocab_ids)} text-safe tokens in a vocabulary of {len(tokenizer)}: "
                            f"too few for passages of {qargs.span_len} tokens")
-    if not args.base:
-        start = time.perf_counter()
-        dense = pretrain_dense(qargs, tokenizer, train_blocks, probe, device, dtype)
-        dense_dir = out / "dense"
-        dense.save_pretrained(dense_dir)
-        tokenizer.save_pretrained(dense_dir)
-        del dense
-        results["seconds"]["dense_base"] = time.perf_counter() - start
-        log(f"saved the dense base to {dense_dir} ({results['seconds']['dense_base']:.0f} s)")
-
-    # 2. convert
-    nsa_dir = out / "nsa_converted"
-    cmd = convert_command(dense_dir, nsa_dir, qargs)
-    results["commands"]["convert"] = " ".join(shlex.quote(c) for c in cmd)
-    results["seconds"]["convert"] = run_logged(cmd, out / "logs" / "convert.log", "convert")
-
-    # 3. data files
     data = out / "data" / "train.jsonl"
     results["training_data"] = write_training_data(data, text_probe, tokenizer, train_blocks,
                                                    args.steps * args.batch_size, args.needle_frac, args.seed)
     log(f"training data: {results['training_data']} in {data}")
 
     # 4. training runs
-    finals = {}
     for run in RUNS:
-        run_dir = out / "runs" / run
-        cmd = train_command(run, dense_dir if run == "dense" else nsa_dir, data, run_dir, args, qargs, cuda)
-        results["commands"][run] = " ".join(shlex.quote(c) for c in cmd)
-        results["seconds"][run] = run_logged(cmd, out / "logs" / f"train_{run}.log", f"train.py {run}")
-        finals[run] = run_dir / "final"
+        cmd = train_command(run, dense_dir if run == "dense" else nsa_dir, data, out / "runs" / run, args, qargs, cuda)
+        finished = (out / "runs" / run / "done.json").is_file()
+        if not finished and args.start_before is not None and time.perf_counter() - t0 > args.start_before:
+            results["incomplete"] = f"stopped before train.py {run} (--start-before {args.start_before:g} s)"
+            (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+            log(f"{results['incomplete']}: run the same command again to continue")
+            return results
+        train_run(run, cmd, out, results)
+    finals = {run: out / "runs" / run / "final" for run in RUNS}
     results["phase_step_time"] = {run: phase_step_times(out / "runs" / run) for run in RUNS}
     results["step_time"] = {run: overall_step_time(t) for run, t in results["phase_step_time"].items()}
 
@@ -488,4 +565,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(3 if main().get("incomplete") else 0)

@@ -18,7 +18,15 @@ def tiny_run(tmp_path_factory):
     from research import recipe_check
 
     out = tmp_path_factory.mktemp("recipe")
-    return out, recipe_check.main(["--tiny", "--out", str(out), "--device", "cpu"])
+    argv = ["--tiny", "--out", str(out), "--device", "cpu"]
+    first = recipe_check.main(argv + ["--start-before", "0"])  # a device call cut short: base, model, data only
+    assert first["incomplete"].startswith("stopped before train.py recipe")
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "dense" / "model.safetensors", out / "data" / "train.jsonl",
+                                                  out / "nsa_converted" / "config.json")}
+    results = recipe_check.main(argv)  # the same command again continues
+    assert "incomplete" not in results
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # reused, not made again
+    return out, results
 
 
 def test_tiny_run_table_has_every_run_with_finite_numbers(tiny_run):
