@@ -78,6 +78,9 @@ def parse_args(argv=None):
                          "3) with what is done saved under --out: the same command again reuses the dense base, the "
                          "converted model, the data and every finished run, and continues (for device calls with a "
                          "time limit). Default: no limit")
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="train.py runs at a time, each on its own GPU (default 1: one after the other); the runs "
+                         "compared for step time then run on different GPUs of one host")
     ap.add_argument("--extra-code", nargs="*", default=[],
                     help="directories whose .py files are added to the training text (quality.py's flag)")
     b = ap.add_argument_group("dense base (research/quality.py's pretraining)")
@@ -106,7 +109,7 @@ def parse_args(argv=None):
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for name in ("steps", "batch_size", "logging_steps", "needle_eval", "align_rows", "pretrain_steps"):
+    for name in ("steps", "batch_size", "logging_steps", "needle_eval", "align_rows", "pretrain_steps", "gpus"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if not 0 <= args.nsa_only_steps < args.steps:
@@ -207,20 +210,33 @@ def convert_command(dense_dir: Path, nsa_dir: Path, qargs) -> list[str]:
     return cmd
 
 
-def run_logged(cmd: list[str], log_path: Path, what: str) -> float:
-    """Run ``cmd`` from the repository root with its output in ``log_path``; the seconds it took. A failure raises
-    ``RuntimeError`` with the end of the log."""
+def launch_logged(cmd: list[str], log_path: Path, what: str, env: dict | None = None):
+    """Start ``cmd`` from the repository root with its output in ``log_path``; ``(process, start time, log file)``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"{what}: {' '.join(shlex.quote(c) for c in cmd)}")
-    start = time.perf_counter()
-    with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
+    f = open(log_path, "w")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env or dict(os.environ)), \
+        time.perf_counter(), f
+
+
+def wait_logged(started, log_path: Path, what: str) -> float:
+    """Wait for a process of :func:`launch_logged`; the seconds it took. A failure raises ``RuntimeError`` with
+    the end of the log."""
+    proc, start, f = started
+    returncode = proc.wait()
+    f.close()
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    if returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"{what} failed (exit status {proc.returncode}); the end of {log_path}:\n{tail}")
+        raise RuntimeError(f"{what} failed (exit status {returncode}); the end of {log_path}:\n{tail}")
     log(f"{what}: done in {seconds:.0f} s (log {log_path})")
     return seconds
+
+
+def run_logged(cmd: list[str], log_path: Path, what: str) -> float:
+    """Run ``cmd`` from the repository root with its output in ``log_path``; the seconds it took (a failure raises
+    ``RuntimeError`` with the end of the log)."""
+    return wait_logged(launch_logged(cmd, log_path, what), log_path, what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,21 +485,51 @@ def convert_base(dense_dir: Path, out: Path, qargs, results: dict) -> Path:
     return nsa_dir
 
 
-def train_run(run: str, cmd: list[str], out: Path, results: dict) -> bool:
-    """Run ``examples/train.py`` for ``run`` unless an earlier call finished it (``runs/RUN/done.json``); a run
-    cut short before is started again from scratch. Returns whether the run is done."""
-    run_dir = out / "runs" / run
-    results["commands"][run] = " ".join(shlex.quote(c) for c in cmd)
-    done = run_dir / "done.json"
-    if done.is_file() and (run_dir / "final" / "config.json").is_file():
-        results["seconds"][run] = json.loads(done.read_text())["seconds"]
-        log(f"train.py {run}: finished in an earlier call ({run_dir})")
-        return True
-    shutil.rmtree(run_dir, ignore_errors=True)
-    seconds = run_logged(cmd, out / "logs" / f"train_{run}.log", f"train.py {run}")
-    done.write_text(json.dumps({"seconds": seconds, "command": results["commands"][run]}))
-    results["seconds"][run] = seconds
-    return True
+def gpu_ids(count: int) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` entries of the first ``count`` GPUs this process may use."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count)]
+    if len(ids) < count or torch.cuda.device_count() < count:
+        raise ValueError(f"--gpus {count}: only {min(len(ids), torch.cuda.device_count())} CUDA devices visible")
+    return ids[:count]
+
+
+def train_runs(commands: dict, out: Path, results: dict, gpus: int, may_start) -> list[str]:
+    """Run ``examples/train.py`` for each ``run: command`` of ``commands`` in order, at most ``gpus`` at a time
+    (``gpus > 1``: each on its own GPU through ``CUDA_VISIBLE_DEVICES``), skipping the runs an earlier call
+    finished (``runs/RUN/done.json``; a run cut short before starts again from scratch). A run starts only while
+    ``may_start()`` holds; the runs that did not start are returned."""
+    pending = []
+    for run, cmd in commands.items():
+        results["commands"][run] = " ".join(shlex.quote(c) for c in cmd)
+        done = out / "runs" / run / "done.json"
+        if done.is_file() and (out / "runs" / run / "final" / "config.json").is_file():
+            results["seconds"][run] = json.loads(done.read_text())["seconds"]
+            log(f"train.py {run}: finished in an earlier call ({done.parent})")
+        else:
+            pending.append(run)
+    free = gpu_ids(gpus) if gpus > 1 else [None]
+    active = {}
+    while pending or active:
+        while pending and free and may_start():
+            run, gpu = pending.pop(0), free.pop(0)
+            shutil.rmtree(out / "runs" / run, ignore_errors=True)
+            env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
+            what = f"train.py {run}" + (f" (GPU {gpu})" if gpu is not None else "")
+            active[run] = (launch_logged(commands[run], out / "logs" / f"train_{run}.log", what, env), gpu, what)
+        if not active:
+            break
+        finished = next((r for r, (started, _, _) in active.items() if started[0].poll() is not None), None)
+        if finished is None:
+            time.sleep(0.5)
+            continue
+        started, gpu, what = active.pop(finished)
+        seconds = wait_logged(started, out / "logs" / f"train_{finished}.log", what)
+        (out / "runs" / finished / "done.json").write_text(json.dumps(
+            {"seconds": seconds, "gpu": gpu, "command": results["commands"][finished]}))
+        results["seconds"][finished] = seconds
+        free.append(gpu)
+    return pending
 
 
 def main(argv=None) -> dict:
@@ -526,15 +572,17 @@ def main(argv=None) -> dict:
     log(f"training data: {results['training_data']} in {data}")
 
     # 4. training runs
-    for run in RUNS:
-        cmd = train_command(run, dense_dir if run == "dense" else nsa_dir, data, out / "runs" / run, args, qargs, cuda)
-        finished = (out / "runs" / run / "done.json").is_file()
-        if not finished and args.start_before is not None and time.perf_counter() - t0 > args.start_before:
-            results["incomplete"] = f"stopped before train.py {run} (--start-before {args.start_before:g} s)"
-            (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-            log(f"{results['incomplete']}: run the same command again to continue")
-            return results
-        train_run(run, cmd, out, results)
+    commands = {run: train_command(run, dense_dir if run == "dense" else nsa_dir, data, out / "runs" / run, args,
+                                   qargs, cuda) for run in RUNS}
+    deadline = math.inf if args.start_before is None else args.start_before
+    not_started = train_runs(commands, out, results, args.gpus if cuda else 1,
+                             lambda: time.perf_counter() - t0 <= deadline)
+    if not_started:
+        results["incomplete"] = (f"train.py {', '.join(not_started)} not started (--start-before "
+                                 f"{args.start_before:g} s)")
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        log(f"{results['incomplete']}: run the same command again to continue")
+        return results
     finals = {run: out / "runs" / run / "final" for run in RUNS}
     results["phase_step_time"] = {run: phase_step_times(out / "runs" / run) for run in RUNS}
     results["step_time"] = {run: overall_step_time(t) for run, t in results["phase_step_time"].items()}

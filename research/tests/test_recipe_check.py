@@ -20,7 +20,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe")
     argv = ["--tiny", "--out", str(out), "--device", "cpu"]
     first = recipe_check.main(argv + ["--start-before", "0"])  # a device call cut short: base, model, data only
-    assert first["incomplete"].startswith("stopped before train.py recipe")
+    assert first["incomplete"].startswith("train.py recipe, dense, no_align not started")
     stamps = {p: p.stat().st_mtime_ns for p in (out / "dense" / "model.safetensors", out / "data" / "train.jsonl",
                                                   out / "nsa_converted" / "config.json")}
     results = recipe_check.main(argv)  # the same command again continues
@@ -139,3 +139,22 @@ def test_bad_flags_are_named():
                        (["--needle-frac", "1.5"], "--needle-frac"), (["--base", "/nonexistent"], "--base")):
         with pytest.raises(SystemExit):
             parse_args(argv)
+
+
+def test_train_runs_share_out_the_gpus_and_skip_finished_runs(tmp_path, monkeypatch):
+    from research import recipe_check
+
+    monkeypatch.setattr(recipe_check, "gpu_ids", lambda count: ["4", "7"][:count])
+    write = ("import os, sys, time; d = sys.argv[1]; os.makedirs(d + '/final'); time.sleep(float(sys.argv[2])); "
+             "open(d + '/final/config.json', 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', ''))")
+    commands = {run: [sys.executable, "-c", write, str(tmp_path / "runs" / run), sleep]
+                for run, sleep in (("a", "1.5"), ("b", "0"), ("c", "0"))}
+    results = {"commands": {}, "seconds": {}}
+    assert recipe_check.train_runs(commands, tmp_path, results, 2, lambda: True) == []
+    gpu = {run: (tmp_path / "runs" / run / "final" / "config.json").read_text() for run in commands}
+    assert gpu["a"] == "4" and gpu["b"] == "7" and gpu["c"] == "7"  # c waits for the first free GPU: b's
+    assert results["seconds"]["c"] < results["seconds"]["a"]
+    stamp = (tmp_path / "runs" / "a" / "done.json").stat().st_mtime_ns
+    results = {"commands": {}, "seconds": {}}
+    assert recipe_check.train_runs(commands, tmp_path, results, 1, lambda: False) == []  # all finished before
+    assert (tmp_path / "runs" / "a" / "done.json").stat().st_mtime_ns == stamp
