@@ -572,8 +572,11 @@ def main(argv=None) -> dict:
     log(f"training data: {results['training_data']} in {data}")
 
     # 4. training runs
+    # one GPU: the short dense run second, so a call cut short keeps recipe vs dense; several: recipe and the run
+    # without the term side by side (same start, same load), dense after
+    order = ("recipe", "no_align", "dense") if cuda and args.gpus > 1 else RUNS
     commands = {run: train_command(run, dense_dir if run == "dense" else nsa_dir, data, out / "runs" / run, args,
-                                   qargs, cuda) for run in RUNS}
+                                   qargs, cuda) for run in order}
     deadline = math.inf if args.start_before is None else args.start_before
     not_started = train_runs(commands, out, results, args.gpus if cuda else 1,
                              lambda: time.perf_counter() - t0 <= deadline)
