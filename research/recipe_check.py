@@ -96,6 +96,8 @@ def parse_args(argv=None):
     t.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default {FULL['lr']}; NSA-only phase x10)")
     t.add_argument("--logging-steps", type=int, default=None, help=f"default {FULL['logging_steps']}")
+    t.add_argument("--nsa-lr", type=float, default=None,
+                   help="learning rate of the NSA runs' NSA-only phase (train.py's --nsa-lr; default --lr x 10)")
     t.add_argument("--needle-frac", type=float, default=0.5,
                    help="fraction of the training documents that are needle documents (default 0.5)")
     t.add_argument("--align-weight", type=float, default=1.0, help="the recipe's --align-weight (default 1.0)")
@@ -333,6 +335,8 @@ def train_command(run: str, model_dir: Path, data: Path, out_dir: Path, args, qa
         return cmd + ["--attn-implementation", "sdpa"]
     if args.nsa_only_steps:
         cmd += ["--nsa-only-steps", str(args.nsa_only_steps)]
+    if args.nsa_lr is not None:
+        cmd += ["--nsa-lr", f"{args.nsa_lr:g}"]
     if run == "recipe":
         cmd += ["--align-weight", f"{args.align_weight:g}", "--align-rows", str(args.align_rows),
                 "--align-in", args.align_in]
@@ -587,8 +591,12 @@ def main(argv=None) -> dict:
         log(f"{results['incomplete']}: run the same command again to continue")
         return results
     finals = {run: out / "runs" / run / "final" for run in RUNS}
-    results["phase_step_time"] = {run: phase_step_times(out / "runs" / run) for run in RUNS}
-    results["step_time"] = {run: overall_step_time(t) for run, t in results["phase_step_time"].items()}
+    try:
+        results["phase_step_time"] = {run: phase_step_times(out / "runs" / run) for run in RUNS}
+        results["step_time"] = {run: overall_step_time(t) for run, t in results["phase_step_time"].items()}
+    except (KeyError, ValueError, OSError) as err:  # keep the evaluation of the trained models
+        log(f"step times not read: {err!r}")
+        results["phase_step_time"], results["step_time"] = {"error": repr(err)}, {}
 
     # 5. evaluation of every saved model
     probes = {"quality_probe": probe, "text_probe": text_probe}
