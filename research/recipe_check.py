@@ -81,6 +81,9 @@ def parse_args(argv=None):
     ap.add_argument("--gpus", type=int, default=1,
                     help="train.py runs at a time, each on its own GPU (default 1: one after the other); the runs "
                          "compared for step time then run on different GPUs of one host")
+    ap.add_argument("--quality-args", default="", metavar="'FLAGS'",
+                    help="further research/quality.py flags for the model, data, NSA sizes and probe, as one string "
+                         "(e.g. '--seq-len 4096 --window 256'); they come last, so they win")
     ap.add_argument("--extra-code", nargs="*", default=[],
                     help="directories whose .py files are added to the training text (quality.py's flag)")
     b = ap.add_argument_group("dense base (research/quality.py's pretraining)")
@@ -145,7 +148,7 @@ def quality_args(args) -> argparse.Namespace:
         argv += ["--extra-code", *args.extra_code]
     if args.device:
         argv += ["--device", args.device]
-    return quality.parse_args(argv)
+    return quality.parse_args(argv + shlex.split(args.quality_args))
 
 
 def log(msg: str) -> None:

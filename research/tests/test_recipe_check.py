@@ -158,3 +158,16 @@ def test_train_runs_share_out_the_gpus_and_skip_finished_runs(tmp_path, monkeypa
     results = {"commands": {}, "seconds": {}}
     assert recipe_check.train_runs(commands, tmp_path, results, 1, lambda: False) == []  # all finished before
     assert (tmp_path / "runs" / "a" / "done.json").stat().st_mtime_ns == stamp
+
+
+def test_quality_settings_follow_the_quality_experiment():
+    from research import quality
+    from research.recipe_check import parse_args, quality_args
+
+    full = quality_args(parse_args([]))
+    reference = quality.parse_args(["--probe", "span", "--induction-curriculum", "0:256:1000,0:2048:500",
+                                    "--pretrain-steps", "1500", "--needle-eval", "256", "--needle-batch-size", "32"])
+    assert vars(full) == vars(reference)  # runs 10-12's model, data, NSA sizes, probe and pretraining
+    assert (full.seq_len, full.window, full.slc_count, full.hidden_size, full.layers) == (2048, 128, 16, 512, 8)
+    wins = quality_args(parse_args(["--tiny", "--quality-args", "--seq-len 256 --window 32"]))
+    assert (wins.seq_len, wins.window) == (256, 32)
