@@ -150,7 +150,7 @@ def quality_args(args) -> argparse.Namespace:
     """``research/quality.py``'s settings for this run (its defaults, or its ``--tiny`` ones): the model, data,
     NSA sizes, the span probe and the dense pretraining of the quality experiment."""
     argv = ["--probe", "span", "--seed", str(args.seed), "--pretrain-steps", str(args.pretrain_steps),
-            "--needle-eval", str(args.needle_eval), "--batch-size", str(args.batch_size)]
+            "--needle-eval", str(args.needle_eval)]  # --batch-size: quality.py's (pretraining, evaluation)
     if args.tiny:
         argv += ["--tiny", "--induction-span", "8", "--induction-batch-size", "2", "--needle-batch-size", "4"]
     else:
