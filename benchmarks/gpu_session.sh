@@ -9,6 +9,12 @@
 #   decode    benchmarks/bench_decode.py               (per-layer decode kernels vs dense and fla-core)
 #   quality   python -m research.quality               (dense vs NSA continued training, needle probe;
 #                                                       $QUALITY_ARGS, default --budget $QUALITY_BUDGET s)
+#   recipe    python -m research.recipe_check          (the conversion recipe through nsa-hf convert and examples/train.py,
+#                                                       with and without the alignment term, dense beside; work kept in
+#                                                       runs/recipe. Several GPUs: the train.py runs side by side, ~8 min.
+#                                                       One GPU: ~11 min, so two calls: train.py runs start only in the
+#                                                       first $RECIPE_START_BEFORE s (default 240) and the same stage
+#                                                       again, while the machine is warm, continues; $RECIPE_ARGS)
 # .whl holds the wheels the GPU image lacks (../shared/gpu-wheels/get-wheels .whl): fla-core, datasets.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -44,6 +50,15 @@ for stage in "${@:-tests}"; do
       # shellcheck disable=SC2086
       # tokenizing --extra-code text is ~1 min on one core: let the tokenizer use all of them (no forks follow)
       TOKENIZERS_PARALLELISM=true python3 -m research.quality --out "$OUT/quality" ${QUALITY_ARGS:---budget ${QUALITY_BUDGET:-330}} 2>&1 | tee "$OUT/quality.log" | tail -40 ;;
+    recipe)
+      ngpu=$(nvidia-smi -L | wc -l); gpus=${RECIPE_GPUS:-$(( ngpu < 3 ? ngpu : 3 ))}
+      if [ "$gpus" -gt 1 ]; then start=${RECIPE_START_BEFORE:-100000}; else start=${RECIPE_START_BEFORE:-240}; fi
+      # shellcheck disable=SC2086,SC2046
+      TOKENIZERS_PARALLELISM=true python3 -m research.recipe_check --out runs/recipe --gpus "$gpus" --start-before "$start" \
+          ${RECIPE_ARGS:---extra-code $(python3 -c 'import os, torch, numpy, triton; print(" ".join(os.path.dirname(m.__file__) for m in (torch, numpy, triton)))')} \
+          2>&1 | tee "$OUT/recipe.log" | tail -30
+      case ${PIPESTATUS[0]} in 0) ;; 3) stamp "recipe: not finished; run the stage again to continue" ;; *) rc=1 ;; esac
+      mkdir -p "$OUT/recipe" && cp runs/recipe/results.md runs/recipe/results.json runs/recipe/logs/*.log "$OUT/recipe/" 2>/dev/null ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
 done

@@ -11,7 +11,8 @@ gates), then all weights train. --resume continues from the last checkpoint in -
 Selection alignment (for a converted dense model): --align-weight W adds W x a KL term that moves NSA's
 block selection toward where full attention looks (nsa_hf.alignment; --align-rows query rows per sequence);
 with --align-in warmup only the --nsa-only-steps phase has it (a warm-up of the NSA modules), with
---align-in all (default) every step.
+--align-in all (default) every step. --attn-implementation sdpa trains a dense model with the same script
+(the dense reference of a conversion; packed documents stay separate through their position ids).
 
 Multi-GPU: the same script under `accelerate launch` (FSDP: see docs/multi_gpu.md and
 examples/fsdp.yaml). --log-file writes every logged step's loss as JSON (main process), and
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "selection scores) to the training loss (default 0: off)")
     ap.add_argument("--align-rows", type=int, default=64, metavar="R",
                     help="query rows per sequence and layer sampled for the alignment term (default 64)")
+    ap.add_argument("--attn-implementation", default="nsa", choices=("nsa", "sdpa", "eager"),
+                    help="attention the model is loaded with (default nsa; sdpa or eager train a dense model, e.g. "
+                         "the dense reference of a conversion: no NSA modules, so no --nsa-only-steps or "
+                         "--align-weight)")
     ap.add_argument("--align-in", choices=("warmup", "all"), default="all",
                     help="steps that have the alignment term: 'warmup' = the --nsa-only-steps phase only, "
                          "'all' = every step (default all)")
@@ -83,6 +88,9 @@ def parse_args(argv=None):
         usage_error(f"--align-weight {args.align_weight}: must be a finite number >= 0 (0 switches the term off)")
     if args.align_rows < 1:
         usage_error(f"--align-rows {args.align_rows}: must be >= 1 (query rows per sequence)")
+    if args.attn_implementation != "nsa" and (args.nsa_only_steps or args.align_weight):
+        usage_error(f"--attn-implementation {args.attn_implementation}: trains a dense model, which has no NSA modules "
+                    "to train alone or to align; drop --nsa-only-steps and --align-weight (or use nsa)")
     if args.align_in == "warmup" and args.nsa_only_steps == 0:
         usage_error("--align-in warmup: needs --nsa-only-steps N > 0 (the warm-up phase that has the term)")
     return args
@@ -125,7 +133,7 @@ def main(argv=None):
     args = parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="nsa")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation)
     model.config.use_cache = False  # packed training: the nsa backend reads cu_seq_lens, no cache
     from accelerate import PartialState
 
