@@ -329,6 +329,21 @@ def _slc_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _sequence_of(t, CU_Q, n_seq, n_search):
+    """Each query token's sequence: how many of the offsets ``cu_q[1:]`` are ``<= t`` (a binary search of
+    ``n_search`` steps, ``n_seq.bit_length()``)."""
+    lo = tl.zeros_like(t)
+    hi = tl.zeros_like(t) + n_seq
+    for _ in range(n_search):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        right = active & (tl.load(CU_Q + 1 + mid, mask=active, other=0) <= t)
+        hi = tl.where(active & (right == 0), mid, hi)
+        lo = tl.where(right, mid + 1, lo)
+    return lo
+
+
+@triton.jit
 def _slc_prep_kernel(
     BI,  # (Nq, HKV, NSEL) int32 selected block indices, -1 = unused
     CU_Q, CU_K,
@@ -345,16 +360,7 @@ def _slc_prep_kernel(
     r = tl.arange(0, TOKP)
     t = tile * TOK + r
     ok = (r < TOK) & (t < nq)
-    # Each token's sequence: how many of the offsets cu_q[1:] are <= t (a binary search).
-    lo = tl.zeros([TOKP], dtype=tl.int32)
-    hi = tl.zeros([TOKP], dtype=tl.int32) + n_seq
-    for _ in range(n_search):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        right = active & (tl.load(CU_Q + 1 + mid, mask=active, other=0) <= t)
-        hi = tl.where(active & (right == 0), mid, hi)
-        lo = tl.where(right, mid + 1, lo)
-    seq = tl.where(ok, lo, 0)
+    seq = tl.where(ok, _sequence_of(t, CU_Q, n_seq, n_search), 0)
     # Packed index of the query's own key position and of its sequence's first key.
     q_kpos = tl.load(CU_K + seq + 1, mask=ok, other=0) - tl.load(CU_Q + seq + 1, mask=ok, other=0) + t
     k_start = tl.load(CU_K + seq, mask=ok, other=0)
@@ -466,16 +472,8 @@ def _inv_chunk_sorted(
     r = tl.arange(0, TC)
     t = c * TC + r
     ok = t < nq
-    # Each token's sequence (binary search of cu_q[1:], as in _slc_prep_kernel), its blocks before.
-    lo = tl.zeros([TC], dtype=tl.int32)
-    hi = tl.zeros([TC], dtype=tl.int32) + n_seq
-    for _ in range(n_search):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        right = active & (tl.load(CU_Q + 1 + mid, mask=active, other=0) <= t)
-        hi = tl.where(active & (right == 0), mid, hi)
-        lo = tl.where(right, mid + 1, lo)
-    seq = tl.where(ok, lo, 0)
+    # Each token's sequence, its blocks before.
+    seq = tl.where(ok, _sequence_of(t, CU_Q, n_seq, n_search), 0)
     boff = _blocks_before(seq, CU_K, n_seq, SLC_BLOCK, BLOCK_B)
     kst = tl.load(CU_K + seq, mask=ok, other=0)
     hh = tl.arange(0, HKVP)
