@@ -103,9 +103,9 @@ def usage_error(message: str, prog: str = "train.py"):
 
 
 class LossLogCallback(TrainerCallback):
-    """Appends ``{phase, step, loss, grad_norm, learning_rate, world_size, fsdp_units}`` for every log
-    with a loss and rewrites ``path`` as a JSON list each time (main process only), so a crash later
-    keeps the losses so far. ``fsdp_units`` (FSDP2-sharded modules) shows that a run really was sharded."""
+    """Appends ``{phase, step, loss, grad_norm, learning_rate, tokens_per_second, world_size, fsdp_units}``
+    for every log with a loss and rewrites ``path`` as a JSON list each time (main process only), so a
+    crash later keeps the losses so far. ``fsdp_units`` (FSDP2-sharded modules) shows that a run really was sharded."""
 
     def __init__(self, path, phase, records):
         self.path, self.phase, self.records = path, phase, records
@@ -115,7 +115,8 @@ class LossLogCallback(TrainerCallback):
             return
         self.records.append({"phase": self.phase, "step": state.global_step, "loss": logs["loss"],
                              "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
-                             "world_size": args.world_size, "fsdp_units": fsdp_units(kwargs.get("model"))})
+                             "tokens_per_second": logs.get("tokens_per_second"), "world_size": args.world_size,
+                             "fsdp_units": fsdp_units(kwargs.get("model"))})
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "w") as f:
             json.dump(self.records, f, indent=1)

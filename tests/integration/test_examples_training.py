@@ -164,6 +164,7 @@ def test_train_script_loss_log_is_independent_of_the_micro_batch_split(nsa_dir_a
         train.main(common + split + ["--output-dir", str(root / f"run-{name}"), "--log-file", str(logs[name])])
     records = json.loads(logs["accum"].read_text())
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["world_size"] == 1 for r in records)
+    assert all(r["tokens_per_second"] > 0 for r in records)  # the throughput callback's number, logged too
     assert not (root / "run-accum" / "final").exists()  # --no-save
     assert compare_losses.main([str(logs["packed"]), str(logs["accum"]), "--tolerance", "1e-4"]) == 0
     assert compare_losses.main([str(logs["accum"]), str(logs["other_seed"]), "--tolerance", "1e-4"]) == 1
