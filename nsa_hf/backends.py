@@ -115,10 +115,7 @@ def decode_ops():
 def decode_module():
     """``nsa_kernels.decode`` (needs triton), or ``None`` when it cannot be imported (e.g. Hub remote code
     without nsa-hf: imported by name so that the exporter does not try to bundle it)."""
-    try:
-        return importlib.import_module("nsa_kernels.decode")
-    except ImportError:
-        return None
+    return _import_or_none("nsa_kernels.decode")
 
 
 def decode_enabled(config, device: torch.device) -> bool:

@@ -211,12 +211,8 @@ def try_static_decode(query, key, value, gates, compressors, params, cache_layer
     n_new, slots, gather = _candidate_blocks(k_start, k_len, q_len, key.shape[2], params)
     cmp_k, cmp_v, cmp_len = cache_layer.static_decode_compressed(
         slots, n_new, _candidates(key, value, slots, gather, compressors, params))
-    args = (query.transpose(1, 2), key, value, cmp_k, cmp_v, gates, k_start, k_len, torch.zeros_like(k_start),
-            cmp_len, params, scaling)
-    ops = decode_ops()
-    if ops is None:  # no triton (Hub remote code without nsa-hf): the reference, traced op by op
-        return nsa_decode_reference(*args)
-    return ops.nsa_decode_op(*args, use_triton=impl == "triton")
+    return _graph_safe_decode(impl, query.transpose(1, 2), key, value, cmp_k, cmp_v, gates, k_start, k_len,
+                              torch.zeros_like(k_start), cmp_len, params, scaling)
 
 
 def try_plain_static_decode(query, key, value, attention_mask, gates, compressors, params, layer, scaling, config,
@@ -246,8 +242,14 @@ def try_plain_static_decode(query, key, value, attention_mask, gates, compressor
     cmp_k, cmp_v = _candidates(key, value, slot_ids, gather, compressors, params)()
     k_len = layer.cumulative_length.to(query.device).reshape(1).expand(batch).to(torch.int32)
     zeros = torch.zeros_like(k_len)
-    args = (query.transpose(1, 2), key, value, cmp_k, cmp_v, gates, zeros, k_len, zeros,
-            _device_cmp_blocks(k_len, l, d), params, scaling)
+    return _graph_safe_decode(impl, query.transpose(1, 2), key, value, cmp_k, cmp_v, gates, zeros, k_len, zeros,
+                              _device_cmp_blocks(k_len, l, d), params, scaling)
+
+
+def _graph_safe_decode(impl, *args):
+    """The static steps' attention: the ``nsa_kernels::decode`` op (the Triton kernels when ``impl`` is
+    ``"triton"``, else the batched reference), or, without triton (Hub remote code without nsa-hf), the
+    reference traced op by op. ``args`` as for :func:`nsa_kernels.decode.nsa_decode`."""
     ops = decode_ops()
     if ops is None:
         return nsa_decode_reference(*args)
