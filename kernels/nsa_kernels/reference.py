@@ -80,6 +80,15 @@ def selection_block_scores(p_cmp: torch.Tensor, overlap: torch.Tensor, group: in
     return scores.unflatten(-3, (scores.shape[-3] // group, group)).sum(dim=-3)
 
 
+def _top_blocks(block_scores: torch.Tensor, eligible: torch.Tensor, forced: torch.Tensor, count: int):
+    """``(order, taken)``: the ``count`` best blocks of each row of ``block_scores`` (forced ones first,
+    non-eligible ones last; a stable sort, so among equal scores the lower block index comes first) and
+    whether each is eligible (masks broadcast against the scores)."""
+    scores = block_scores.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+    return order, torch.gather(eligible.expand_as(scores), -1, order)
+
+
 def select_blocks(
     block_scores: torch.Tensor, q_pos: torch.Tensor, params: NSAParams
 ) -> torch.Tensor:
@@ -96,10 +105,7 @@ def select_blocks(
     """
     n_slc = block_scores.shape[-1]
     eligible, forced = selection_block_masks(q_pos, n_slc, params)
-    scores = _acc(block_scores).masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
-    # Stable sort: among equal scores the lower block index comes first (deterministic ties).
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : params.slc_count]
-    taken = torch.gather(eligible.expand_as(scores), -1, order)
+    order, taken = _top_blocks(_acc(block_scores), eligible, forced, params.slc_count)
     idx = torch.where(taken, order, n_slc)  # not eligible -> sorts last, becomes -1
     idx = torch.sort(idx, dim=-1).values
     idx = torch.where(idx == n_slc, -1, idx)
@@ -243,13 +249,9 @@ def nsa_decode_reference(
         overlap = torch.zeros(bsz, n_slots_cmp, n_slc + 1, device=device, dtype=p_cmp.dtype)
         overlap.scatter_add_(2, blk, torch.ones_like(blk, dtype=p_cmp.dtype))
         block_scores = (p_cmp @ overlap[:, None, None, :, :n_slc]).sum(dim=2)  # (B, Hkv, Tq, n_slc)
-        j = torch.arange(n_slc, device=device)
-        own = (t // ls)[:, None, :, None]  # (B, 1, Tq, 1)
-        eligible = j <= own
-        forced = eligible & ((j < params.init_blocks) | (j > own - params.local_blocks))
-        ranked = block_scores.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
-        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., : params.slc_count]
-        taken = torch.gather(eligible.expand_as(ranked), -1, order)
+        masks = selection_block_masks(t.reshape(-1), n_slc, params)  # per (row, query), then (B, 1, Tq, n_slc)
+        eligible, forced = (m.view(bsz, 1, tq, n_slc) for m in masks)
+        order, taken = _top_blocks(block_scores, eligible, forced, params.slc_count)
         chosen = torch.zeros(bsz, hkv, tq, n_slc + 1, dtype=torch.bool, device=device)
         chosen.scatter_(-1, torch.where(taken, order, n_slc), True)
         key_blk = torch.where(pos >= 0, pos // ls, n_slc).clamp_(0, n_slc)  # (B, S)

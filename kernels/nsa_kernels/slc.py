@@ -444,14 +444,20 @@ def _max_combine(a, b):
 
 
 @triton.jit
+def _seq_blocks(CU_K, idx, ok, SLC_BLOCK: tl.constexpr):
+    """Selection blocks of the sequences ``idx``: ``ceil(len_k / l')``, 0 where not ``ok``."""
+    len_k = tl.load(CU_K + idx + 1, mask=ok, other=0) - tl.load(CU_K + idx, mask=ok, other=0)
+    return tl.where(ok, (len_k + SLC_BLOCK - 1) // SLC_BLOCK, 0)
+
+
+@triton.jit
 def _blocks_before(seq, CU_K, n_seq, SLC_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
     """Blocks of the sequences before ``seq`` (a vector): sum over ``s < seq`` of ``ceil(len_k(s) / l')``."""
     acc = tl.zeros(seq.shape, dtype=tl.int32)
     for c0 in range(0, n_seq, BLOCK_B):
         idx = c0 + tl.arange(0, BLOCK_B)
         ok = idx < n_seq
-        nblk = tl.where(ok, (tl.load(CU_K + idx + 1, mask=ok, other=0) - tl.load(CU_K + idx, mask=ok, other=0)
-                             + SLC_BLOCK - 1) // SLC_BLOCK, 0)
+        nblk = _seq_blocks(CU_K, idx, ok, SLC_BLOCK)
         acc += tl.sum(tl.where(idx[None, :] < seq[:, None], nblk[None, :], 0), axis=1)
     return acc
 
@@ -532,8 +538,7 @@ def _slc_inv_count_kernel(
         for c0 in range(0, n_seq, BLOCK_B):
             idx = c0 + tl.arange(0, BLOCK_B)
             ok = idx < n_seq
-            nblk = tl.where(ok, (tl.load(CU_K + idx + 1, mask=ok, other=0) - tl.load(CU_K + idx, mask=ok, other=0)
-                                 + SLC_BLOCK - 1) // SLC_BLOCK, 0)
+            nblk = _seq_blocks(CU_K, idx, ok, SLC_BLOCK)
             incl = tl.cumsum(nblk, axis=0) + done
             cnt += tl.sum((ok[None, :] & (incl[None, :] <= b[:, None])).to(tl.int32), axis=1)
             done += tl.sum(nblk, axis=0)
@@ -602,10 +607,10 @@ def _inverted_index_by_sort(sel, cu_seqlens_k, nk, slc_block, chunk):
     nq, hkv, nsel = sel.shape
     bsz = cu_seqlens_k.numel() - 1
     lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    nblk = (lens_k + slc_block - 1) // slc_block
+    nblk = (lens_k + slc_block - 1) // slc_block  # blocks of each sequence
     blk_off = torch.zeros(bsz + 1, dtype=torch.long, device=device)
     blk_off[1:] = torch.cumsum(nblk, 0)
-    nb = nk // slc_block + bsz
+    nb = nk // slc_block + bsz  # upper bound on the total number of blocks (no host sync)
     blk_ids = torch.arange(nb, device=device)
     blk_seq = torch.searchsorted(blk_off[1:], blk_ids, right=True).clamp_max(bsz - 1)
     local = blk_ids - blk_off[blk_seq]
@@ -613,6 +618,7 @@ def _inverted_index_by_sort(sel, cu_seqlens_k, nk, slc_block, chunk):
     seq_end = cu_seqlens_k[blk_seq + 1].long()
     blk_len = (seq_end - blk_start).clamp(min=0, max=slc_block)
     blk_len = torch.where(blk_ids < blk_off[-1], blk_len, 0)
+    # Map each packed block start back to its block id: start = cu_k[seq] + j * l'.
     flat = sel.reshape(-1).long()
     valid = flat != BIG
     tok_of = torch.arange(flat.numel(), device=device) // (hkv * nsel)
@@ -624,6 +630,7 @@ def _inverted_index_by_sort(sel, cu_seqlens_k, nk, slc_block, chunk):
     key = torch.where(valid, h_of * nb + blk, nkeys)
     sorted_key, order = torch.sort(key, stable=True)
     toks = tok_of[order].to(torch.int32).contiguous()
+    # Entries per key from the sorted keys (torch.bincount would copy its maximum to the host on CUDA).
     bounds = torch.searchsorted(sorted_key, torch.arange(nkeys + 1, device=device))
     counts = bounds[1:] - bounds[:-1]
     offs = bounds[:-1]
